@@ -1,0 +1,138 @@
+"""Request guards applied before any parsing: body size, content type, JSON depth.
+
+Starlette reads bodies of any size and Python's json recurses without a limit of its own,
+so both are bounded here (PITFALLS: HTTP service).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.problems import problem
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBodyMiddleware:
+    """413 for bodies above `max_bytes`, by Content-Length or by counting the stream."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not response_started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(
+            413,
+            f"request body exceeds {self.max_bytes} bytes",
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative, so a hostile document cannot exhaust the stack here either."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class StrictJSONRequest(Request):
+    """Parses JSON strictly (no NaN/Infinity) and refuses documents nested too deep."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            max_depth = self.app.state.settings.max_json_depth
+            body = await self.body()
+            try:
+                parsed = json.loads(body, parse_constant=_reject_constant)
+            except RecursionError as exc:
+                raise json.JSONDecodeError("nesting too deep", "", 0) from exc
+            except ValueError as exc:
+                if isinstance(exc, json.JSONDecodeError):
+                    raise
+                raise json.JSONDecodeError(str(exc), "", 0) from exc
+            if json_depth_exceeds(parsed, max_depth):
+                raise json.JSONDecodeError(f"nesting deeper than {max_depth} levels", "", 0)
+            self._json = parsed
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Route class of every /v1 router: content-type check, then strict JSON parsing."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        wants_body = bool((self.methods or set()) & {"POST", "PUT", "PATCH"})
+
+        async def route_handler(request: Request) -> Response:
+            strict = StrictJSONRequest(request.scope, request.receive)
+            if wants_body:
+                body = await strict.body()
+                content_type = strict.headers.get("content-type", "")
+                media = content_type.split(";", 1)[0].strip().lower()
+                # No Content-Type at all is read as JSON; anything else must say JSON.
+                is_json = media in ("", "application/json") or media.endswith("+json")
+                if body and not is_json:
+                    return problem(
+                        415,
+                        f"expected Content-Type application/json, got '{content_type}'",
+                        instance=request.url.path,
+                    )
+            return await handler(strict)
+
+        return route_handler

@@ -1,0 +1,341 @@
+"""Request and response bodies of the HTTP API (the contract in SPEC section 4)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,80}$"
+MAX_BATCH = 1000
+MAX_HEADERS = 64
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text cannot hold NUL; refuse it here instead of failing in storage.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+CleanStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_HEADERS:
+        raise ValueError(f"at most {MAX_HEADERS} headers")
+    for k, v in value.items():
+        if not k or len(k) > 256:
+            raise ValueError("header names must be 1..256 characters")
+        if len(v) > 4096:
+            raise ValueError("header values must be at most 4096 characters")
+        _no_nul(k)
+        _no_nul(v)
+    return value
+
+
+class Strict(BaseModel):
+    # Unknown fields are rejected so that typos never pass silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (application/problem+json)."""
+
+    type: str = Field(examples=["https://sluice.dev/problems/not-found"])
+    title: str = Field(examples=["Not found"])
+    status: int = Field(examples=[404])
+    detail: str = Field(examples=["topic 'orders' does not exist"])
+    instance: str | None = Field(default=None, examples=["/v1/topics/orders"])
+    errors: list[dict[str, Any]] | None = None
+
+
+# ---- topics --------------------------------------------------------------------------------
+
+
+class TopicConfig(Strict):
+    retention_seconds: int | None = Field(
+        default=None, ge=60, le=90 * 24 * 3600, description="default 604800 (7 days)"
+    )
+    dedup_window_seconds: int | None = Field(
+        default=None, ge=0, le=7 * 24 * 3600, description="default 300"
+    )
+    max_message_bytes: int | None = Field(
+        default=None, ge=1, le=10 * 1024 * 1024, description="default 1048576 (1 MiB)"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"retention_seconds": 86400, "dedup_window_seconds": 300}]},
+    )
+
+
+class Topic(BaseModel):
+    name: str
+    retention_seconds: int
+    dedup_window_seconds: int
+    max_message_bytes: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class TopicDetails(Topic):
+    head_offset: int | None = Field(description="newest message's offset; null when empty")
+    oldest_offset: int | None
+    message_count: int
+    publish_rate_per_second: float = Field(description="average over the last 60 seconds")
+
+
+class TopicList(BaseModel):
+    topics: list[Topic]
+    next_after: str | None = Field(description="pass as ?after= for the next page")
+
+
+# ---- publish and browse ----------------------------------------------------------------------
+
+
+class PublishMessage(Strict):
+    value: Any = Field(description="any JSON value, null included; required")
+    key: Annotated[CleanStr, Field(max_length=256)] | None = None
+    headers: Annotated[dict[str, str] | None, AfterValidator(_check_headers)] = None
+    delay_seconds: int = Field(default=0, ge=0, le=900)
+    dedup_id: Annotated[CleanStr, Field(min_length=1, max_length=128)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _value_required(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "value" not in data:
+            raise ValueError("'value' is required (JSON null is a value)")
+        return data
+
+
+class PublishRequest(Strict):
+    messages: list[PublishMessage] = Field(min_length=1, max_length=MAX_BATCH)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {"value": {"order_id": 42, "total": 19.9}, "key": "customer-7"},
+                        {
+                            "value": "hello",
+                            "headers": {"source": "web"},
+                            "delay_seconds": 10,
+                            "dedup_id": "evt-1",
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
+
+class PublishedMessage(BaseModel):
+    offset: int
+    duplicate: bool
+
+
+class PublishResponse(BaseModel):
+    messages: list[PublishedMessage]
+
+
+class StoredMessage(BaseModel):
+    offset: int
+    value: Any
+    key: str | None
+    headers: dict[str, str] | None
+    published_at: datetime
+    deliver_at: datetime | None = Field(description="set for delayed messages")
+
+
+class BrowseResponse(BaseModel):
+    messages: list[StoredMessage]
+    next_offset: int
+
+
+# ---- subscriptions -----------------------------------------------------------------------------
+
+
+class SubscriptionConfig(Strict):
+    ack_deadline_seconds: int | None = Field(default=None, ge=1, le=43200, description="default 30")
+    max_deliveries: int | None = Field(
+        default=None, ge=0, le=1000, description="default 10; 0 = unlimited"
+    )
+    retry_min_seconds: float | None = Field(default=None, ge=0, le=3600, description="default 1")
+    retry_max_seconds: float | None = Field(default=None, ge=0, le=86400, description="default 600")
+    dead_letter_topic: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    ordered_by_key: bool | None = Field(default=None, description="default false")
+    rate_limit_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
+    rate_limit_burst: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000)
+    start: Literal["latest", "earliest"] = Field(
+        default="latest", description="where a new subscription starts; ignored on update"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "ack_deadline_seconds": 30,
+                    "max_deliveries": 5,
+                    "dead_letter_topic": "orders-dlq",
+                    "rate_limit_per_second": 100,
+                    "start": "earliest",
+                }
+            ]
+        },
+    )
+
+
+class Subscription(BaseModel):
+    topic: str
+    name: str
+    ack_deadline_seconds: int
+    max_deliveries: int
+    retry_min_seconds: float
+    retry_max_seconds: float
+    dead_letter_topic: str | None
+    ordered_by_key: bool
+    rate_limit_per_second: float | None
+    rate_limit_burst: int | None
+    max_in_flight: int | None
+    created_at: datetime
+    updated_at: datetime
+    backlog: int = Field(description="deliverable now")
+    in_flight: int = Field(description="leased, not yet acked")
+    delayed: int = Field(description="waiting for a delay, a retry backoff or an earlier key")
+    dead_lettered: int
+    committed_offset: int = Field(description="lowest offset not yet acked or dead-lettered")
+    head_offset: int | None
+    lag: int = Field(description="backlog + in_flight + delayed")
+    oldest_unacked_age_seconds: float | None
+    delivered_total: int
+
+
+class SubscriptionList(BaseModel):
+    subscriptions: list[Subscription]
+    next_after: str | None
+
+
+class PullRequest(Strict):
+    max_messages: int = Field(default=1, ge=1, le=MAX_BATCH)
+    wait_seconds: float = Field(default=0, ge=0, le=20)
+    ack_deadline_seconds: int | None = Field(default=None, ge=1, le=43200)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"max_messages": 100, "wait_seconds": 20}]},
+    )
+
+
+class DeliveredMessage(BaseModel):
+    receipt: str
+    offset: int
+    value: Any
+    key: str | None
+    headers: dict[str, str] | None
+    published_at: datetime
+    delivery_attempt: int
+    ack_deadline: datetime
+
+
+class PullResponse(BaseModel):
+    messages: list[DeliveredMessage]
+
+
+ReceiptList = Annotated[
+    list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=MAX_BATCH)
+]
+
+
+class AckRequest(Strict):
+    receipts: ReceiptList
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"]}]},
+    )
+
+
+class AckResponse(BaseModel):
+    acked: int
+    stale: list[str]
+
+
+class NackRequest(Strict):
+    receipts: ReceiptList
+    delay_seconds: float | None = Field(
+        default=None, ge=0, le=43200, description="default: the subscription's backoff"
+    )
+
+
+class NackResponse(BaseModel):
+    nacked: int
+    stale: list[str]
+
+
+class ExtendRequest(Strict):
+    receipts: ReceiptList
+    ack_deadline_seconds: int = Field(ge=1, le=43200)
+
+
+class ExtendResponse(BaseModel):
+    extended: int
+    stale: list[str]
+
+
+class SeekRequest(Strict):
+    offset: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    time: datetime | None = Field(default=None, description="RFC 3339 with offset")
+    to: Literal["earliest", "latest"] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SeekRequest:
+        given = [f for f in ("offset", "time", "to") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'offset', 'time' or 'to'")
+        if self.time is not None and self.time.tzinfo is None:
+            raise ValueError("'time' needs a UTC offset, e.g. 2026-11-30T12:00:00Z")
+        return self
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"to": "earliest"}, {"offset": 1200}, {"time": "2026-11-30T12:00:00Z"}]
+        },
+    )
+
+
+class SeekResponse(BaseModel):
+    committed_offset: int
+
+
+class DeadLetter(BaseModel):
+    offset: int
+    value: Any
+    key: str | None
+    headers: dict[str, str] | None
+    published_at: datetime
+    delivery_attempts: int
+    dead_lettered_at: datetime | None
+
+
+class DeadLetterList(BaseModel):
+    messages: list[DeadLetter]
+    next_offset: int
+
+
+class RedriveRequest(Strict):
+    offsets: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] | None = Field(
+        default=None, max_length=MAX_BATCH, description="default: every parked message"
+    )
+
+
+class RedriveResponse(BaseModel):
+    redriven: int

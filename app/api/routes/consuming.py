@@ -1,0 +1,111 @@
+"""HTTP routes for consumers: pull (long-poll), ack, nack, extend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import WITH_BODY, SubscriptionName, TopicName, ctx_of, errors
+from app.api.limits import StrictJSONRoute
+from app.api.models import (
+    AckRequest,
+    AckResponse,
+    ExtendRequest,
+    ExtendResponse,
+    NackRequest,
+    NackResponse,
+    PullRequest,
+    PullResponse,
+)
+from app.api.responses import JSONBody, raw_json
+from app.queue import consuming
+from app.queue.receipts import encode
+
+router = APIRouter(
+    prefix="/v1/topics/{topic}/subscriptions/{subscription}",
+    tags=["consuming"],
+    route_class=StrictJSONRoute,
+)
+
+
+@router.post(
+    "/pull",
+    response_model=PullResponse,
+    summary="Lease up to max_messages, waiting up to wait_seconds for some",
+    responses=errors(*WITH_BODY, 404, 429),
+)
+async def pull(
+    topic: TopicName, subscription: SubscriptionName, body: PullRequest, request: Request
+) -> Response:
+    """Returns as soon as at least one message is deliverable, or empty after
+    `wait_seconds`. Each message must be acked (or nacked/extended) with its `receipt`
+    before `ack_deadline`, or it is delivered again after a backoff."""
+    outcome = await consuming.pull(
+        ctx_of(request),
+        topic,
+        subscription,
+        body.max_messages,
+        body.wait_seconds,
+        body.ack_deadline_seconds,
+    )
+    messages: list[dict[str, Any]] = [
+        {
+            "receipt": encode(m.offset, m.token),
+            "offset": m.offset,
+            "value": raw_json(m.value),
+            "key": m.key,
+            "headers": raw_json(m.headers),
+            "published_at": m.published_at,
+            "delivery_attempt": m.attempt,
+            "ack_deadline": m.lease_until,
+        }
+        for m in outcome.messages
+    ]
+    return JSONBody({"messages": messages}, headers=outcome.rate_headers)
+
+
+@router.post(
+    "/ack",
+    response_model=AckResponse,
+    summary="Acknowledge deliveries: they are never delivered again",
+    responses=errors(*WITH_BODY, 404),
+)
+async def ack(
+    topic: TopicName, subscription: SubscriptionName, body: AckRequest, request: Request
+) -> Response:
+    """Receipts of an attempt that is no longer current (expired, redelivered, already
+    acked) are not applied and come back under `stale`."""
+    result = await consuming.ack(ctx_of(request), topic, subscription, body.receipts)
+    return JSONBody({"acked": result.applied, "stale": result.stale})
+
+
+@router.post(
+    "/nack",
+    response_model=NackResponse,
+    summary="Give deliveries back, deliverable again after delay_seconds",
+    responses=errors(*WITH_BODY, 404),
+)
+async def nack(
+    topic: TopicName, subscription: SubscriptionName, body: NackRequest, request: Request
+) -> Response:
+    result = await consuming.nack(
+        ctx_of(request), topic, subscription, body.receipts, body.delay_seconds
+    )
+    return JSONBody({"nacked": result.applied, "stale": result.stale})
+
+
+@router.post(
+    "/extend",
+    response_model=ExtendResponse,
+    summary="Move the ack deadline of deliveries",
+    responses=errors(*WITH_BODY, 404),
+)
+async def extend(
+    topic: TopicName, subscription: SubscriptionName, body: ExtendRequest, request: Request
+) -> Response:
+    """The new deadline is now + ack_deadline_seconds."""
+    result = await consuming.extend(
+        ctx_of(request), topic, subscription, body.receipts, body.ack_deadline_seconds
+    )
+    return JSONBody({"extended": result.applied, "stale": result.stale})

@@ -1,0 +1,40 @@
+"""Liveness and readiness (always open, no API key needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import errors
+from app.api.problems import problem
+from app.api.responses import JSONBody
+from app.storage.migrate import current_revision
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return JSONBody({"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: database reachable and schema at head",
+    responses=errors(503),
+)
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    try:
+        async with asyncio.timeout(2):
+            async with state.ctx.pool.acquire() as conn:
+                revision = await current_revision(conn)
+    except Exception as exc:
+        return problem(503, f"database unreachable: {type(exc).__name__}")
+    if revision != state.head_revision:
+        return problem(503, f"schema at {revision}, expected {state.head_revision}")
+    listening = state.listener.connected.is_set()
+    if not listening:
+        return problem(503, "notification listener is reconnecting")
+    return JSONBody({"status": "ready", "schema": revision})

@@ -1,0 +1,187 @@
+"""HTTP routes for subscriptions: configuration, stats, seek and dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.api.deps import (
+    COMMON,
+    MAX_OFFSET,
+    WITH_BODY,
+    SubscriptionName,
+    TopicName,
+    ctx_of,
+    errors,
+)
+from app.api.limits import StrictJSONRoute
+from app.api.models import (
+    DeadLetterList,
+    RedriveRequest,
+    RedriveResponse,
+    SeekRequest,
+    SeekResponse,
+    Subscription,
+    SubscriptionConfig,
+    SubscriptionList,
+)
+from app.api.responses import JSONBody, raw_json
+from app.queue import subscriptions as sub_ops
+from app.storage.subscriptions import SUB_CONFIG_COLUMNS
+
+router = APIRouter(
+    prefix="/v1/topics/{topic}/subscriptions", tags=["subscriptions"], route_class=StrictJSONRoute
+)
+
+
+def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
+    row = stats.row
+    return {
+        "topic": row["topic"],
+        "name": row["name"],
+        **{c: row[c] for c in SUB_CONFIG_COLUMNS},
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "backlog": stats.backlog,
+        "in_flight": stats.in_flight,
+        "delayed": stats.delayed,
+        "dead_lettered": stats.dead_lettered,
+        "committed_offset": stats.committed_offset,
+        "head_offset": stats.head_offset,
+        "lag": stats.lag,
+        "oldest_unacked_age_seconds": stats.oldest_unacked_age_seconds,
+        "delivered_total": row["delivered_total"],
+    }
+
+
+@router.put(
+    "/{subscription}",
+    response_model=Subscription,
+    summary="Create or update a subscription",
+    responses={201: {"model": Subscription, "description": "Created"}, **errors(*WITH_BODY, 404)},
+)
+async def put_subscription(
+    topic: TopicName, subscription: SubscriptionName, body: SubscriptionConfig, request: Request
+) -> Response:
+    """Creates the subscription (201), starting at `latest` (only messages published from
+    now on) or `earliest` (everything retained). On an existing subscription (200) the
+    settings given change and the rest keep their value; `start` applies only on creation."""
+    ctx = ctx_of(request)
+    fields = body.model_dump(exclude_unset=True)
+    start = fields.pop("start", "latest")
+    _, created = await sub_ops.put_subscription(ctx, topic, subscription, fields, start)
+    stats = await sub_ops.get_subscription(ctx, topic, subscription)
+    return JSONBody(_subscription(stats), status_code=201 if created else 200)
+
+
+@router.get(
+    "",
+    response_model=SubscriptionList,
+    summary="List the subscriptions of a topic, with stats",
+    responses=errors(*COMMON, 404),
+)
+async def list_subscriptions(
+    topic: TopicName,
+    request: Request,
+    after: Annotated[str | None, Query(max_length=80)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    subs = await sub_ops.list_subscriptions(ctx_of(request), topic, after, limit)
+    next_after = subs[-1].row["name"] if len(subs) == limit else None
+    return JSONBody({"subscriptions": [_subscription(s) for s in subs], "next_after": next_after})
+
+
+@router.get(
+    "/{subscription}",
+    response_model=Subscription,
+    summary="Subscription configuration and stats",
+    responses=errors(*COMMON, 404),
+)
+async def get_subscription(
+    topic: TopicName, subscription: SubscriptionName, request: Request
+) -> Response:
+    stats = await sub_ops.get_subscription(ctx_of(request), topic, subscription)
+    return JSONBody(_subscription(stats))
+
+
+@router.delete(
+    "/{subscription}",
+    status_code=204,
+    summary="Delete a subscription",
+    responses=errors(*COMMON, 404),
+)
+async def delete_subscription(
+    topic: TopicName, subscription: SubscriptionName, request: Request
+) -> Response:
+    await sub_ops.delete_subscription(ctx_of(request), topic, subscription)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{subscription}/seek",
+    response_model=SeekResponse,
+    summary="Replay or skip: move the subscription to an offset, a time, earliest or latest",
+    responses=errors(*WITH_BODY, 404),
+)
+async def seek(
+    topic: TopicName, subscription: SubscriptionName, body: SeekRequest, request: Request
+) -> Response:
+    """Messages at or after the target become pending again; earlier ones count as
+    acknowledged. Leases in flight are dropped (their receipts become stale)."""
+    target = await sub_ops.seek(
+        ctx_of(request), topic, subscription, offset=body.offset, time=body.time, to=body.to
+    )
+    return JSONBody({"committed_offset": target})
+
+
+@router.get(
+    "/{subscription}/dead-letters",
+    response_model=DeadLetterList,
+    summary="List parked (dead-lettered) messages",
+    responses=errors(*COMMON, 404),
+)
+async def dead_letters(
+    topic: TopicName,
+    subscription: SubscriptionName,
+    request: Request,
+    from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    rows = await sub_ops.dead_letters(ctx_of(request), topic, subscription, from_offset, limit)
+    next_offset = rows[-1]["msg_offset"] + 1 if rows else from_offset
+    return JSONBody(
+        {
+            "messages": [
+                {
+                    "offset": r["msg_offset"],
+                    "value": raw_json(r["value"]),
+                    "key": r["key"],
+                    "headers": raw_json(r["headers"]),
+                    "published_at": r["published_at"],
+                    "delivery_attempts": r["attempts"],
+                    "dead_lettered_at": r["dead_at"],
+                }
+                for r in rows
+            ],
+            "next_offset": next_offset,
+        }
+    )
+
+
+@router.post(
+    "/{subscription}/dead-letters/redrive",
+    response_model=RedriveResponse,
+    summary="Deliver parked messages again",
+    responses=errors(*WITH_BODY, 404),
+)
+async def redrive(
+    topic: TopicName,
+    subscription: SubscriptionName,
+    request: Request,
+    body: RedriveRequest | None = None,
+) -> Response:
+    """Re-drives every parked message, or only `offsets`; attempts start again at 1."""
+    offsets = body.offsets if body is not None else None
+    count = await sub_ops.redrive(ctx_of(request), topic, subscription, offsets)
+    return JSONBody({"redriven": count})

@@ -1,0 +1,171 @@
+"""HTTP routes for topics, publishing and browsing. Thin: parse, call app.queue, shape."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+
+from app.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
+from app.api.limits import StrictJSONRoute
+from app.api.models import (
+    BrowseResponse,
+    PublishRequest,
+    PublishResponse,
+    StoredMessage,
+    TopicConfig,
+    TopicDetails,
+    TopicList,
+)
+from app.api.responses import JSONBody, raw_json
+from app.queue import topics as topic_ops
+from app.storage.log import NewMessage
+
+router = APIRouter(prefix="/v1/topics", tags=["topics"], route_class=StrictJSONRoute)
+
+
+def _topic(row: Any) -> dict[str, Any]:
+    return {
+        "name": row["name"],
+        "retention_seconds": row["retention_seconds"],
+        "dedup_window_seconds": row["dedup_window_seconds"],
+        "max_message_bytes": row["max_message_bytes"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def _message(row: Any) -> dict[str, Any]:
+    return {
+        "offset": row["msg_offset"],
+        "value": raw_json(row["value"]),
+        "key": row["key"],
+        "headers": raw_json(row["headers"]),
+        "published_at": row["published_at"],
+        "deliver_at": row["deliver_at"],
+    }
+
+
+@router.put(
+    "/{topic}",
+    response_model=TopicDetails,
+    status_code=200,
+    summary="Create or update a topic",
+    responses={201: {"model": TopicDetails, "description": "Created"}, **errors(*WITH_BODY)},
+)
+async def put_topic(topic: TopicName, body: TopicConfig, request: Request) -> Response:
+    """Creates the topic (201) or changes the given settings of an existing one (200).
+
+    Settings left out keep their current value (or the default, on creation)."""
+    ctx = ctx_of(request)
+    _, created = await topic_ops.put_topic(ctx, topic, body.model_dump(exclude_unset=True))
+    details = await topic_ops.get_topic(ctx, topic)
+    return JSONBody(_details(details), status_code=201 if created else 200)
+
+
+def _details(stats: topic_ops.TopicStats) -> dict[str, Any]:
+    return {
+        **_topic(stats.row),
+        "head_offset": stats.head_offset,
+        "oldest_offset": stats.oldest_offset,
+        "message_count": stats.message_count,
+        "publish_rate_per_second": stats.publish_rate_per_second,
+    }
+
+
+@router.get("", response_model=TopicList, summary="List topics", responses=errors(*COMMON))
+async def list_topics(
+    request: Request,
+    after: Annotated[str | None, Query(max_length=80, description="name to start after")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    rows = await topic_ops.list_topics(ctx_of(request), after, limit)
+    next_after = rows[-1]["name"] if len(rows) == limit else None
+    return JSONBody({"topics": [_topic(r) for r in rows], "next_after": next_after})
+
+
+@router.get(
+    "/{topic}",
+    response_model=TopicDetails,
+    summary="Topic configuration and stats",
+    responses=errors(*COMMON, 404),
+)
+async def get_topic(topic: TopicName, request: Request) -> Response:
+    return JSONBody(_details(await topic_ops.get_topic(ctx_of(request), topic)))
+
+
+@router.delete(
+    "/{topic}",
+    status_code=204,
+    summary="Delete a topic with its messages and subscriptions",
+    responses=errors(*COMMON, 404),
+)
+async def delete_topic(topic: TopicName, request: Request) -> Response:
+    await topic_ops.delete_topic(ctx_of(request), topic)
+    return Response(status_code=204)
+
+
+def _serialise_value(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # Integers beyond 64 bits: the standard library writes them exactly.
+        import json
+
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@router.post(
+    "/{topic}/messages",
+    response_model=PublishResponse,
+    status_code=201,
+    summary="Publish 1..1000 messages atomically",
+    responses=errors(*WITH_BODY, 404),
+)
+async def publish(topic: TopicName, body: PublishRequest, request: Request) -> Response:
+    """All messages are stored or none; 201 is answered only after the commit is durable.
+    A message whose dedup_id was seen within the topic's dedup window is not stored again:
+    its original offset comes back with `duplicate: true`."""
+    messages = [
+        NewMessage(
+            value=_serialise_value(m.value),
+            key=m.key,
+            headers=None if m.headers is None else orjson.dumps(m.headers).decode(),
+            delay_seconds=m.delay_seconds,
+            dedup_id=m.dedup_id,
+        )
+        for m in body.messages
+    ]
+    published = await topic_ops.publish(ctx_of(request), topic, messages)
+    return JSONBody(
+        {"messages": [{"offset": p.offset, "duplicate": p.duplicate} for p in published]},
+        status_code=201,
+    )
+
+
+@router.get(
+    "/{topic}/messages",
+    response_model=BrowseResponse,
+    summary="Browse messages without consuming them",
+    responses=errors(*COMMON, 404),
+)
+async def browse(
+    topic: TopicName,
+    request: Request,
+    from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    rows = await topic_ops.browse(ctx_of(request), topic, from_offset, limit)
+    next_offset = rows[-1]["msg_offset"] + 1 if rows else from_offset
+    return JSONBody({"messages": [_message(r) for r in rows], "next_offset": next_offset})
+
+
+@router.get(
+    "/{topic}/messages/{offset}",
+    response_model=StoredMessage,
+    summary="One message by offset",
+    responses=errors(*COMMON, 404),
+)
+async def get_message(topic: TopicName, offset: Offset, request: Request) -> Response:
+    return JSONBody(_message(await topic_ops.get_message(ctx_of(request), topic, offset)))

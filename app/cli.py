@@ -1,0 +1,134 @@
+"""The `sluice` command: serve, migrate, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from app.logs import configure_logging
+from app.settings import get_settings
+
+log = logging.getLogger("sluice.cli")
+
+
+def _database_url(start_embedded: bool) -> tuple[str, object | None]:
+    settings = get_settings()
+    if settings.database_url:
+        return settings.database_url, None
+    if not start_embedded:
+        raise SystemExit("DATABASE_URL is not set")
+    from app.embedded import start_embedded as start
+
+    url, server = start(settings.data_dir)
+    # Workers (and anything we start) use the same server instead of starting their own.
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    return url, server
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.storage import migrate
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    url, server = _database_url(start_embedded=True)
+    try:
+        asyncio.run(migrate.upgrade(url))
+        log.info("starting", extra={"host": args.host, "port": args.port, "workers": args.workers})
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            # Slow-loris resistance: idle keep-alive connections are closed quickly.
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=25,
+            limit_concurrency=args.limit_concurrency,
+            proxy_headers=False,
+        )
+    finally:
+        if server is not None:
+            from app.embedded import stop_embedded
+
+            stop_embedded(server)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.storage import migrate
+
+    configure_logging(get_settings().log_level)
+    url, server = _database_url(start_embedded=True)
+    try:
+        if args.revision.startswith("-") or args.downgrade:
+            asyncio.run(migrate.downgrade(url, args.revision))
+        else:
+            asyncio.run(migrate.upgrade(url, args.revision))
+    finally:
+        if server is not None:
+            from app.embedded import stop_embedded
+
+            stop_embedded(server)
+    print(f"schema at {args.revision}")
+    return 0
+
+
+def openapi_document() -> dict[str, object]:
+    from app.main import create_app
+
+    return create_app().openapi()
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    text = json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice message queue")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=5000,
+        help="connections beyond this get 503 (protects memory)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="bring the schema to head (or to a revision)")
+    mig.add_argument("revision", nargs="?", default="head")
+    mig.add_argument("--downgrade", action="store_true", help="downgrade to the revision")
+    mig.set_defaults(func=cmd_migrate)
+
+    spec = sub.add_parser("openapi", help="write the OpenAPI document")
+    spec.add_argument("--output", default="openapi/openapi.json")
+    spec.set_defaults(func=cmd_openapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""create_app(): the FastAPI application and its lifespan (pool, listener, background tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.api.limits import LimitBodyMiddleware
+from app.api.problems import install_problem_handlers
+from app.api.responses import JSONBody
+from app.api.routes import consuming, health, subscriptions, topics
+from app.queue.clock import Clock
+from app.queue.context import QueueContext
+from app.queue.maintenance import maintenance_loop
+from app.queue.publisher import Publisher
+from app.queue.waiters import WaiterHub
+from app.settings import Settings, get_settings
+from app.storage import migrate
+from app.storage.db import create_pool
+from app.storage.listener import Listener
+
+log = logging.getLogger("sluice")
+
+DESCRIPTION = """
+Sluice is an HTTP message queue on PostgreSQL. Producers publish to **topics** (append-only
+logs with commit-ordered offsets); each **subscription** is a consumer group that leases
+messages with an ack deadline, retries with backoff, parks dead letters and can replay.
+
+Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+def _chain_sigterm(hub: WaiterHub) -> None:
+    """On SIGTERM, end waiting long-polls now, then let uvicorn's own handler drain."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(hub.close)
+        if callable(previous):
+            previous(signum, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. under a test runner)
+        signal.signal(signal.SIGTERM, handler)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        from app.embedded import start_embedded
+
+        url, embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
+    await migrate.upgrade(url)
+    pool = await create_pool(url, settings.db_pool_size)
+    hub = WaiterHub()
+    clock: Clock = app.state.clock
+    ctx = QueueContext(
+        pool=pool, settings=settings, clock=clock, hub=hub, publisher=Publisher(pool, clock)
+    )
+    listener = Listener(url, hub.notify, hub.wake_all, settings.listener_keepalive_seconds)
+    listener.start()
+    app.state.ctx = ctx
+    app.state.listener = listener
+    app.state.head_revision = migrate.head_revision()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(listener.connected.wait(), 10)
+    maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
+    _chain_sigterm(hub)
+    try:
+        yield
+    finally:
+        hub.close()
+        maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintenance
+        await listener.stop()
+        await pool.close()
+        if embedded is not None:
+            from app.embedded import stop_embedded
+
+            await asyncio.to_thread(stop_embedded, embedded)
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Sluice",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        default_response_class=JSONBody,
+    )
+    app.state.settings = settings
+    app.state.clock = clock or Clock()
+    install_problem_handlers(app)
+    for module in (health, topics, subscriptions, consuming):
+        app.include_router(module.router)
+    app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,151 @@
+"""Consuming: long-poll pull with flow control, and ack / nack / extend by receipt.
+
+A waiting pull holds no database connection: it claims (one short transaction), and if
+nothing was deliverable it parks in the in-memory WaiterHub until a notification, the
+earliest known due time (delay, backoff, lease end), a token of the rate limit, or the
+periodic safety re-check, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from app.errors import RateLimited, subscription_not_found
+from app.queue import receipts
+from app.queue.context import QueueContext
+from app.queue.topics import require_topic
+from app.storage import delivery as delivery_sql
+from app.storage.delivery import ClaimResult, Delivered
+
+# Waking a little after a due time avoids a claim that lands a microsecond too early.
+_DUE_SLACK_SECONDS = 0.005
+
+
+@dataclass(slots=True)
+class PullOutcome:
+    messages: list[Delivered]
+    rate_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SettleOutcome:
+    applied: int
+    stale: list[str]
+    lease_until: object | None = None
+
+
+async def _claim(
+    ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
+) -> ClaimResult:
+    async with ctx.pool.acquire() as conn:
+        result = await delivery_sql.claim(
+            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
+        )
+        if not result.found:
+            await require_topic(conn, topic)
+            raise subscription_not_found(topic, sub)
+    return result
+
+
+def _rate_headers(result: ClaimResult, limit: float | None) -> dict[str, str]:
+    if result.tokens is None:
+        return {}
+    reset = math.ceil(result.token_wait) if result.token_wait else 0
+    return {
+        "RateLimit-Limit": str(int(limit or 0)),
+        "RateLimit-Remaining": str(max(0, math.floor(result.tokens))),
+        "RateLimit-Reset": str(reset),
+    }
+
+
+async def pull(
+    ctx: QueueContext,
+    topic: str,
+    sub: str,
+    max_messages: int,
+    wait_seconds: float,
+    ack_deadline: int | None,
+) -> PullOutcome:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    hub = ctx.hub
+    seen_notifications = hub.notifications
+    result = await _claim(ctx, topic, sub, max_messages, ack_deadline)
+    topic_id = result.topic_id
+    assert topic_id is not None
+    waited = False
+    async with hub.waiting(topic_id, sub) as waiter:
+        while True:
+            if result.messages:
+                if len(result.messages) == max_messages:
+                    hub.wake_next(topic_id, sub)  # there may be more for the next waiter
+                return PullOutcome(result.messages, _rate_headers(result, result.rate_limit))
+            remaining = deadline - loop.time()
+            if result.token_wait is not None and result.messages_available:
+                if result.token_wait > remaining:
+                    headers = _rate_headers(result, result.rate_limit)
+                    headers["Retry-After"] = str(max(1, math.ceil(result.token_wait)))
+                    raise RateLimited(
+                        f"subscription rate limit reached; retry after {result.token_wait:.2f}s",
+                        headers=headers,
+                    )
+            if remaining <= 0 or hub.closing:
+                return PullOutcome([], _rate_headers(result, result.rate_limit))
+            sleep_for = min(remaining, ctx.settings.poll_recheck_seconds)
+            if result.next_due is not None and result.now is not None:
+                until_due = delivery_sql.seconds_between(result.next_due, result.now)
+                sleep_for = min(sleep_for, max(0.0, until_due) + _DUE_SLACK_SECONDS)
+            if result.token_wait is not None:
+                sleep_for = min(sleep_for, result.token_wait + _DUE_SLACK_SECONDS)
+            if waited or hub.notifications == seen_notifications:
+                # Nothing was announced since before the last claim: really wait.
+                await waiter.wait(sleep_for)
+            waited = True
+            waiter.event.clear()
+            seen_notifications = hub.notifications
+            result = await _claim(ctx, topic, sub, max_messages, ack_deadline)
+
+
+async def _settle(
+    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], action: str, **kwargs: object
+) -> SettleOutcome:
+    offsets, tokens, by_offset, invalid = receipts.split(receipt_list)
+    async with ctx.pool.acquire() as conn:
+        operation = getattr(delivery_sql, action)
+        settled = await operation(conn, topic, sub, offsets, tokens, skew=ctx.clock.skew, **kwargs)
+        if not settled.found:
+            await require_topic(conn, topic)
+            raise subscription_not_found(topic, sub)
+        if settled.wake and settled.topic_id is not None:
+            await delivery_sql.notify(conn, settled.topic_id, settled.wake)
+    done = set(settled.done)
+    stale = list(invalid)
+    applied = 0
+    for offset, given in by_offset.items():
+        # A receipt given twice in one request is applied once; the repeat is stale.
+        if offset in done:
+            applied += 1
+            stale.extend(given[1:])
+        else:
+            stale.extend(given)
+    return SettleOutcome(applied, stale, settled.lease_until)
+
+
+async def ack(ctx: QueueContext, topic: str, sub: str, receipt_list: list[str]) -> SettleOutcome:
+    return await _settle(ctx, topic, sub, receipt_list, "ack")
+
+
+async def nack(
+    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], delay: float | None
+) -> SettleOutcome:
+    return await _settle(ctx, topic, sub, receipt_list, "nack", delay_seconds=delay)
+
+
+async def extend(
+    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], ack_deadline: float
+) -> SettleOutcome:
+    return await _settle(
+        ctx, topic, sub, receipt_list, "extend", ack_deadline_seconds=float(ack_deadline)
+    )

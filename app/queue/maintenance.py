@@ -1,0 +1,69 @@
+"""The background maintenance loop of each process (one pass at a time cluster-wide)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.queue.context import QueueContext
+from app.storage import delivery as delivery_sql
+from app.storage import maintenance as sql
+
+log = logging.getLogger("sluice.maintenance")
+
+
+async def run_pass(ctx: QueueContext) -> dict[str, int]:
+    """One maintenance pass; returns what it did (for tests and logs)."""
+    done = {"expired_messages": 0, "purged_messages": 0, "dead_lettered": 0}
+    batch = ctx.settings.retention_batch_size
+    skew = ctx.clock.skew
+    async with ctx.pool.acquire() as conn:
+        if not await sql.try_lock(conn):
+            return done
+        try:
+            for row in await sql.retention_cutoffs(conn, skew):
+                if row["oldest"] is None or row["oldest"] >= row["keep_from"]:
+                    continue
+                while True:
+                    n = await sql.delete_deliveries_below(
+                        conn, row["topic_id"], row["keep_from"], batch
+                    )
+                    if n < batch:
+                        break
+                while True:
+                    n = await sql.delete_messages_below(
+                        conn, row["topic_id"], row["keep_from"], batch
+                    )
+                    done["expired_messages"] += n
+                    if n < batch:
+                        break
+            for topic_id in await sql.deleted_topics(conn):
+                n = await sql.delete_messages_below(conn, topic_id, 2**63 - 1, batch)
+                done["purged_messages"] += n
+                if n < batch:
+                    await sql.forget_deleted_topic(conn, topic_id)
+            for sub in await sql.subscriptions_with_expiring_leases(conn, skew):
+                async with conn.transaction():
+                    locked = await delivery_sql.lock_subscription(
+                        conn, sub["topic"], sub["name"], skew
+                    )
+                    if locked is not None:
+                        done["dead_lettered"] += await delivery_sql.dead_letter_due(
+                            conn, locked, locked["now"]
+                        )
+        finally:
+            await sql.unlock(conn)
+    return done
+
+
+async def maintenance_loop(ctx: QueueContext) -> None:
+    while True:
+        await asyncio.sleep(ctx.settings.maintenance_interval_seconds)
+        try:
+            result = await run_pass(ctx)
+            if any(result.values()):
+                log.info("maintenance pass", extra=result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("maintenance pass failed")

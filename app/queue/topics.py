@@ -1,0 +1,99 @@
+"""Topic operations: configuration, publish, browse and stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from app.errors import NotFound, PayloadTooLarge, topic_not_found
+from app.queue.context import QueueContext
+from app.queue.publisher import Published, TopicRef
+from app.storage import log as log_sql
+from app.storage import topics as topics_sql
+from app.storage.log import NewMessage
+
+TOPIC_DEFAULTS: dict[str, Any] = {
+    "retention_seconds": 7 * 24 * 3600,
+    "dedup_window_seconds": 300,
+    "max_message_bytes": 1024 * 1024,
+}
+
+
+@dataclass(slots=True)
+class TopicStats:
+    row: asyncpg.Record
+    head_offset: int | None
+    oldest_offset: int | None
+    message_count: int
+    publish_rate_per_second: float
+
+
+async def put_topic(
+    ctx: QueueContext, name: str, fields: dict[str, Any]
+) -> tuple[asyncpg.Record, bool]:
+    """Create with defaults for what is missing, or update only the given fields."""
+    create = {**TOPIC_DEFAULTS, **fields}
+    async with ctx.pool.acquire() as conn:
+        return await topics_sql.upsert_topic(conn, name, create, fields)
+
+
+async def require_topic(conn: asyncpg.Connection, name: str) -> asyncpg.Record:
+    row = await topics_sql.get_topic(conn, name)
+    if row is None:
+        raise topic_not_found(name)
+    return row
+
+
+async def get_topic(ctx: QueueContext, name: str) -> TopicStats:
+    async with ctx.pool.acquire() as conn:
+        row = await require_topic(conn, name)
+        stats = await topics_sql.log_stats(conn, row["topic_id"], ctx.clock.skew)
+    head, oldest = stats["head_offset"], stats["oldest_offset"]
+    count = 0 if head is None or oldest is None else head - oldest + 1
+    minute = stats["minute_ago_offset"]
+    rate = 0.0 if minute is None or head is None else (head - minute + 1) / 60.0
+    return TopicStats(row, head, oldest, count, round(rate, 3))
+
+
+async def list_topics(ctx: QueueContext, after: str | None, limit: int) -> list[asyncpg.Record]:
+    async with ctx.pool.acquire() as conn:
+        return await topics_sql.list_topics(conn, after, limit)
+
+
+async def delete_topic(ctx: QueueContext, name: str) -> None:
+    async with ctx.pool.acquire() as conn:
+        if not await topics_sql.delete_topic(conn, name):
+            raise topic_not_found(name)
+
+
+async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> list[Published]:
+    async with ctx.pool.acquire() as conn:
+        row = await require_topic(conn, name)
+    limit = row["max_message_bytes"]
+    for index, message in enumerate(messages):
+        size = len(message.value.encode()) + len(message.key or "") + len(message.headers or "")
+        if size > limit:
+            raise PayloadTooLarge(
+                f"message {index} is {size} bytes; topic '{name}' accepts at most {limit}"
+            )
+    ref = TopicRef(row["topic_id"], name, row["dedup_window_seconds"])
+    return await ctx.publisher.publish(ref, messages)
+
+
+async def browse(
+    ctx: QueueContext, name: str, from_offset: int, limit: int
+) -> list[asyncpg.Record]:
+    async with ctx.pool.acquire() as conn:
+        row = await require_topic(conn, name)
+        return await log_sql.browse(conn, row["topic_id"], from_offset, limit)
+
+
+async def get_message(ctx: QueueContext, name: str, offset: int) -> asyncpg.Record:
+    async with ctx.pool.acquire() as conn:
+        row = await require_topic(conn, name)
+        message = await log_sql.get_message(conn, row["topic_id"], offset)
+    if message is None:
+        raise NotFound(f"topic '{name}' has no message at offset {offset}")
+    return message

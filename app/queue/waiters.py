@@ -1,0 +1,93 @@
+"""In-memory waiting room for long-polls: waiting pulls hold no database connection.
+
+Each process has one LISTEN connection (storage.listener) that calls `notify` here. A
+notification for a topic wakes, per subscription, as many waiters as messages arrived
+(oldest waiter first), instead of stampeding every waiter at the pool. A waiter that then
+fills its whole batch wakes the next one, since more may be left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Waiter:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when woken, False on timeout."""
+        if timeout <= 0:
+            return self.event.is_set()
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class WaiterHub:
+    def __init__(self) -> None:
+        # topic_id -> subscription key -> waiters in arrival order
+        self._waiters: dict[int, dict[str, OrderedDict[Waiter, None]]] = {}
+        self.closing = False
+        # Bumped on every notification: a pull compares it before and after registering
+        # to know whether it may have missed one.
+        self.notifications = 0
+
+    @asynccontextmanager
+    async def waiting(self, topic_id: int, subscription: str) -> AsyncIterator[Waiter]:
+        waiter = Waiter()
+        if self.closing:
+            waiter.event.set()
+        queue = self._waiters.setdefault(topic_id, {}).setdefault(subscription, OrderedDict())
+        queue[waiter] = None
+        try:
+            yield waiter
+        finally:
+            queue.pop(waiter, None)
+            if not queue:
+                subs = self._waiters.get(topic_id)
+                if subs is not None and subs.get(subscription) is queue:
+                    del subs[subscription]
+                    if not subs:
+                        del self._waiters[topic_id]
+
+    def notify(self, topic_id: int, count: int) -> None:
+        self.notifications += 1
+        for queue in list(self._waiters.get(topic_id, {}).values()):
+            self._wake(queue, count)
+
+    def wake_next(self, topic_id: int, subscription: str) -> None:
+        queue = self._waiters.get(topic_id, {}).get(subscription)
+        if queue:
+            self._wake(queue, 1)
+
+    def wake_all(self) -> None:
+        self.notifications += 1
+        for subs in list(self._waiters.values()):
+            for queue in list(subs.values()):
+                self._wake(queue, len(queue))
+
+    def close(self) -> None:
+        """Shutdown: every waiting pull returns now with what it has."""
+        self.closing = True
+        self.wake_all()
+
+    def waiting_count(self) -> int:
+        return sum(len(q) for subs in self._waiters.values() for q in subs.values())
+
+    @staticmethod
+    def _wake(queue: OrderedDict[Waiter, None], count: int) -> None:
+        woken = 0
+        for waiter in queue:
+            if woken >= count:
+                break
+            if not waiter.event.is_set():
+                waiter.event.set()
+                woken += 1

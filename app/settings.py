@@ -1,0 +1,38 @@
+"""Every setting of the service, read from the environment (SPEC section 5)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
+
+    # A plain postgresql://user@host:port/db URL; unset means "start the embedded Postgres".
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    data_dir: Path = Path(".sluice")
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    log_level: str = "INFO"
+    migrations_dir: Path | None = None
+
+    # HTTP limits (PITFALLS: Starlette has no body limit; deep JSON exhausts recursion).
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_json_depth: int = 64
+
+    # How often a waiting long-poll re-checks the database even without a notification:
+    # a safety net for lost notifications, not the normal wake-up path.
+    poll_recheck_seconds: float = 5.0
+    # Background maintenance (retention, dead-lettering of expired leases).
+    maintenance_interval_seconds: float = 5.0
+    retention_batch_size: int = 5000
+    # Seconds an idle LISTEN connection waits before a keepalive query proves it alive.
+    listener_keepalive_seconds: float = 5.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,692 @@
+"""SQL for delivery: claiming (leasing), ack/nack/extend, dead letters, seek and redrive.
+
+Model (docs/design.md): a subscription is a cursor over the topic log plus a `deliveries`
+row for every message it has taken and not yet acknowledged. A claim runs in one short
+transaction holding the subscription row lock (it moves the cursor and the token bucket),
+leases rows that are due with FOR UPDATE SKIP LOCKED, then takes fresh messages from the
+log. Acks delete rows with the lease token in the WHERE clause, so a stale receipt can
+never touch a newer lease.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from app.storage import log as log_sql
+from app.storage.log import NOTIFY_CHANNEL, NewMessage
+
+# Exponential backoff with jitter, clamped to [retry_min, retry_max]. `n` is the number of
+# the attempt that failed; the exponent is capped so power() cannot overflow.
+_BACKOFF = (
+    "least({max}, greatest({min}, {min} * power(2, least({n} - 1, 30)) * (0.8 + 0.4 * random())))"
+)
+
+# How far a claim reads ahead in the log past messages it cannot deliver now (delayed, or
+# behind a busy key) before it gives up for this call.
+MAX_SCAN = 2000
+
+
+@dataclass(slots=True)
+class Delivered:
+    offset: int
+    token: uuid.UUID
+    attempt: int
+    lease_until: datetime
+    published_at: datetime
+    key: str | None
+    headers: str | None
+    value: str
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    found: bool
+    topic_id: int | None = None
+    messages: list[Delivered] = field(default_factory=list)
+    now: datetime | None = None
+    rate_limit: float | None = None
+    # When nothing could be delivered: the earliest moment something may become deliverable
+    # by time alone (a delay, a backoff or a lease ending), so a waiter can sleep till then.
+    next_due: datetime | None = None
+    # Token bucket: tokens left, and seconds until one token is available when empty.
+    tokens: float | None = None
+    token_wait: float | None = None
+    messages_available: bool = False
+    in_flight_full: bool = False
+
+
+def _backoff_sql(min_param: str, max_param: str, attempt: str) -> str:
+    return _BACKOFF.format(min=min_param, max=max_param, n=attempt)
+
+
+_LOCK_SUB = """
+SELECT s.topic_id, s.sub_id, s.next_offset, s.ack_deadline_seconds, s.max_deliveries,
+       s.retry_min_seconds, s.retry_max_seconds, s.dead_letter_topic, s.ordered_by_key,
+       s.rate_limit_per_second, s.rate_limit_burst, s.max_in_flight, s.tokens, s.tokens_at,
+       t.next_offset AS log_end, sluice_now($3) AS now
+FROM subscriptions s JOIN topics t USING (topic_id)
+WHERE t.name = $1 AND s.name = $2
+FOR UPDATE OF s
+"""
+
+_REDELIVER = f"""
+WITH c AS (
+    SELECT msg_offset FROM deliveries
+    WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
+      AND ($6::int = 0 OR attempts < $6::int)
+    ORDER BY due_at LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), u AS (
+    UPDATE deliveries d
+    SET state = 'leased', attempts = d.attempts + 1, lease_token = gen_random_uuid(),
+        lease_until = $3::timestamptz + make_interval(secs => $5::float8),
+        due_at = $3::timestamptz + make_interval(secs => $5::float8) + CASE
+            WHEN $6::int > 0 AND d.attempts + 1 >= $6::int THEN interval '0'
+            ELSE make_interval(secs => {_backoff_sql("$7::float8", "$8::float8", "d.attempts + 1")}) END
+    FROM c
+    WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
+    RETURNING d.msg_offset, d.attempts, d.lease_token, d.lease_until
+)
+SELECT u.msg_offset, u.attempts, u.lease_token, u.lease_until,
+       m.published_at, m.key, m.headers, m.value
+FROM u JOIN messages m ON m.topic_id = $1 AND m.msg_offset = u.msg_offset
+ORDER BY u.msg_offset
+"""
+
+_SCAN_LOG = """
+SELECT msg_offset, deliver_at, key FROM messages
+WHERE topic_id = $1 AND msg_offset >= $2
+ORDER BY msg_offset LIMIT $3
+"""
+
+_BUSY_KEYS = """
+SELECT DISTINCT key FROM deliveries
+WHERE topic_id = $1 AND sub_id = $2 AND key = ANY($3::text[]) AND state <> 'dead'
+"""
+
+# Inserts every message the claim took from the log; returns the payloads of those leased.
+_TAKE_FROM_LOG = f"""
+WITH ins AS (
+    INSERT INTO deliveries
+        (topic_id, sub_id, msg_offset, state, due_at, lease_until, lease_token, attempts, key)
+    SELECT $1, $2, r.off, r.state,
+           CASE WHEN r.state = 'leased' THEN $3::timestamptz + make_interval(secs => $4::float8) + CASE
+                    WHEN $5::int = 1 THEN interval '0'
+                    ELSE make_interval(secs => {_backoff_sql("$6::float8", "$7::float8", "1")}) END
+                ELSE coalesce(r.due, $3::timestamptz) END,
+           CASE WHEN r.state = 'leased' THEN $3::timestamptz + make_interval(secs => $4::float8) END,
+           r.token,
+           CASE WHEN r.state = 'leased' THEN 1 ELSE 0 END,
+           r.key
+    FROM unnest($8::bigint[], $9::text[], $10::timestamptz[], $11::uuid[], $12::text[])
+         AS r(off, state, due, token, key)
+    RETURNING msg_offset, attempts, lease_token, lease_until
+)
+SELECT ins.msg_offset, ins.attempts, ins.lease_token, ins.lease_until,
+       m.published_at, m.key, m.headers, m.value
+FROM ins JOIN messages m ON m.topic_id = $1 AND m.msg_offset = ins.msg_offset
+WHERE ins.lease_token IS NOT NULL
+ORDER BY ins.msg_offset
+"""
+
+_SAVE_SUB = """
+UPDATE subscriptions
+SET next_offset = $3, tokens = $4, tokens_at = $5, delivered_total = delivered_total + $6
+WHERE topic_id = $1 AND sub_id = $2
+"""
+
+_NEXT_DUE = """
+SELECT (SELECT due_at FROM deliveries
+         WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
+         ORDER BY due_at LIMIT 1) AS next_due,
+       CASE WHEN $3 THEN (SELECT min(lease_until) FROM deliveries
+         WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased') END AS next_lease_end
+"""
+
+_IN_FLIGHT = """
+SELECT count(*) FROM deliveries
+WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased' AND lease_until > $3
+"""
+
+_HAS_DUE = """
+SELECT EXISTS (SELECT 1 FROM deliveries
+               WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
+                 AND due_at <= $3)
+"""
+
+
+def _record(row: asyncpg.Record) -> Delivered:
+    return Delivered(
+        offset=row["msg_offset"],
+        token=row["lease_token"],
+        attempt=row["attempts"],
+        lease_until=row["lease_until"],
+        published_at=row["published_at"],
+        key=row["key"],
+        headers=row["headers"],
+        value=row["value"],
+    )
+
+
+async def claim(
+    conn: asyncpg.Connection,
+    topic: str,
+    subscription: str,
+    max_messages: int,
+    ack_deadline_seconds: int | None,
+    skew: float,
+) -> ClaimResult:
+    async with conn.transaction():
+        sub = await conn.fetchrow(_LOCK_SUB, topic, subscription, skew)
+        if sub is None:
+            return ClaimResult(found=False)
+        topic_id, sub_id, now = sub["topic_id"], sub["sub_id"], sub["now"]
+        deadline = float(ack_deadline_seconds or sub["ack_deadline_seconds"])
+        result = ClaimResult(found=True, topic_id=topic_id, now=now)
+        limit = max_messages
+
+        tokens: float | None = None
+        rate = sub["rate_limit_per_second"]
+        if rate:
+            burst = sub["rate_limit_burst"] or max(1, math.ceil(rate))
+            result.rate_limit = rate
+            elapsed = max(0.0, (now - sub["tokens_at"]).total_seconds())
+            tokens = min(float(burst), sub["tokens"] + rate * elapsed)
+            limit = min(limit, int(tokens))
+
+        if sub["max_in_flight"] is not None:
+            in_flight = await conn.fetchval(_IN_FLIGHT, topic_id, sub_id, now)
+            room = sub["max_in_flight"] - in_flight
+            if room <= 0:
+                result.in_flight_full = True
+            limit = min(limit, room)
+
+        await dead_letter_due(conn, sub, now)
+
+        delivered: list[Delivered] = []
+        cursor = sub["next_offset"]
+        if limit > 0:
+            rows = await conn.fetch(
+                _REDELIVER,
+                topic_id,
+                sub_id,
+                now,
+                limit,
+                deadline,
+                sub["max_deliveries"],
+                sub["retry_min_seconds"],
+                sub["retry_max_seconds"],
+            )
+            delivered.extend(_record(r) for r in rows)
+            if len(delivered) < limit and cursor < sub["log_end"]:
+                fresh, cursor = await _take_from_log(
+                    conn, sub, now, limit - len(delivered), deadline
+                )
+                delivered.extend(fresh)
+
+        if tokens is not None:
+            tokens -= len(delivered)
+            result.tokens = tokens
+            if tokens < 1:
+                result.token_wait = (1 - tokens) / rate
+        if delivered or cursor != sub["next_offset"] or tokens is not None:
+            await conn.execute(
+                _SAVE_SUB,
+                topic_id,
+                sub_id,
+                cursor,
+                tokens if tokens is not None else sub["tokens"],
+                now if tokens is not None else sub["tokens_at"],
+                len(delivered),
+            )
+        result.messages = delivered
+        if not delivered:
+            if cursor < sub["log_end"]:
+                # The read-ahead limit stopped us with more of the log to look at.
+                result.messages_available = True
+                result.next_due = now
+            else:
+                due = await conn.fetchrow(
+                    _NEXT_DUE, topic_id, sub_id, sub["max_in_flight"] is not None
+                )
+                assert due is not None
+                candidates = [t for t in (due["next_due"], due["next_lease_end"]) if t]
+                result.next_due = min(candidates) if candidates else None
+                result.messages_available = await conn.fetchval(_HAS_DUE, topic_id, sub_id, now)
+        return result
+
+
+async def _take_from_log(
+    conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime, wanted: int, deadline: float
+) -> tuple[list[Delivered], int]:
+    """Read the log from the cursor; lease up to `wanted` messages. Returns (leased, cursor).
+
+    Delayed messages get a `ready` row due at their delivery time, and with ordered_by_key
+    a message whose key is still pending gets a `blocked` row, so the cursor can always
+    move on past them.
+    """
+    topic_id, sub_id = sub["topic_id"], sub["sub_id"]
+    ordered = sub["ordered_by_key"]
+    cursor = sub["next_offset"]
+    offsets: list[int] = []
+    states: list[str] = []
+    dues: list[datetime | None] = []
+    tokens: list[uuid.UUID | None] = []
+    keys: list[str | None] = []
+    leased = 0
+    scanned = 0
+    busy: set[str] = set()
+    while leased < wanted and scanned < MAX_SCAN and cursor < sub["log_end"]:
+        batch = wanted - leased if not ordered else max(2 * (wanted - leased), 100)
+        rows = await conn.fetch(_SCAN_LOG, topic_id, cursor, min(batch, MAX_SCAN - scanned))
+        if not rows:
+            break
+        if ordered:
+            candidate_keys = list({r["key"] for r in rows if r["key"] is not None} - busy)
+            if candidate_keys:
+                found = await conn.fetch(_BUSY_KEYS, topic_id, sub_id, candidate_keys)
+                busy.update(r["key"] for r in found)
+        for row in rows:
+            if leased >= wanted:
+                break
+            key = row["key"] if ordered else None
+            deliver_at = row["deliver_at"]
+            if deliver_at is not None and deliver_at > now:
+                state, due, token = "ready", deliver_at, None
+            elif key is not None and key in busy:
+                state, due, token = "blocked", None, None
+            else:
+                state, due, token = "leased", None, uuid.uuid4()
+                leased += 1
+            if key is not None:
+                busy.add(key)
+            offsets.append(row["msg_offset"])
+            states.append(state)
+            dues.append(due)
+            tokens.append(token)
+            keys.append(key)
+            cursor = row["msg_offset"] + 1
+        scanned += len(rows)
+    if not offsets:
+        return [], cursor
+    rows = await conn.fetch(
+        _TAKE_FROM_LOG,
+        topic_id,
+        sub_id,
+        now,
+        deadline,
+        sub["max_deliveries"],
+        sub["retry_min_seconds"],
+        sub["retry_max_seconds"],
+        offsets,
+        states,
+        dues,
+        tokens,
+        keys,
+    )
+    return [_record(r) for r in rows], cursor
+
+
+# ---- dead letters -----------------------------------------------------------------------
+
+_DEAD_LETTER_DUE = """
+UPDATE deliveries d SET state = 'dead', dead_at = $3::timestamptz, lease_token = NULL, lease_until = NULL
+FROM (SELECT msg_offset FROM deliveries
+      WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
+        AND attempts >= $4
+      ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED) c
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
+RETURNING d.msg_offset, d.attempts, d.key
+"""
+
+_PROMOTE_NEXT_OF_KEYS = """
+UPDATE deliveries d SET state = 'ready', due_at = $4::timestamptz
+FROM (SELECT key, min(msg_offset) AS msg_offset FROM deliveries
+      WHERE topic_id = $1 AND sub_id = $2 AND key = ANY($3::text[]) AND state <> 'dead'
+      GROUP BY key) head
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = head.msg_offset
+  AND d.state = 'blocked'
+"""
+
+_DEAD_PAYLOADS = """
+SELECT msg_offset, key, headers, value FROM messages
+WHERE topic_id = $1 AND msg_offset = ANY($2::bigint[]) ORDER BY msg_offset
+"""
+
+
+async def dead_letter_due(conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime) -> int:
+    """Park messages whose last allowed lease expired. Needs the subscription row locked."""
+    if sub["max_deliveries"] == 0:
+        return 0
+    rows = await conn.fetch(
+        _DEAD_LETTER_DUE, sub["topic_id"], sub["sub_id"], now, sub["max_deliveries"]
+    )
+    await after_dead(conn, sub, rows, now)
+    return len(rows)
+
+
+async def after_dead(
+    conn: asyncpg.Connection, sub: asyncpg.Record, rows: list[asyncpg.Record], now: datetime
+) -> None:
+    """Copy newly dead-lettered messages to the dead-letter topic and unblock their keys."""
+    if not rows:
+        return
+    keys = [r["key"] for r in rows if r["key"] is not None]
+    if keys:
+        await conn.execute(_PROMOTE_NEXT_OF_KEYS, sub["topic_id"], sub["sub_id"], keys, now)
+    target_name = sub["dead_letter_topic"]
+    if not target_name:
+        return
+    target = await conn.fetchval("SELECT topic_id FROM topics WHERE name = $1", target_name)
+    origin = await conn.fetchval("SELECT name FROM topics WHERE topic_id = $1", sub["topic_id"])
+    subscription = await conn.fetchval(
+        "SELECT name FROM subscriptions WHERE topic_id = $1 AND sub_id = $2",
+        sub["topic_id"],
+        sub["sub_id"],
+    )
+    if target is None:
+        return
+    attempts = {r["msg_offset"]: r["attempts"] for r in rows}
+    payloads = await conn.fetch(_DEAD_PAYLOADS, sub["topic_id"], list(attempts))
+    copies = []
+    for p in payloads:
+        headers = _json_loads_headers(p["headers"])
+        headers.update(
+            {
+                "sluice-origin-topic": origin,
+                "sluice-origin-offset": str(p["msg_offset"]),
+                "sluice-origin-subscription": subscription,
+                "sluice-delivery-attempts": str(attempts[p["msg_offset"]]),
+            }
+        )
+        copies.append(NewMessage(p["value"], p["key"], _json_dumps(headers), 0, None))
+    await log_sql.append(conn, target, copies, 0.0)
+
+
+def _json_loads_headers(text: str | None) -> dict[str, str]:
+    import orjson
+
+    return {} if text is None else dict(orjson.loads(text))
+
+
+def _json_dumps(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
+# ---- ack / nack / extend ----------------------------------------------------------------
+
+_SUB_BY_NAME = """
+SELECT s.topic_id, s.sub_id, s.ordered_by_key, s.max_in_flight, s.max_deliveries,
+       s.retry_min_seconds, s.retry_max_seconds, s.dead_letter_topic
+FROM subscriptions s JOIN topics t USING (topic_id)
+WHERE t.name = $1 AND s.name = $2
+"""
+
+# Unordered subscriptions ack in this one statement. Ordered ones need the subscription
+# row locked first (see ack()), so the DELETE skips them and the caller takes the slow path.
+_ACK = f"""
+WITH s AS ({_SUB_BY_NAME}), d AS (
+    DELETE FROM deliveries d
+    USING s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
+    WHERE NOT s.ordered_by_key
+      AND d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
+      AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
+    RETURNING d.msg_offset
+)
+SELECT s.topic_id, s.sub_id, s.ordered_by_key, s.max_in_flight,
+       ARRAY(SELECT msg_offset FROM d) AS done
+FROM s
+"""
+
+_ACK_LOCKED = """
+DELETE FROM deliveries d
+USING unnest($3::bigint[], $4::uuid[]) AS r(off, token)
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
+  AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
+RETURNING d.msg_offset, d.key
+"""
+
+_NACK_LOCKED = f"""
+UPDATE deliveries d
+SET state = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN 'dead' ELSE 'ready' END,
+    due_at = $5::timestamptz + make_interval(secs => coalesce($7::float8, {_backoff_sql("$8::float8", "$9::float8", "d.attempts")})),
+    dead_at = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN $5::timestamptz END,
+    lease_token = NULL, lease_until = NULL
+FROM unnest($3::bigint[], $4::uuid[]) AS r(off, token)
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
+  AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
+RETURNING d.msg_offset, d.state, d.attempts, d.key
+"""
+
+_EXTEND = f"""
+WITH s AS ({_SUB_BY_NAME}), u AS (
+    UPDATE deliveries d
+    SET lease_until = sluice_now($5) + make_interval(secs => $6::float8),
+        due_at = sluice_now($5) + make_interval(secs => $6::float8) + CASE
+            WHEN s.max_deliveries > 0 AND d.attempts >= s.max_deliveries THEN interval '0'
+            ELSE make_interval(secs => {
+    _backoff_sql("s.retry_min_seconds", "s.retry_max_seconds", "d.attempts")
+}) END
+    FROM s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
+    WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
+      AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
+    RETURNING d.msg_offset, d.lease_until
+)
+SELECT s.topic_id, ARRAY(SELECT msg_offset FROM u) AS done,
+       (SELECT max(lease_until) FROM u) AS lease_until
+FROM s
+"""
+
+
+@dataclass(slots=True)
+class Settled:
+    """Outcome of ack/nack/extend: which offsets were applied (None: no subscription)."""
+
+    found: bool
+    done: list[int] = field(default_factory=list)
+    topic_id: int | None = None
+    wake: int = 0  # how many waiting pulls the change may satisfy
+    lease_until: datetime | None = None
+
+
+async def ack(
+    conn: asyncpg.Connection,
+    topic: str,
+    subscription: str,
+    offsets: list[int],
+    tokens: list[uuid.UUID],
+    skew: float,
+) -> Settled:
+    row = await conn.fetchrow(_ACK, topic, subscription, offsets, tokens, skew)
+    if row is None:
+        return Settled(found=False)
+    if not row["ordered_by_key"]:
+        done = list(row["done"])
+        wake = len(done) if row["max_in_flight"] is not None else 0
+        return Settled(found=True, done=done, topic_id=row["topic_id"], wake=wake)
+    # Ordered: lock the subscription (shared with other acks, exclusive with claims) so a
+    # claim cannot add a `blocked` row for a key whose head we are about to release.
+    async with conn.transaction():
+        sub = await _lock_shared(conn, topic, subscription, skew)
+        if sub is None:
+            return Settled(found=False)
+        rows = await conn.fetch(
+            _ACK_LOCKED, sub["topic_id"], sub["sub_id"], offsets, tokens, sub["now"]
+        )
+        keys = list({r["key"] for r in rows if r["key"] is not None})
+        if keys:
+            await conn.execute(
+                _PROMOTE_NEXT_OF_KEYS, sub["topic_id"], sub["sub_id"], keys, sub["now"]
+            )
+        return Settled(
+            found=True,
+            done=[r["msg_offset"] for r in rows],
+            topic_id=sub["topic_id"],
+            wake=len(rows),
+        )
+
+
+async def _lock_shared(
+    conn: asyncpg.Connection, topic: str, subscription: str, skew: float
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        _SUB_BY_NAME.replace("SELECT s.topic_id", "SELECT sluice_now($3) AS now, s.topic_id")
+        + " FOR SHARE OF s",
+        topic,
+        subscription,
+        skew,
+    )
+
+
+async def nack(
+    conn: asyncpg.Connection,
+    topic: str,
+    subscription: str,
+    offsets: list[int],
+    tokens: list[uuid.UUID],
+    delay_seconds: float | None,
+    skew: float,
+) -> Settled:
+    async with conn.transaction():
+        sub = await _lock_shared(conn, topic, subscription, skew)
+        if sub is None:
+            return Settled(found=False)
+        rows = await conn.fetch(
+            _NACK_LOCKED,
+            sub["topic_id"],
+            sub["sub_id"],
+            offsets,
+            tokens,
+            sub["now"],
+            sub["max_deliveries"],
+            delay_seconds,
+            sub["retry_min_seconds"],
+            sub["retry_max_seconds"],
+        )
+        await after_dead(conn, sub, [r for r in rows if r["state"] == "dead"], sub["now"])
+        return Settled(
+            found=True,
+            done=[r["msg_offset"] for r in rows],
+            topic_id=sub["topic_id"],
+            wake=sum(1 for r in rows if r["state"] == "ready"),
+        )
+
+
+async def extend(
+    conn: asyncpg.Connection,
+    topic: str,
+    subscription: str,
+    offsets: list[int],
+    tokens: list[uuid.UUID],
+    ack_deadline_seconds: float,
+    skew: float,
+) -> Settled:
+    row = await conn.fetchrow(
+        _EXTEND, topic, subscription, offsets, tokens, skew, ack_deadline_seconds
+    )
+    if row is None:
+        return Settled(found=False)
+    return Settled(
+        found=True, done=list(row["done"]), topic_id=row["topic_id"], lease_until=row["lease_until"]
+    )
+
+
+# ---- seek, dead-letter listing and redrive ----------------------------------------------
+
+
+async def lock_subscription(
+    conn: asyncpg.Connection, topic: str, subscription: str, skew: float
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(_LOCK_SUB, topic, subscription, skew)
+
+
+async def seek(conn: asyncpg.Connection, sub: asyncpg.Record, target: int) -> None:
+    """Move the cursor: below `target` counts as acknowledged, from it on is pending again.
+
+    Dead letters below the target stay parked (they remain listable and re-drivable).
+    """
+    await conn.execute(
+        "DELETE FROM deliveries WHERE topic_id = $1 AND sub_id = $2 "
+        "AND (state <> 'dead' OR msg_offset >= $3)",
+        sub["topic_id"],
+        sub["sub_id"],
+        target,
+    )
+    await conn.execute(
+        "UPDATE subscriptions SET next_offset = $3 WHERE topic_id = $1 AND sub_id = $2",
+        sub["topic_id"],
+        sub["sub_id"],
+        target,
+    )
+
+
+async def log_bounds(conn: asyncpg.Connection, topic_id: int) -> tuple[int | None, int]:
+    """(oldest retained offset or None, next offset to be assigned)."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT msg_offset FROM messages WHERE topic_id = $1 ORDER BY msg_offset "
+        "LIMIT 1) AS oldest, (SELECT next_offset FROM topics WHERE topic_id = $1) AS log_end",
+        topic_id,
+    )
+    assert row is not None
+    return row["oldest"], row["log_end"]
+
+
+async def list_dead_letters(
+    conn: asyncpg.Connection, topic_id: int, sub_id: int, from_offset: int, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT d.msg_offset, d.attempts, d.dead_at, m.published_at, m.key, m.headers, m.value
+        FROM deliveries d
+        JOIN messages m ON m.topic_id = d.topic_id AND m.msg_offset = d.msg_offset
+        WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.state = 'dead' AND d.msg_offset >= $3
+        ORDER BY d.msg_offset LIMIT $4
+        """,
+        topic_id,
+        sub_id,
+        from_offset,
+        limit,
+    )
+
+
+async def redrive(conn: asyncpg.Connection, sub: asyncpg.Record, offsets: list[int] | None) -> int:
+    """Make dead letters deliverable again with a fresh attempt count.
+
+    For ordered subscriptions they re-enter as blocked and the head of each key is then
+    released, so key order holds for re-driven messages too.
+    """
+    state = "blocked" if sub["ordered_by_key"] else "ready"
+    rows = await conn.fetch(
+        """
+        UPDATE deliveries SET state = CASE WHEN key IS NULL THEN 'ready' ELSE $4 END,
+            attempts = 0, due_at = $3, dead_at = NULL
+        WHERE topic_id = $1 AND sub_id = $2 AND state = 'dead'
+          AND ($5::bigint[] IS NULL OR msg_offset = ANY($5::bigint[]))
+        RETURNING key
+        """,
+        sub["topic_id"],
+        sub["sub_id"],
+        sub["now"],
+        state,
+        offsets,
+    )
+    keys = list({r["key"] for r in rows if r["key"] is not None})
+    if keys:
+        await conn.execute(_PROMOTE_NEXT_OF_KEYS, sub["topic_id"], sub["sub_id"], keys, sub["now"])
+    return len(rows)
+
+
+async def notify(conn: asyncpg.Connection, topic_id: int, count: int) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{topic_id}:{count}")
+
+
+def seconds_between(later: datetime, earlier: datetime) -> float:
+    return (later - earlier) / timedelta(seconds=1)

@@ -1,0 +1,108 @@
+"""SQL for background maintenance: retention, purging deleted topics, expiring leases.
+
+Every delete here is bounded (LIMIT per statement, one short transaction each), so no
+long-running DELETE holds back vacuum or locks, and dead tuples stay few.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+# Only one process at a time runs a maintenance pass (others skip it).
+MAINTENANCE_LOCK_KEY = 0x51C3_0002
+
+
+async def try_lock(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_KEY))
+
+
+async def unlock(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_KEY)
+
+
+async def retention_cutoffs(conn: asyncpg.Connection, skew: float) -> list[asyncpg.Record]:
+    """Per topic: the first offset to keep (everything below it has expired)."""
+    return await conn.fetch(
+        """
+        SELECT t.topic_id,
+               coalesce((SELECT m.msg_offset FROM messages m
+                         WHERE m.topic_id = t.topic_id
+                           AND m.published_at >= sluice_now($1)
+                                                 - make_interval(secs => t.retention_seconds)
+                         ORDER BY m.published_at, m.msg_offset LIMIT 1),
+                        t.next_offset) AS keep_from,
+               (SELECT m.msg_offset FROM messages m WHERE m.topic_id = t.topic_id
+                 ORDER BY m.msg_offset LIMIT 1) AS oldest
+        FROM topics t
+        """,
+        skew,
+    )
+
+
+async def delete_messages_below(
+    conn: asyncpg.Connection, topic_id: int, keep_from: int, batch: int
+) -> int:
+    deleted = await conn.fetchval(
+        """
+        WITH victims AS (
+            SELECT msg_offset FROM messages WHERE topic_id = $1 AND msg_offset < $2
+            ORDER BY msg_offset LIMIT $3
+        ), gone AS (
+            DELETE FROM messages m USING victims v
+            WHERE m.topic_id = $1 AND m.msg_offset = v.msg_offset RETURNING 1
+        )
+        SELECT count(*) FROM gone
+        """,
+        topic_id,
+        keep_from,
+        batch,
+    )
+    return int(deleted)
+
+
+async def delete_deliveries_below(
+    conn: asyncpg.Connection, topic_id: int, keep_from: int, batch: int
+) -> int:
+    deleted = await conn.fetchval(
+        """
+        WITH victims AS (
+            SELECT sub_id, msg_offset FROM deliveries WHERE topic_id = $1 AND msg_offset < $2
+            LIMIT $3
+        ), gone AS (
+            DELETE FROM deliveries d USING victims v
+            WHERE d.topic_id = $1 AND d.sub_id = v.sub_id AND d.msg_offset = v.msg_offset
+            RETURNING 1
+        )
+        SELECT count(*) FROM gone
+        """,
+        topic_id,
+        keep_from,
+        batch,
+    )
+    return int(deleted)
+
+
+async def deleted_topics(conn: asyncpg.Connection) -> list[int]:
+    rows = await conn.fetch("SELECT topic_id FROM deleted_topics ORDER BY topic_id LIMIT 100")
+    return [r["topic_id"] for r in rows]
+
+
+async def forget_deleted_topic(conn: asyncpg.Connection, topic_id: int) -> None:
+    await conn.execute("DELETE FROM deleted_topics WHERE topic_id = $1", topic_id)
+
+
+async def subscriptions_with_expiring_leases(
+    conn: asyncpg.Connection, skew: float
+) -> list[asyncpg.Record]:
+    """Subscriptions that have a lease past due and a max_deliveries to enforce."""
+    return await conn.fetch(
+        """
+        SELECT t.name AS topic, s.name FROM subscriptions s JOIN topics t USING (topic_id)
+        WHERE s.max_deliveries > 0 AND EXISTS (
+            SELECT 1 FROM deliveries d
+            WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+              AND d.state IN ('ready', 'leased') AND d.due_at <= sluice_now($1)
+              AND d.attempts >= s.max_deliveries)
+        """,
+        skew,
+    )

@@ -1,0 +1,138 @@
+"""SQL for subscriptions: configuration, listing, deletion and delivery statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+SUB_CONFIG_COLUMNS = (
+    "ack_deadline_seconds",
+    "max_deliveries",
+    "retry_min_seconds",
+    "retry_max_seconds",
+    "dead_letter_topic",
+    "ordered_by_key",
+    "rate_limit_per_second",
+    "rate_limit_burst",
+    "max_in_flight",
+)
+_SELECT_SUB = (
+    "SELECT s.topic_id, s.sub_id, s.name, t.name AS topic, s.next_offset, s.delivered_total, "
+    "s.created_at, s.updated_at, " + ", ".join(f"s.{c}" for c in SUB_CONFIG_COLUMNS) + " "
+    "FROM subscriptions s JOIN topics t USING (topic_id) "
+)
+
+
+async def get_subscription(
+    conn: asyncpg.Connection, topic: str, name: str, *, lock: str | None = None
+) -> asyncpg.Record | None:
+    """lock: None, 'UPDATE' or 'SHARE' (row lock on the subscription, inside a transaction)."""
+    suffix = {None: "", "UPDATE": " FOR UPDATE OF s", "SHARE": " FOR SHARE OF s"}[lock]
+    return await conn.fetchrow(
+        _SELECT_SUB + "WHERE t.name = $1 AND s.name = $2" + suffix,
+        topic,
+        name,
+    )
+
+
+async def list_subscriptions(
+    conn: asyncpg.Connection, topic_id: int, after: str | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        _SELECT_SUB + "WHERE s.topic_id = $1 AND ($2::text IS NULL OR s.name > $2) "
+        "ORDER BY s.name LIMIT $3",
+        topic_id,
+        after,
+        limit,
+    )
+
+
+async def insert_subscription(
+    conn: asyncpg.Connection, topic_id: int, name: str, config: dict[str, Any], start_offset: int
+) -> None:
+    columns = list(SUB_CONFIG_COLUMNS)
+    placeholders = ", ".join(f"${i}" for i in range(4, len(columns) + 4))
+    await conn.execute(
+        f"INSERT INTO subscriptions (topic_id, name, next_offset, {', '.join(columns)}, tokens) "
+        f"VALUES ($1, $2, $3, {placeholders}, coalesce(${len(columns) + 4}, 0))",
+        topic_id,
+        name,
+        start_offset,
+        *[config[c] for c in columns],
+        config["rate_limit_burst"],
+    )
+
+
+async def update_subscription(
+    conn: asyncpg.Connection, topic_id: int, sub_id: int, config: dict[str, Any]
+) -> None:
+    columns = list(SUB_CONFIG_COLUMNS)
+    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=3))
+    await conn.execute(
+        f"UPDATE subscriptions SET {assignments}, updated_at = clock_timestamp() "
+        "WHERE topic_id = $1 AND sub_id = $2",
+        topic_id,
+        sub_id,
+        *[config[c] for c in columns],
+    )
+
+
+async def delete_subscription(conn: asyncpg.Connection, topic_id: int, name: str) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM subscriptions WHERE topic_id = $1 AND name = $2 RETURNING sub_id",
+        topic_id,
+        name,
+    )
+    return deleted is not None
+
+
+async def delivery_stats(
+    conn: asyncpg.Connection, topic_id: int, sub_id: int, cursor: int, skew: float
+) -> asyncpg.Record:
+    """Counts by state, plus what lies beyond the cursor (not yet taken from the log).
+
+    The log part is offset arithmetic (the log is gapless) plus an index-only count of the
+    delayed messages there, so stats stay cheap with millions of messages behind.
+    """
+    row = await conn.fetchrow(
+        """
+        WITH now AS (SELECT sluice_now($4) AS ts),
+        d AS (
+            SELECT
+                count(*) FILTER (WHERE state = 'leased' AND lease_until > now.ts) AS in_flight,
+                count(*) FILTER (WHERE state IN ('ready', 'leased') AND due_at <= now.ts
+                                   AND (state = 'ready' OR lease_until <= now.ts)) AS due,
+                count(*) FILTER (WHERE state = 'blocked'
+                                    OR (state IN ('ready', 'leased') AND due_at > now.ts
+                                        AND (state = 'ready' OR lease_until <= now.ts)))
+                    AS waiting,
+                count(*) FILTER (WHERE state = 'dead') AS dead_lettered,
+                min(msg_offset) FILTER (WHERE state <> 'dead') AS lowest_pending
+            FROM deliveries, now WHERE topic_id = $1 AND sub_id = $2
+        ), log AS (
+            SELECT
+                (SELECT msg_offset FROM messages WHERE topic_id = $1
+                  ORDER BY msg_offset LIMIT 1) AS oldest_offset,
+                (SELECT msg_offset FROM messages WHERE topic_id = $1
+                  ORDER BY msg_offset DESC LIMIT 1) AS head_offset,
+                (SELECT count(*) FROM messages, now WHERE topic_id = $1 AND msg_offset >= $3
+                    AND deliver_at IS NOT NULL AND deliver_at > now.ts) AS delayed_in_log
+        )
+        SELECT d.*, log.*, now.ts AS now FROM d, log, now
+        """,
+        topic_id,
+        sub_id,
+        cursor,
+        skew,
+    )
+    assert row is not None
+    return row
+
+
+async def published_at(conn: asyncpg.Connection, topic_id: int, offset: int) -> Any:
+    return await conn.fetchval(
+        "SELECT published_at FROM messages WHERE topic_id = $1 AND msg_offset = $2",
+        topic_id,
+        offset,
+    )

@@ -1,0 +1,198 @@
+"""Test fixtures: a real throwaway PostgreSQL (embedded), the app over real HTTP (ASGI),
+and real server processes for the multi-process tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from app.embedded import start_embedded
+from app.main import create_app
+from app.queue.clock import Clock
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded Postgres for the whole run; returns the URL of its `postgres` db."""
+    data_dir = tmp_path_factory.mktemp("pg")
+    os.chmod(data_dir, 0o755)
+    url, server = start_embedded(data_dir)
+    yield url
+    server.cleanup()
+
+
+def database_url(server_url: str, name: str) -> str:
+    base, _, query = server_url.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+async def create_database(server_url: str, name: str) -> str:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url(server_url, name)
+
+
+@pytest.fixture(scope="session")
+async def db_url(pg_server: str) -> str:
+    """A database migrated to head, shared by the suite (tests use unique topic names)."""
+    from app.storage import migrate
+
+    url = await create_database(pg_server, "sluice_test")
+    await migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def fresh_db_url(pg_server: str) -> str:
+    """An empty database of its own (migration tests)."""
+    return await create_database(pg_server, f"t_{uuid.uuid4().hex[:12]}")
+
+
+def make_settings(url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "DATABASE_URL": url,
+        "maintenance_interval_seconds": 3600.0,
+        "poll_recheck_seconds": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class Harness:
+    """The app in-process behind an httpx client, with its clock and context at hand."""
+
+    def __init__(self, app: object, client: httpx.AsyncClient, clock: Clock) -> None:
+        self.app = app
+        self.client = client
+        self.clock = clock
+
+    @property
+    def ctx(self):  # noqa: ANN201
+        return self.app.state.ctx  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def harness(db_url: str) -> AsyncIterator[Harness]:
+    async with run_app(db_url) as h:
+        yield h
+
+
+class run_app:  # noqa: N801 - used like a function
+    def __init__(self, url: str, **overrides: object) -> None:
+        self.clock = Clock()
+        self.app = create_app(make_settings(url, **overrides), clock=self.clock)
+
+    async def __aenter__(self) -> Harness:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        transport = httpx.ASGITransport(app=self.app)
+        self._client = httpx.AsyncClient(transport=transport, base_url="http://sluice.test")
+        return Harness(self.app, self._client, self.clock)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def client(harness: Harness) -> httpx.AsyncClient:
+    return harness.client
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# ---- real server processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, url: str, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "DATABASE_URL": url, "SLUICE_LOG_LEVEL": "WARNING"}
+        full_env.update(env or {})
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
+             "--workers", str(workers)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self, sig: int = 15, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server_factory(db_url: str) -> Iterator:
+    started: list[ServerProcess] = []
+
+    def start(workers: int = 1, env: dict[str, str] | None = None, url: str | None = None):
+        server = ServerProcess(url or db_url, workers=workers, env=env)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop(9 if server.proc.poll() is None else 15)
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)

@@ -1,0 +1,80 @@
+"""Helpers that make tests read like the behaviour they check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+JSON = {"content-type": "application/json"}
+
+
+def topic_path(topic: str) -> str:
+    return f"/v1/topics/{topic}"
+
+
+def sub_path(topic: str, sub: str) -> str:
+    return f"/v1/topics/{topic}/subscriptions/{sub}"
+
+
+async def create_topic(client: httpx.AsyncClient, topic: str, **config: Any) -> dict[str, Any]:
+    r = await client.put(topic_path(topic), json=config)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+async def publish(
+    client: httpx.AsyncClient, topic: str, *values: Any, **fields: Any
+) -> list[int]:
+    messages = [{"value": v, **fields} for v in values]
+    r = await client.post(topic_path(topic) + "/messages", json={"messages": messages})
+    assert r.status_code == 201, r.text
+    return [m["offset"] for m in r.json()["messages"]]
+
+
+async def create_subscription(
+    client: httpx.AsyncClient, topic: str, sub: str, **config: Any
+) -> dict[str, Any]:
+    r = await client.put(sub_path(topic, sub), json=config)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+async def pull(
+    client: httpx.AsyncClient, topic: str, sub: str, max_messages: int = 10,
+    wait_seconds: float = 0, **extra: Any,
+) -> list[dict[str, Any]]:
+    body = {"max_messages": max_messages, "wait_seconds": wait_seconds, **extra}
+    r = await client.post(sub_path(topic, sub) + "/pull", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["messages"]
+
+
+async def ack(client: httpx.AsyncClient, topic: str, sub: str, receipts: list[str]) -> dict:
+    r = await client.post(sub_path(topic, sub) + "/ack", json={"receipts": receipts})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def nack(
+    client: httpx.AsyncClient, topic: str, sub: str, receipts: list[str], **extra: Any
+) -> dict:
+    r = await client.post(sub_path(topic, sub) + "/nack", json={"receipts": receipts, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def stats(client: httpx.AsyncClient, topic: str, sub: str) -> dict[str, Any]:
+    r = await client.get(sub_path(topic, sub))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert body["status"] == status
+    assert body["type"].startswith("https://")
+    assert body["title"] and body["detail"]
+    return body
