@@ -106,4 +106,27 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     for module in (health, topics, subscriptions, consuming):
         app.include_router(module.router)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
+    _problem_only_errors(app)
     return app
+
+
+def _problem_only_errors(app: FastAPI) -> None:
+    """Error answers are documented as application/problem+json only (what we send)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                for code, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if code[0] in "45" and "application/problem+json" in content:
+                        content.pop("application/json", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

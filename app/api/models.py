@@ -274,6 +274,13 @@ class NackRequest(Strict):
         default=None, ge=0, le=43200, description="default: the subscription's backoff"
     )
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "delay_seconds": 5}]
+        },
+    )
+
 
 class NackResponse(BaseModel):
     nacked: int
@@ -283,6 +290,15 @@ class NackResponse(BaseModel):
 class ExtendRequest(Strict):
     receipts: ReceiptList
     ack_deadline_seconds: int = Field(ge=1, le=43200)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "ack_deadline_seconds": 60}
+            ]
+        },
+    )
 
 
 class ExtendResponse(BaseModel):
@@ -334,6 +350,10 @@ class DeadLetterList(BaseModel):
 class RedriveRequest(Strict):
     offsets: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] | None = Field(
         default=None, max_length=MAX_BATCH, description="default: every parked message"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{}, {"offsets": [17, 18]}]}
     )
 
 
