@@ -20,6 +20,7 @@ from app.queue.clock import Clock
 from app.queue.context import QueueContext
 from app.queue.maintenance import maintenance_loop
 from app.queue.publisher import Publisher
+from app.queue.rates import RateRecorder
 from app.queue.waiters import WaiterHub
 from app.settings import Settings, get_settings
 from app.storage import migrate
@@ -65,7 +66,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     hub = WaiterHub()
     clock: Clock = app.state.clock
     ctx = QueueContext(
-        pool=pool, settings=settings, clock=clock, hub=hub, publisher=Publisher(pool, clock)
+        pool=pool,
+        settings=settings,
+        clock=clock,
+        hub=hub,
+        publisher=Publisher(pool, clock),
+        rates=RateRecorder(),
     )
     listener = Listener(url, hub.notify, hub.wake_all, settings.listener_keepalive_seconds)
     listener.start()
@@ -75,14 +81,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(listener.connected.wait(), 10)
     maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
+    rate_flusher = asyncio.create_task(ctx.rates.run(pool, lambda: clock.skew), name="sluice-rates")
     _chain_sigterm(hub)
     try:
         yield
     finally:
         hub.close()
-        maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await maintenance
+        for task in (maintenance, rate_flusher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await listener.stop()
         await pool.close()
         if embedded is not None:

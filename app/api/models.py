@@ -56,15 +56,33 @@ class Problem(BaseModel):
 # ---- topics --------------------------------------------------------------------------------
 
 
+def _omit_default(schema: dict[str, Any]) -> None:
+    # Optional-but-not-nullable fields: leaving them out keeps the current value; an
+    # explicit null is refused (422) rather than reaching a NOT NULL column.
+    schema.pop("default", None)
+
+
 class TopicConfig(Strict):
-    retention_seconds: int | None = Field(
-        default=None, ge=60, le=90 * 24 * 3600, description="default 604800 (7 days)"
+    retention_seconds: int = Field(
+        default=None,
+        ge=60,
+        le=90 * 24 * 3600,
+        description="default 604800 (7 days)",
+        json_schema_extra=_omit_default,
     )
-    dedup_window_seconds: int | None = Field(
-        default=None, ge=0, le=7 * 24 * 3600, description="default 300"
+    dedup_window_seconds: int = Field(
+        default=None,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="default 300",
+        json_schema_extra=_omit_default,
     )
-    max_message_bytes: int | None = Field(
-        default=None, ge=1, le=10 * 1024 * 1024, description="default 1048576 (1 MiB)"
+    max_message_bytes: int = Field(
+        default=None,
+        ge=1,
+        le=10 * 1024 * 1024,
+        description="default 1048576 (1 MiB)",
+        json_schema_extra=_omit_default,
     )
 
     model_config = ConfigDict(
@@ -216,6 +234,17 @@ class Subscription(BaseModel):
     lag: int = Field(description="backlog + in_flight + delayed")
     oldest_unacked_age_seconds: float | None
     delivered_total: int
+    rates_per_second: SubscriptionRates
+
+
+class SubscriptionRates(BaseModel):
+    """Events per second over the last minute, across every API process."""
+
+    delivered: float
+    acked: float
+    nacked: float
+    expired: float
+    dead_lettered: float
 
 
 class SubscriptionList(BaseModel):

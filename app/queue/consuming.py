@@ -46,6 +46,16 @@ async def _claim(
         if not result.found:
             await require_topic(conn, topic)
             raise subscription_not_found(topic, sub)
+    assert result.topic_id is not None and result.sub_id is not None
+    ctx.rates.record(
+        result.topic_id,
+        result.sub_id,
+        topic,
+        sub,
+        delivered=len(result.messages),
+        expired=result.expired,
+        dead_lettered=result.dead_lettered,
+    )
     return result
 
 
@@ -120,6 +130,17 @@ async def _settle(
             raise subscription_not_found(topic, sub)
         if settled.wake and settled.topic_id is not None:
             await delivery_sql.notify(conn, settled.topic_id, settled.wake)
+    if action != "extend" and settled.topic_id is not None and settled.sub_id is not None:
+        applied = len(settled.done) - settled.dead_lettered
+        ctx.rates.record(
+            settled.topic_id,
+            settled.sub_id,
+            topic,
+            sub,
+            acked=applied if action == "ack" else 0,
+            nacked=applied if action == "nack" else 0,
+            dead_lettered=settled.dead_lettered,
+        )
     done = set(settled.done)
     stale = list(invalid)
     applied = 0

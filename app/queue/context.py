@@ -8,6 +8,7 @@ import asyncpg
 
 from app.queue.clock import Clock
 from app.queue.publisher import Publisher
+from app.queue.rates import RateRecorder
 from app.queue.waiters import WaiterHub
 from app.settings import Settings
 
@@ -19,3 +20,4 @@ class QueueContext:
     clock: Clock
     hub: WaiterHub
     publisher: Publisher
+    rates: RateRecorder

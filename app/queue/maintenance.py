@@ -6,7 +6,9 @@ import asyncio
 import logging
 
 from app.queue.context import QueueContext
+from app.queue.rates import KEEP_SECONDS
 from app.storage import delivery as delivery_sql
+from app.storage import subscriptions as subs_sql
 from app.storage import maintenance as sql
 
 log = logging.getLogger("sluice.maintenance")
@@ -48,9 +50,17 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
                         conn, sub["topic"], sub["name"], skew
                     )
                     if locked is not None:
-                        done["dead_lettered"] += await delivery_sql.dead_letter_due(
-                            conn, locked, locked["now"]
+                        dead = await delivery_sql.dead_letter_due(conn, locked, locked["now"])
+                        done["dead_lettered"] += len(dead)
+                        ctx.rates.record(
+                            locked["topic_id"],
+                            locked["sub_id"],
+                            sub["topic"],
+                            sub["name"],
+                            dead_lettered=len(dead),
+                            expired=sum(1 for r in dead if r["prev_state"] == "leased"),
                         )
+            await subs_sql.delete_old_rates(conn, KEEP_SECONDS, skew)
         finally:
             await sql.unlock(conn)
     return done

@@ -10,6 +10,7 @@ import asyncpg
 
 from app.errors import InvalidInput, subscription_not_found, topic_not_found
 from app.queue.context import QueueContext
+from app.queue.rates import RATE_WINDOW_SECONDS
 from app.queue.topics import require_topic
 from app.storage import delivery as delivery_sql
 from app.storage import log as log_sql
@@ -39,6 +40,7 @@ class SubscriptionStats:
     head_offset: int | None
     lag: int
     oldest_unacked_age_seconds: float | None
+    rates: dict[str, float]
 
 
 def _validate(topic: str, config: dict[str, Any]) -> None:
@@ -127,7 +129,11 @@ async def stats_for(
         published = await subs_sql.published_at(conn, row["topic_id"], committed)
         if published is not None:
             age = round(max(0.0, delivery_sql.seconds_between(s["now"], published)), 3)
+    rates = await subs_sql.recent_rates(
+        conn, row["topic_id"], row["sub_id"], RATE_WINDOW_SECONDS, ctx.clock.skew
+    )
     return SubscriptionStats(
+        rates=rates,
         row=row,
         backlog=backlog,
         in_flight=s["in_flight"],

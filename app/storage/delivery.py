@@ -59,6 +59,9 @@ class ClaimResult:
     token_wait: float | None = None
     messages_available: bool = False
     in_flight_full: bool = False
+    sub_id: int | None = None
+    expired: int = 0  # leases found expired (redelivered or dead-lettered) by this claim
+    dead_lettered: int = 0
 
 
 def _backoff_sql(min_param: str, max_param: str, attempt: str) -> str:
@@ -77,7 +80,7 @@ FOR UPDATE OF s
 
 _REDELIVER = f"""
 WITH c AS (
-    SELECT msg_offset FROM deliveries
+    SELECT msg_offset, state AS prev_state FROM deliveries
     WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
       AND ($6::int = 0 OR attempts < $6::int)
     ORDER BY due_at LIMIT $4
@@ -91,9 +94,9 @@ WITH c AS (
             ELSE make_interval(secs => {_backoff_sql("$7::float8", "$8::float8", "d.attempts + 1")}) END
     FROM c
     WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
-    RETURNING d.msg_offset, d.attempts, d.lease_token, d.lease_until
+    RETURNING d.msg_offset, d.attempts, d.lease_token, d.lease_until, c.prev_state
 )
-SELECT u.msg_offset, u.attempts, u.lease_token, u.lease_until,
+SELECT u.msg_offset, u.attempts, u.lease_token, u.lease_until, u.prev_state,
        m.published_at, m.key, m.headers, m.value
 FROM u JOIN messages m ON m.topic_id = $1 AND m.msg_offset = u.msg_offset
 ORDER BY u.msg_offset
@@ -188,7 +191,7 @@ async def claim(
             return ClaimResult(found=False)
         topic_id, sub_id, now = sub["topic_id"], sub["sub_id"], sub["now"]
         deadline = float(ack_deadline_seconds or sub["ack_deadline_seconds"])
-        result = ClaimResult(found=True, topic_id=topic_id, now=now)
+        result = ClaimResult(found=True, topic_id=topic_id, sub_id=sub_id, now=now)
         limit = max_messages
 
         tokens: float | None = None
@@ -207,7 +210,9 @@ async def claim(
                 result.in_flight_full = True
             limit = min(limit, room)
 
-        await dead_letter_due(conn, sub, now)
+        dead = await dead_letter_due(conn, sub, now)
+        result.dead_lettered = len(dead)
+        result.expired = sum(1 for r in dead if r["prev_state"] == "leased")
 
         delivered: list[Delivered] = []
         cursor = sub["next_offset"]
@@ -224,6 +229,7 @@ async def claim(
                 sub["retry_max_seconds"],
             )
             delivered.extend(_record(r) for r in rows)
+            result.expired += sum(1 for r in rows if r["prev_state"] == "leased")
             if len(delivered) < limit and cursor < sub["log_end"]:
                 fresh, cursor = await _take_from_log(
                     conn, sub, now, limit - len(delivered), deadline
@@ -337,12 +343,12 @@ async def _take_from_log(
 
 _DEAD_LETTER_DUE = """
 UPDATE deliveries d SET state = 'dead', dead_at = $3::timestamptz, lease_token = NULL, lease_until = NULL
-FROM (SELECT msg_offset FROM deliveries
+FROM (SELECT msg_offset, state AS prev_state FROM deliveries
       WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
         AND attempts >= $4
       ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED) c
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
-RETURNING d.msg_offset, d.attempts, d.key
+RETURNING d.msg_offset, d.attempts, d.key, c.prev_state
 """
 
 _PROMOTE_NEXT_OF_KEYS = """
@@ -360,15 +366,17 @@ WHERE topic_id = $1 AND msg_offset = ANY($2::bigint[]) ORDER BY msg_offset
 """
 
 
-async def dead_letter_due(conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime) -> int:
+async def dead_letter_due(
+    conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime
+) -> list[asyncpg.Record]:
     """Park messages whose last allowed lease expired. Needs the subscription row locked."""
     if sub["max_deliveries"] == 0:
-        return 0
+        return []
     rows = await conn.fetch(
         _DEAD_LETTER_DUE, sub["topic_id"], sub["sub_id"], now, sub["max_deliveries"]
     )
     await after_dead(conn, sub, rows, now)
-    return len(rows)
+    return rows
 
 
 async def after_dead(
@@ -480,7 +488,7 @@ WITH s AS ({_SUB_BY_NAME}), u AS (
       AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
     RETURNING d.msg_offset, d.lease_until
 )
-SELECT s.topic_id, ARRAY(SELECT msg_offset FROM u) AS done,
+SELECT s.topic_id, s.sub_id, ARRAY(SELECT msg_offset FROM u) AS done,
        (SELECT max(lease_until) FROM u) AS lease_until
 FROM s
 """
@@ -493,6 +501,8 @@ class Settled:
     found: bool
     done: list[int] = field(default_factory=list)
     topic_id: int | None = None
+    sub_id: int | None = None
+    dead_lettered: int = 0
     wake: int = 0  # how many waiting pulls the change may satisfy
     lease_until: datetime | None = None
 
@@ -511,7 +521,9 @@ async def ack(
     if not row["ordered_by_key"]:
         done = list(row["done"])
         wake = len(done) if row["max_in_flight"] is not None else 0
-        return Settled(found=True, done=done, topic_id=row["topic_id"], wake=wake)
+        return Settled(
+            found=True, done=done, topic_id=row["topic_id"], sub_id=row["sub_id"], wake=wake
+        )
     # Ordered: lock the subscription (shared with other acks, exclusive with claims) so a
     # claim cannot add a `blocked` row for a key whose head we are about to release.
     async with conn.transaction():
@@ -530,6 +542,7 @@ async def ack(
             found=True,
             done=[r["msg_offset"] for r in rows],
             topic_id=sub["topic_id"],
+            sub_id=sub["sub_id"],
             wake=len(rows),
         )
 
@@ -571,12 +584,15 @@ async def nack(
             sub["retry_min_seconds"],
             sub["retry_max_seconds"],
         )
-        await after_dead(conn, sub, [r for r in rows if r["state"] == "dead"], sub["now"])
+        dead = [r for r in rows if r["state"] == "dead"]
+        await after_dead(conn, sub, dead, sub["now"])
         return Settled(
             found=True,
             done=[r["msg_offset"] for r in rows],
             topic_id=sub["topic_id"],
-            wake=sum(1 for r in rows if r["state"] == "ready"),
+            sub_id=sub["sub_id"],
+            wake=len(rows) - len(dead),
+            dead_lettered=len(dead),
         )
 
 
@@ -595,7 +611,11 @@ async def extend(
     if row is None:
         return Settled(found=False)
     return Settled(
-        found=True, done=list(row["done"]), topic_id=row["topic_id"], lease_until=row["lease_until"]
+        found=True,
+        done=list(row["done"]),
+        topic_id=row["topic_id"],
+        sub_id=row["sub_id"],
+        lease_until=row["lease_until"],
     )
 
 

@@ -136,3 +136,71 @@ async def published_at(conn: asyncpg.Connection, topic_id: int, offset: int) -> 
         topic_id,
         offset,
     )
+
+
+RATE_KINDS = ("delivered", "acked", "nacked", "expired", "dead_lettered")
+
+
+async def add_rate_counts(
+    conn: asyncpg.Connection, counts: list[tuple[int, int, list[int]]], skew: float
+) -> None:
+    """Add event counts [(topic_id, sub_id, [delivered, acked, nacked, expired, dead])]
+    to the current 10-second bucket. Rows of deleted subscriptions are skipped."""
+    if not counts:
+        return
+    columns = list(zip(*[[t, s, *values] for t, s, values in counts], strict=True))
+    await conn.execute(
+        """
+        INSERT INTO subscription_rates
+            (topic_id, sub_id, bucket, delivered, acked, nacked, expired, dead_lettered)
+        SELECT c.topic_id, c.sub_id,
+               to_timestamp(floor(extract(epoch FROM sluice_now($8)) / 10) * 10),
+               c.delivered, c.acked, c.nacked, c.expired, c.dead_lettered
+        FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                    $6::bigint[], $7::bigint[])
+             AS c(topic_id, sub_id, delivered, acked, nacked, expired, dead_lettered)
+        WHERE EXISTS (SELECT 1 FROM subscriptions s
+                      WHERE s.topic_id = c.topic_id AND s.sub_id = c.sub_id)
+        ON CONFLICT (topic_id, sub_id, bucket) DO UPDATE SET
+            delivered = subscription_rates.delivered + EXCLUDED.delivered,
+            acked = subscription_rates.acked + EXCLUDED.acked,
+            nacked = subscription_rates.nacked + EXCLUDED.nacked,
+            expired = subscription_rates.expired + EXCLUDED.expired,
+            dead_lettered = subscription_rates.dead_lettered + EXCLUDED.dead_lettered
+        """,
+        *[list(column) for column in columns],
+        skew,
+    )
+
+
+async def recent_rates(
+    conn: asyncpg.Connection, topic_id: int, sub_id: int, window_seconds: int, skew: float
+) -> dict[str, float]:
+    """Events per second over the last window (whole 10-second buckets)."""
+    row = await conn.fetchrow(
+        """
+        SELECT coalesce(sum(delivered), 0) AS delivered, coalesce(sum(acked), 0) AS acked,
+               coalesce(sum(nacked), 0) AS nacked, coalesce(sum(expired), 0) AS expired,
+               coalesce(sum(dead_lettered), 0) AS dead_lettered
+        FROM subscription_rates
+        WHERE topic_id = $1 AND sub_id = $2
+          AND bucket > sluice_now($4) - make_interval(secs => $3)
+        """,
+        topic_id,
+        sub_id,
+        float(window_seconds),
+        skew,
+    )
+    assert row is not None
+    return {kind: round(float(row[kind]) / window_seconds, 3) for kind in RATE_KINDS}
+
+
+async def delete_old_rates(conn: asyncpg.Connection, keep_seconds: int, skew: float) -> int:
+    deleted = await conn.fetchval(
+        "WITH d AS (DELETE FROM subscription_rates "
+        "WHERE bucket < sluice_now($2) - make_interval(secs => $1) RETURNING 1) "
+        "SELECT count(*) FROM d",
+        float(keep_seconds),
+        skew,
+    )
+    return int(deleted)

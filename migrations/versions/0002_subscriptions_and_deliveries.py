@@ -91,8 +91,27 @@ def upgrade() -> None:
         "CREATE INDEX deliveries_dead ON deliveries (topic_id, sub_id, msg_offset) "
         "WHERE state = 'dead'"
     )
+    # Per-subscription event counts in 10-second buckets, for delivered/acked/... rates that
+    # hold across every API process. Each process adds its counts about once a second.
+    op.execute(
+        """
+        CREATE TABLE subscription_rates (
+            topic_id      bigint NOT NULL,
+            sub_id        bigint NOT NULL,
+            bucket        timestamptz NOT NULL,
+            delivered     bigint NOT NULL DEFAULT 0,
+            acked         bigint NOT NULL DEFAULT 0,
+            nacked        bigint NOT NULL DEFAULT 0,
+            expired       bigint NOT NULL DEFAULT 0,
+            dead_lettered bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (topic_id, sub_id, bucket),
+            FOREIGN KEY (topic_id, sub_id) REFERENCES subscriptions ON DELETE CASCADE
+        )
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE subscription_rates")
     op.execute("DROP TABLE deliveries")
     op.execute("DROP TABLE subscriptions")

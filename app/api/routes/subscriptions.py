@@ -52,6 +52,7 @@ def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
         "lag": stats.lag,
         "oldest_unacked_age_seconds": stats.oldest_unacked_age_seconds,
         "delivered_total": row["delivered_total"],
+        "rates_per_second": stats.rates,
     }
 
 

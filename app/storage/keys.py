@@ -1,0 +1,45 @@
+"""SQL for API keys: creation, listing, revocation and the active set the API checks.
+
+Only SHA-256 digests of secrets are stored or read here; secrets never reach the database.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+KEY_COLUMNS = "id, name, scopes, created_at, revoked_at"
+
+
+async def create_key(
+    conn: asyncpg.Connection, name: str | None, secret_hash: str, scopes: list[str]
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"INSERT INTO api_keys (name, secret_hash, scopes) VALUES ($1, $2, $3) "
+        f"RETURNING {KEY_COLUMNS}",
+        name,
+        secret_hash,
+        scopes,
+    )
+    assert row is not None
+    return row
+
+
+async def list_keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every key, revoked ones included, oldest first (never the hash)."""
+    return await conn.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id")
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: int) -> asyncpg.Record | None:
+    """Revoke the key; a key revoked before keeps its first revocation time.
+
+    Returns the key's row, or None when no key has this id."""
+    return await conn.fetchrow(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) "
+        f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+        key_id,
+    )
+
+
+async def active_keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """id, secret_hash and scopes of every unrevoked key: what each API process caches."""
+    return await conn.fetch("SELECT id, secret_hash, scopes FROM api_keys WHERE revoked_at IS NULL")
