@@ -1,4 +1,4 @@
-"""The `sluice` command: serve, migrate, openapi."""
+"""The `sluice` command: serve, migrate, openapi, keys."""
 
 from __future__ import annotations
 
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec = sub.add_parser("openapi", help="write the OpenAPI document")
     spec.add_argument("--output", default="openapi/openapi.json")
     spec.set_defaults(func=cmd_openapi)
+
+    from app.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 

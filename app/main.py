@@ -16,6 +16,7 @@ from app.api.limits import LimitBodyMiddleware
 from app.api.problems import install_problem_handlers
 from app.api.responses import JSONBody
 from app.api.routes import consuming, health, subscriptions, topics
+from app.auth import install_auth, start_auth
 from app.queue.clock import Clock
 from app.queue.context import QueueContext
 from app.queue.maintenance import maintenance_loop
@@ -63,6 +64,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url, embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
     await migrate.upgrade(url)
     pool = await create_pool(url, settings.db_pool_size)
+    await start_auth(app, pool)
     hub = WaiterHub()
     clock: Clock = app.state.clock
     ctx = QueueContext(
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     for module in (health, topics, subscriptions, consuming):
         app.include_router(module.router)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
+    install_auth(app)  # outermost: unauthenticated requests are refused before parsing
     _problem_only_errors(app)
     return app
 

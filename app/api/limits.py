@@ -7,6 +7,7 @@ so both are bounded here (PITFALLS: HTTP service).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -91,6 +92,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 would silently become infinity (and then null or invalid JSON when stored).
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 class StrictJSONRequest(Request):
     """Parses JSON strictly (no NaN/Infinity) and refuses documents nested too deep."""
 
@@ -99,7 +108,9 @@ class StrictJSONRequest(Request):
             max_depth = self.app.state.settings.max_json_depth
             body = await self.body()
             try:
-                parsed = json.loads(body, parse_constant=_reject_constant)
+                parsed = json.loads(
+                    body, parse_constant=_reject_constant, parse_float=_finite_float
+                )
             except RecursionError as exc:
                 raise json.JSONDecodeError("nesting too deep", "", 0) from exc
             except ValueError as exc:

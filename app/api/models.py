@@ -16,6 +16,12 @@ def _no_nul(value: str) -> str:
     # Postgres text cannot hold NUL; refuse it here instead of failing in storage.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    # Nor can UTF-8 hold a lone surrogate (a JSON "\ud800" escape without its pair).
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
 
 

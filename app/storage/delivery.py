@@ -10,7 +10,6 @@ never touch a newer lease.
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,6 +19,7 @@ import asyncpg
 
 from app.storage import log as log_sql
 from app.storage.log import NOTIFY_CHANNEL, NewMessage
+from app.storage.subscriptions import bucket_capacity
 
 # Exponential backoff with jitter, clamped to [retry_min, retry_max]. `n` is the number of
 # the attempt that failed; the exponent is capped so power() cannot overflow.
@@ -197,7 +197,7 @@ async def claim(
         tokens: float | None = None
         rate = sub["rate_limit_per_second"]
         if rate:
-            burst = sub["rate_limit_burst"] or max(1, math.ceil(rate))
+            burst = bucket_capacity(rate, sub["rate_limit_burst"])
             result.rate_limit = rate
             elapsed = max(0.0, (now - sub["tokens_at"]).total_seconds())
             tokens = min(float(burst), sub["tokens"] + rate * elapsed)

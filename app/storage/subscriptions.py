@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import asyncpg
@@ -55,12 +56,12 @@ async def insert_subscription(
     placeholders = ", ".join(f"${i}" for i in range(4, len(columns) + 4))
     await conn.execute(
         f"INSERT INTO subscriptions (topic_id, name, next_offset, {', '.join(columns)}, tokens) "
-        f"VALUES ($1, $2, $3, {placeholders}, coalesce(${len(columns) + 4}, 0))",
+        f"VALUES ($1, $2, $3, {placeholders}, ${len(columns) + 4})",
         topic_id,
         name,
         start_offset,
         *[config[c] for c in columns],
-        config["rate_limit_burst"],
+        float(bucket_capacity(config["rate_limit_per_second"], config["rate_limit_burst"])),
     )
 
 
@@ -136,6 +137,15 @@ async def published_at(conn: asyncpg.Connection, topic_id: int, offset: int) -> 
         topic_id,
         offset,
     )
+
+
+def bucket_capacity(rate: float | None, burst: int | None) -> int:
+    """Token bucket size: the configured burst, else one second's worth (at least 1).
+
+    A new subscription starts with a full bucket."""
+    if not rate:
+        return 0
+    return burst or max(1, math.ceil(rate))
 
 
 RATE_KINDS = ("delivered", "acked", "nacked", "expired", "dead_lettered")

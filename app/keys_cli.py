@@ -1,0 +1,141 @@
+"""`sluice keys create | list | revoke`: manage API keys. Never prompts (scriptable).
+
+`create` prints the secret, alone, on stdout (so `KEY=$(sluice keys create ...)` works)
+and everything else on stderr; the secret is shown only then, the database keeps its hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from app.auth import issue_key, parse_scope
+from app.storage import keys as keys_sql
+from app.storage.db import plain_url
+
+T = TypeVar("T")
+MAX_NAME_LENGTH = 200
+
+
+def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Bring the schema to head, then run `job` on one connection."""
+    from app.cli import _database_url
+    from app.logs import configure_logging
+    from app.settings import get_settings
+    from app.storage import migrate
+
+    configure_logging(get_settings().log_level)
+    url, server = _database_url(start_embedded=True)
+
+    async def main() -> T:
+        await migrate.upgrade(url)
+        conn = await asyncpg.connect(plain_url(url))
+        try:
+            return await job(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if server is not None:
+            from app.embedded import stop_embedded
+
+            stop_embedded(server)
+
+
+def _describe(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "scopes": list(row["scopes"]),
+        "created_at": row["created_at"].isoformat(),
+        "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+    }
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    try:
+        for text in args.scopes:
+            parse_scope(text)
+    except ValueError as exc:
+        print(f"sluice keys create: {exc}", file=sys.stderr)
+        return 2
+    if args.name is not None and not 1 <= len(args.name) <= MAX_NAME_LENGTH:
+        print(
+            f"sluice keys create: --name must be 1..{MAX_NAME_LENGTH} characters", file=sys.stderr
+        )
+        return 2
+    row, secret = _run(lambda conn: issue_key(conn, args.scopes, args.name))
+    print(secret, flush=True)
+    print(
+        f"created key {row['id']} with scopes {' '.join(row['scopes'])}; "
+        "store the secret now: it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [_describe(r) for r in _run(keys_sql.list_keys)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':>6}  {'NAME':<20}  {'CREATED':<25}  {'STATUS':<33}  SCOPES")
+    for r in rows:
+        status = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
+        name = r["name"] or "-"
+        print(
+            f"{r['id']:>6}  {name:<20}  {r['created_at']:<25}  {status:<33}  "
+            + " ".join(r["scopes"])
+        )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    row = _run(lambda conn: keys_sql.revoke_key(conn, args.id))
+    if row is None:
+        print(f"sluice keys revoke: no API key with id {args.id}", file=sys.stderr)
+        return 1
+    print(
+        f"revoked key {row['id']} (since {row['revoked_at'].isoformat()}); "
+        "every server refuses it within 10 s"
+    )
+    return 0
+
+
+def add_keys_parser(sub: Any) -> None:
+    """Add `keys` and its subcommands to the `sluice` parser's subparsers."""
+    keys = sub.add_parser("keys", help="manage API keys (access control)")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+
+    create = actions.add_parser(
+        "create",
+        help="create a key and print its secret once",
+        description="Scopes: admin, publish:<topic-glob>, consume:<topic-glob>, "
+        "read:<topic-glob> (shell-style globs, e.g. orders-*).",
+    )
+    create.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        required=True,
+        metavar="SCOPE",
+        help="admin | publish:<glob> | consume:<glob> | read:<glob> (repeatable)",
+    )
+    create.add_argument("--name", help="a label shown by `keys list`")
+    create.set_defaults(func=cmd_create)
+
+    listing = actions.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_list)
+
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", type=int)
+    revoke.set_defaults(func=cmd_revoke)

@@ -1,0 +1,163 @@
+"""Flow control: the token-bucket rate limit (shared by every process), 429 answers and
+the max_in_flight cap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from tests.conftest import unique
+from tests.helpers import (
+    ack,
+    assert_problem,
+    create_subscription,
+    create_topic,
+    publish,
+    pull,
+    sub_path,
+)
+
+
+async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server_factory):
+    servers = [server_factory(), server_factory()]
+    rate, burst, seconds = 40.0, 10, 6.0
+    topic = unique()
+    async with httpx.AsyncClient(base_url=servers[0].base_url, timeout=30) as admin:
+        await create_topic(admin, topic)
+        await create_subscription(
+            admin, topic, "s", rate_limit_per_second=rate, rate_limit_burst=burst
+        )
+        for _ in range(3):
+            await publish(admin, topic, *range(500))
+
+    delivered = 0
+    start = time.monotonic()
+    stop_at = start + seconds
+
+    async def consumer(base_url: str) -> None:
+        nonlocal delivered
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            while time.monotonic() < stop_at:
+                wait = max(0.0, min(2.0, stop_at - time.monotonic()))
+                r = await client.post(
+                    sub_path(topic, "s") + "/pull",
+                    json={"max_messages": 50, "wait_seconds": round(wait, 2)},
+                )
+                if time.monotonic() > stop_at + 0.2:
+                    break  # answered after the window: not counted, not acked
+                if r.status_code == 429:
+                    await asyncio.sleep(float(r.headers["Retry-After"]) / 10)
+                    continue
+                assert r.status_code == 200, r.text
+                messages = r.json()["messages"]
+                delivered += len(messages)
+                if messages:
+                    await ack(client, topic, "s", [m["receipt"] for m in messages])
+
+    await asyncio.gather(*(consumer(servers[i % 2].base_url) for i in range(8)))
+    elapsed = time.monotonic() - start
+    expected = rate * elapsed + burst
+    print(f"delivered {delivered} in {elapsed:.2f}s, expected {expected:.0f}")
+    assert abs(delivered - expected) <= 0.1 * expected, (delivered, expected)
+
+
+async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", rate_limit_per_second=0.2, rate_limit_burst=2)
+    await publish(client, topic, *range(5))
+
+    first = await client.post(sub_path(topic, "s") + "/pull", json={"max_messages": 5})
+    assert first.status_code == 200
+    assert len(first.json()["messages"]) == 2  # the burst
+    assert first.headers["RateLimit-Remaining"] == "0"
+    assert first.headers["RateLimit-Limit"]
+
+    limited = await client.post(
+        sub_path(topic, "s") + "/pull", json={"max_messages": 5, "wait_seconds": 1}
+    )
+    body = assert_problem(limited, 429)
+    assert "rate limit" in body["detail"]
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert limited.headers["RateLimit-Remaining"] == "0"
+    assert int(limited.headers["RateLimit-Reset"]) >= 1
+
+
+async def test_rate_limited_pull_with_nothing_to_deliver_is_empty_not_429(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", rate_limit_per_second=0.1, rate_limit_burst=1)
+    await publish(client, topic, "only")
+    assert len(await pull(client, topic, "s", 5)) == 1
+    # No tokens left, but also nothing deliverable: an empty answer, not a 429.
+    assert await pull(client, topic, "s", 5) == []
+
+
+async def test_tokens_refill_with_time(harness):
+    client = harness.client
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", rate_limit_per_second=2, rate_limit_burst=4)
+    await publish(client, topic, *range(20))
+    assert len(await pull(client, topic, "s", 20)) == 4
+    harness.clock.advance(1.0)  # two more tokens
+    assert len(await pull(client, topic, "s", 20)) == 2
+    harness.clock.advance(100.0)  # refill stops at the burst
+    assert len(await pull(client, topic, "s", 20)) == 4
+
+
+async def test_waiting_pull_gets_messages_when_tokens_arrive(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", rate_limit_per_second=4, rate_limit_burst=1)
+    await publish(client, topic, *range(3))
+    assert len(await pull(client, topic, "s", 3)) == 1
+    started = time.monotonic()
+    got = await pull(client, topic, "s", 3, wait_seconds=3)
+    assert len(got) == 1
+    assert time.monotonic() - started < 1.5  # one token every 0.25 s
+
+
+async def test_max_in_flight_caps_leased_messages(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", max_in_flight=3)
+    await publish(client, topic, *range(10))
+    first = await pull(client, topic, "s", 10)
+    assert len(first) == 3
+    assert await pull(client, topic, "s", 10) == []
+    await ack(client, topic, "s", [first[0]["receipt"]])
+    second = await pull(client, topic, "s", 10)
+    assert [m["offset"] for m in second] == [first[-1]["offset"] + 1]
+
+
+async def test_pull_waiting_at_max_in_flight_wakes_on_ack(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", max_in_flight=1)
+    await publish(client, topic, "a", "b")
+    (held,) = await pull(client, topic, "s", 5)
+
+    async def ack_later() -> None:
+        await asyncio.sleep(0.3)
+        await ack(client, topic, "s", [held["receipt"]])
+
+    started = time.monotonic()
+    waiting = asyncio.create_task(pull(client, topic, "s", 5, wait_seconds=5))
+    await ack_later()
+    got = await waiting
+    assert [m["value"] for m in got] == ["b"]
+    assert time.monotonic() - started < 2.0
+
+
+async def test_pull_at_max_in_flight_returns_empty_after_wait(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", max_in_flight=1)
+    await publish(client, topic, "a", "b")
+    assert len(await pull(client, topic, "s", 5)) == 1
+    started = time.monotonic()
+    assert await pull(client, topic, "s", 5, wait_seconds=0.5) == []
+    assert time.monotonic() - started >= 0.45
