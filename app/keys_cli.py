@@ -99,7 +99,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    row = _run(lambda conn: keys_sql.revoke_key(conn, args.id))
+    async def revoke(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, int]:
+        row = await keys_sql.revoke_key(conn, args.id)
+        return row, len(await keys_sql.active_keys(conn))
+
+    row, remaining = _run(revoke)
     if row is None:
         print(f"sluice keys revoke: no API key with id {args.id}", file=sys.stderr)
         return 1
@@ -107,6 +111,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         f"revoked key {row['id']} (since {row['revoked_at'].isoformat()}); "
         "every server refuses it within 10 s"
     )
+    if remaining == 0:
+        print(
+            "warning: no active API keys remain, so the API is open to anyone again",
+            file=sys.stderr,
+        )
     return 0
 
 

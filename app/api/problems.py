@@ -92,7 +92,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = _validation_errors(exc)
         if any(e["type"] == "json_invalid" for e in errors):
-            detail = next(e["message"] for e in errors if e["type"] == "json_invalid")
+            # The parser's own reason ("Expecting ',' delimiter", "nesting deeper than 64
+            # levels", ...) and where; FastAPI's message alone says only "JSON decode error".
+            raw = next(e for e in exc.errors() if e.get("type") == "json_invalid")
+            reason = str((raw.get("ctx") or {}).get("error") or raw.get("msg") or "")
+            position = next((p for p in raw.get("loc", ())[1:] if isinstance(p, int)), None)
+            detail = reason if not position else f"{reason} (at character {position})"
             return problem(
                 400,
                 f"request body is not valid JSON: {detail}",
@@ -133,6 +138,18 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(
             503,
             "the database is unavailable; retry shortly",
+            headers={"Retry-After": "1"},
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(asyncpg.TransactionRollbackError)
+    @app.exception_handler(asyncpg.LockNotAvailableError)
+    async def contention(request: Request, exc: Exception) -> Response:
+        # A deadlock or lock timeout against a concurrent request on the same rows:
+        # nothing was applied, and the client may simply retry.
+        return problem(
+            503,
+            f"conflicted with a concurrent request ({type(exc).__name__}); retry",
             headers={"Retry-After": "1"},
             instance=request.url.path,
         )

@@ -144,12 +144,16 @@ SET next_offset = $3, tokens = $4, tokens_at = $5, delivered_total = delivered_t
 WHERE topic_id = $1 AND sub_id = $2
 """
 
+# The next moment something changes by time alone: a row becoming due (delay, backoff,
+# expiry) or, for a subscription at its in-flight cap, a lease ending. Only future times:
+# rows already due but not claimable (locked by a concurrent ack) must not cause a spin.
 _NEXT_DUE = """
 SELECT (SELECT due_at FROM deliveries
-         WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
+         WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at > $4
          ORDER BY due_at LIMIT 1) AS next_due,
        CASE WHEN $3 THEN (SELECT min(lease_until) FROM deliveries
-         WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased') END AS next_lease_end
+         WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased' AND lease_until > $4)
+       END AS next_lease_end
 """
 
 _IN_FLIGHT = """
@@ -253,18 +257,18 @@ async def claim(
             )
         result.messages = delivered
         if not delivered:
-            if cursor < sub["log_end"]:
+            more_log = cursor < sub["log_end"]
+            result.messages_available = more_log or bool(
+                await conn.fetchval(_HAS_DUE, topic_id, sub_id, now)
+            )
+            if limit > 0 and more_log:
                 # The read-ahead limit stopped us with more of the log to look at.
-                result.messages_available = True
                 result.next_due = now
             else:
-                due = await conn.fetchrow(
-                    _NEXT_DUE, topic_id, sub_id, sub["max_in_flight"] is not None
-                )
+                due = await conn.fetchrow(_NEXT_DUE, topic_id, sub_id, result.in_flight_full, now)
                 assert due is not None
                 candidates = [t for t in (due["next_due"], due["next_lease_end"]) if t]
                 result.next_due = min(candidates) if candidates else None
-                result.messages_available = await conn.fetchval(_HAS_DUE, topic_id, sub_id, now)
         return result
 
 

@@ -116,7 +116,15 @@ def _serialise_value(value: Any) -> str:
         # Integers beyond 64 bits: the standard library writes them exactly.
         import json
 
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                # A lone surrogate ("\ud800" without its pair) cannot be stored as UTF-8;
+                # as a \u escape it can, and it still round-trips exactly.
+                text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return text
 
 
 @router.post(
