@@ -186,14 +186,27 @@ class BrowseResponse(BaseModel):
 
 
 class SubscriptionConfig(Strict):
-    ack_deadline_seconds: int | None = Field(default=None, ge=1, le=43200, description="default 30")
-    max_deliveries: int | None = Field(
-        default=None, ge=0, le=1000, description="default 10; 0 = unlimited"
+    # Not nullable: leaving a field out keeps its value; an explicit null is refused (422).
+    ack_deadline_seconds: int = Field(
+        default=None, ge=1, le=43200, description="default 30", json_schema_extra=_omit_default
     )
-    retry_min_seconds: float | None = Field(default=None, ge=0, le=3600, description="default 1")
-    retry_max_seconds: float | None = Field(default=None, ge=0, le=86400, description="default 600")
+    max_deliveries: int = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="default 10; 0 = unlimited",
+        json_schema_extra=_omit_default,
+    )
+    retry_min_seconds: float = Field(
+        default=None, ge=0, le=3600, description="default 1", json_schema_extra=_omit_default
+    )
+    retry_max_seconds: float = Field(
+        default=None, ge=0, le=86400, description="default 600", json_schema_extra=_omit_default
+    )
     dead_letter_topic: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-    ordered_by_key: bool | None = Field(default=None, description="default false")
+    ordered_by_key: bool = Field(
+        default=None, description="default false", json_schema_extra=_omit_default
+    )
     rate_limit_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
     rate_limit_burst: int | None = Field(default=None, ge=1, le=1_000_000)
     max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000)

@@ -93,14 +93,14 @@ async def pull(
                     hub.wake_next(topic_id, sub)  # there may be more for the next waiter
                 return PullOutcome(result.messages, _rate_headers(result, result.rate_limit))
             remaining = deadline - loop.time()
-            if result.token_wait is not None and result.messages_available:
-                if result.token_wait > remaining:
-                    headers = _rate_headers(result, result.rate_limit)
-                    headers["Retry-After"] = str(max(1, math.ceil(result.token_wait)))
-                    raise RateLimited(
-                        f"subscription rate limit reached; retry after {result.token_wait:.2f}s",
-                        headers=headers,
-                    )
+            token_wait = result.token_wait
+            if token_wait is not None and result.messages_available and token_wait > remaining:
+                headers = _rate_headers(result, result.rate_limit)
+                headers["Retry-After"] = str(max(1, math.ceil(token_wait)))
+                raise RateLimited(
+                    f"subscription rate limit reached; retry after {token_wait:.2f}s",
+                    headers=headers,
+                )
             if remaining <= 0 or hub.closing:
                 return PullOutcome([], _rate_headers(result, result.rate_limit))
             sleep_for = min(remaining, ctx.settings.poll_recheck_seconds)

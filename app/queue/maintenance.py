@@ -8,8 +8,8 @@ import logging
 from app.queue.context import QueueContext
 from app.queue.rates import KEEP_SECONDS
 from app.storage import delivery as delivery_sql
-from app.storage import subscriptions as subs_sql
 from app.storage import maintenance as sql
+from app.storage import subscriptions as subs_sql
 
 log = logging.getLogger("sluice.maintenance")
 

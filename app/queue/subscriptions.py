@@ -8,13 +8,14 @@ from typing import Any, Literal
 
 import asyncpg
 
-from app.errors import InvalidInput, subscription_not_found, topic_not_found
+from app.errors import InvalidInput, subscription_not_found
 from app.queue.context import QueueContext
 from app.queue.rates import RATE_WINDOW_SECONDS
 from app.queue.topics import require_topic
 from app.storage import delivery as delivery_sql
 from app.storage import log as log_sql
 from app.storage import subscriptions as subs_sql
+from app.storage import topics as topics_sql
 
 SUBSCRIPTION_DEFAULTS: dict[str, Any] = {
     "ack_deadline_seconds": 30,
@@ -73,7 +74,7 @@ async def put_subscription(
         config = {**base, **fields}
         _validate(topic, config)
         dlt = config["dead_letter_topic"]
-        if dlt is not None and await log_sql_topic_exists(conn, dlt) is False:
+        if dlt is not None and await topics_sql.get_topic(conn, dlt) is None:
             raise InvalidInput(f"dead_letter_topic '{dlt}' does not exist")
         if existing is None:
             oldest, log_end = await delivery_sql.log_bounds(conn, topic_row["topic_id"])
@@ -90,12 +91,6 @@ async def put_subscription(
         row = await subs_sql.get_subscription(conn, topic, name)
         assert row is not None
         return row, existing is None
-
-
-async def log_sql_topic_exists(conn: asyncpg.Connection, name: str) -> bool:
-    from app.storage import topics as topics_sql
-
-    return await topics_sql.get_topic(conn, name) is not None
 
 
 async def require_subscription(
@@ -214,9 +209,8 @@ async def redrive(ctx: QueueContext, topic: str, name: str, offsets: list[int] |
         async with conn.transaction():
             sub = await delivery_sql.lock_subscription(conn, topic, name, ctx.clock.skew)
             if sub is None:
-                if await log_sql_topic_exists(conn, topic):
-                    raise subscription_not_found(topic, name)
-                raise topic_not_found(topic)
+                await require_topic(conn, topic)
+                raise subscription_not_found(topic, name)
             count = await delivery_sql.redrive(conn, sub, offsets)
         if count:
             await delivery_sql.notify(conn, sub["topic_id"], count)

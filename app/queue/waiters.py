@@ -20,12 +20,13 @@ class Waiter:
     def __init__(self) -> None:
         self.event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when woken, False on timeout."""
-        if timeout <= 0:
+    async def wait(self, seconds: float) -> bool:
+        """True when woken, False when `seconds` passed first."""
+        if seconds <= 0:
             return self.event.is_set()
         try:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            async with asyncio.timeout(seconds):
+                await self.event.wait()
         except TimeoutError:
             return False
         return True

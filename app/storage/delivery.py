@@ -78,10 +78,16 @@ WHERE t.name = $1 AND s.name = $2
 FOR UPDATE OF s
 """
 
+_BACKOFF_NEXT_ATTEMPT = _backoff_sql("$7::float8", "$8::float8", "d.attempts + 1")
+_BACKOFF_NACK = _backoff_sql("$8::float8", "$9::float8", "d.attempts")
+_BACKOFF_FIRST_ATTEMPT = _backoff_sql("$6::float8", "$7::float8", "1")
+_BACKOFF_EXTEND = _backoff_sql("s.retry_min_seconds", "s.retry_max_seconds", "d.attempts")
+
 _REDELIVER = f"""
 WITH c AS (
     SELECT msg_offset, state AS prev_state FROM deliveries
-    WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
+    WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
+      AND due_at <= $3::timestamptz
       AND ($6::int = 0 OR attempts < $6::int)
     ORDER BY due_at LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -91,7 +97,7 @@ WITH c AS (
         lease_until = $3::timestamptz + make_interval(secs => $5::float8),
         due_at = $3::timestamptz + make_interval(secs => $5::float8) + CASE
             WHEN $6::int > 0 AND d.attempts + 1 >= $6::int THEN interval '0'
-            ELSE make_interval(secs => {_backoff_sql("$7::float8", "$8::float8", "d.attempts + 1")}) END
+            ELSE make_interval(secs => {_BACKOFF_NEXT_ATTEMPT}) END
     FROM c
     WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
     RETURNING d.msg_offset, d.attempts, d.lease_token, d.lease_until, c.prev_state
@@ -119,11 +125,13 @@ WITH ins AS (
     INSERT INTO deliveries
         (topic_id, sub_id, msg_offset, state, due_at, lease_until, lease_token, attempts, key)
     SELECT $1, $2, r.off, r.state,
-           CASE WHEN r.state = 'leased' THEN $3::timestamptz + make_interval(secs => $4::float8) + CASE
+           CASE WHEN r.state = 'leased'
+                THEN $3::timestamptz + make_interval(secs => $4::float8) + CASE
                     WHEN $5::int = 1 THEN interval '0'
-                    ELSE make_interval(secs => {_backoff_sql("$6::float8", "$7::float8", "1")}) END
+                    ELSE make_interval(secs => {_BACKOFF_FIRST_ATTEMPT}) END
                 ELSE coalesce(r.due, $3::timestamptz) END,
-           CASE WHEN r.state = 'leased' THEN $3::timestamptz + make_interval(secs => $4::float8) END,
+           CASE WHEN r.state = 'leased'
+                THEN $3::timestamptz + make_interval(secs => $4::float8) END,
            r.token,
            CASE WHEN r.state = 'leased' THEN 1 ELSE 0 END,
            r.key
@@ -346,10 +354,11 @@ async def _take_from_log(
 # ---- dead letters -----------------------------------------------------------------------
 
 _DEAD_LETTER_DUE = """
-UPDATE deliveries d SET state = 'dead', dead_at = $3::timestamptz, lease_token = NULL, lease_until = NULL
+UPDATE deliveries d
+SET state = 'dead', dead_at = $3::timestamptz, lease_token = NULL, lease_until = NULL
 FROM (SELECT msg_offset, state AS prev_state FROM deliveries
-      WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at <= $3::timestamptz
-        AND attempts >= $4
+      WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
+        AND due_at <= $3::timestamptz AND attempts >= $4
       ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED) c
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
 RETURNING d.msg_offset, d.attempts, d.key, c.prev_state
@@ -469,7 +478,7 @@ RETURNING d.msg_offset, d.key
 _NACK_LOCKED = f"""
 UPDATE deliveries d
 SET state = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN 'dead' ELSE 'ready' END,
-    due_at = $5::timestamptz + make_interval(secs => coalesce($7::float8, {_backoff_sql("$8::float8", "$9::float8", "d.attempts")})),
+    due_at = $5::timestamptz + make_interval(secs => coalesce($7::float8, {_BACKOFF_NACK})),
     dead_at = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN $5::timestamptz END,
     lease_token = NULL, lease_until = NULL
 FROM unnest($3::bigint[], $4::uuid[]) AS r(off, token)
@@ -484,9 +493,7 @@ WITH s AS ({_SUB_BY_NAME}), u AS (
     SET lease_until = sluice_now($5) + make_interval(secs => $6::float8),
         due_at = sluice_now($5) + make_interval(secs => $6::float8) + CASE
             WHEN s.max_deliveries > 0 AND d.attempts >= s.max_deliveries THEN interval '0'
-            ELSE make_interval(secs => {
-    _backoff_sql("s.retry_min_seconds", "s.retry_max_seconds", "d.attempts")
-}) END
+            ELSE make_interval(secs => {_BACKOFF_EXTEND}) END
     FROM s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
     WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
       AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)

@@ -1,0 +1,99 @@
+"""Per-request observability: a request id, one JSON log line, and the HTTP metrics.
+
+Installed outermost, so answers given by other middleware (413, 401, ...) are seen too.
+Metrics are labelled by the route *template* (`/v1/topics/{topic}/messages`), never by
+the raw path, so their number of series stays bounded whatever clients send. Nothing of
+the request or response bodies is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+
+log = logging.getLogger("sluice.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A caller's id is kept when it is short and made of safe characters (it ends up in logs).
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "<unmatched>"
+
+
+def request_id_of(scope: Scope) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == REQUEST_ID_HEADER:
+            if _SANE_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def _path_of(route: object) -> str | None:
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that handled the request (set by the router), or,
+    for answers given before routing (401, 413, ...), of the route the path matches."""
+    path = _path_of(scope.get("route"))
+    if path is not None:
+        return path
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return _path_of(route) or UNMATCHED
+    return UNMATCHED
+
+
+class ObservabilityMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # what the client gets if the app fails before answering
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", ()) if h[0] != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        metrics.IN_PROGRESS.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            metrics.IN_PROGRESS.dec()
+            elapsed = time.perf_counter() - start
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            route = route_template(scope)
+            metrics.observe_request(method, route, status, elapsed)
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"][:512],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )

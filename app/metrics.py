@@ -1,0 +1,220 @@
+"""Prometheus metrics: event counters, HTTP request metrics, and per-subscription gauges.
+
+Counters and the request histogram live in each process. Under `sluice serve --workers N`
+the CLI points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start, so
+prometheus_client keeps every process's values in files there and a scrape answered by
+any worker adds up all of them (MultiProcessCollector). The gauges per subscription
+(backlog, lag, ...) are not process state: the answering process reads them from Postgres
+at scrape time, once, with one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from app.storage import metrics as metrics_sql
+
+if TYPE_CHECKING:
+    from app.queue.context import QueueContext
+    from app.queue.publisher import Published
+
+log = logging.getLogger("sluice.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A scrape never waits longer than this for the database; the gauges are left out then.
+DB_TIMEOUT_SECONDS = 5.0
+
+# Our own registry: the metrics of this module, not whatever else imported prometheus_client.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PUBLISHED = Counter(
+    "sluice_messages_published",
+    "Messages stored by publish (duplicates excluded)",
+    ["topic"],
+    registry=REGISTRY,
+)
+DUPLICATES = Counter(
+    "sluice_messages_duplicate",
+    "Published messages not stored again because their dedup_id was seen",
+    ["topic"],
+    registry=REGISTRY,
+)
+_EVENT_HELP = {
+    "delivered": "Messages delivered by pull (every attempt)",
+    "acked": "Messages acknowledged",
+    "nacked": "Messages negatively acknowledged",
+    "expired": "Leases that ended without ack",
+    "dead_lettered": "Messages parked as dead letters",
+}
+EVENTS = {
+    kind: Counter(
+        f"sluice_messages_{kind}", help_text, ["topic", "subscription"], registry=REGISTRY
+    )
+    for kind, help_text in _EVENT_HELP.items()
+}
+
+REQUESTS = Counter(
+    "sluice_http_requests",
+    "HTTP requests by method, route template and status",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+# Long-polls wait up to 20 s: buckets reach beyond that.
+LATENCY = Histogram(
+    "sluice_http_request_duration_seconds",
+    "HTTP request duration by method, route template and status (long-polls included)",
+    ["method", "route", "status"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30),
+    registry=REGISTRY,
+)
+IN_PROGRESS = Gauge(
+    "sluice_http_requests_in_progress",
+    "HTTP requests being handled (waiting long-polls included)",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+
+
+# ---- what the queue reports -------------------------------------------------------------
+
+
+def observe_event(topic: str, subscription: str, kind: str, count: int) -> None:
+    """A RateRecorder listener: delivered/acked/nacked/expired/dead_lettered events."""
+    counter = EVENTS.get(kind)
+    if counter is not None:
+        counter.labels(topic, subscription).inc(count)
+
+
+def observe_published(topic: str, published: Sequence[Published]) -> None:
+    duplicates = sum(1 for p in published if p.duplicate)
+    if len(published) > duplicates:
+        PUBLISHED.labels(topic).inc(len(published) - duplicates)
+    if duplicates:
+        DUPLICATES.labels(topic).inc(duplicates)
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    labels = (method, route, str(status))
+    REQUESTS.labels(*labels).inc()
+    LATENCY.labels(*labels).observe(seconds)
+
+
+def process_exit() -> None:
+    """At shutdown: drop this process's live gauges from the multiprocess directory."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path and os.path.isdir(path):
+        mark_process_dead(os.getpid(), path)
+
+
+# ---- gauges from the database -----------------------------------------------------------
+
+GAUGES = {
+    "backlog": "Messages deliverable now",
+    "lag": "Unacknowledged messages (backlog + in_flight + delayed)",
+    "in_flight": "Leased, not yet acknowledged messages",
+    "delayed": "Messages waiting for a delay or a retry backoff",
+    "dead_lettered": "Messages parked in the dead-letter set",
+    "oldest_unacked_age_seconds": "Age of the oldest unacknowledged message (0 when none)",
+}
+
+
+def subscription_gauges(row: Any) -> dict[str, float]:
+    """The stats of one subscription from a row of storage.metrics.all_subscription_states.
+
+    The same arithmetic as app.queue.subscriptions.stats_for (tests compare the two).
+    """
+    cursor = row["cursor"]
+    head = row["head_offset"]
+    oldest = row["oldest_offset"]
+    log_end = head + 1 if head is not None else cursor
+    in_log = max(0, log_end - max(cursor, oldest if oldest is not None else cursor))
+    backlog = row["due"] + in_log - row["delayed_in_log"]
+    delayed = row["waiting"] + row["delayed_in_log"]
+    lowest = row["lowest_pending"]
+    committed = cursor if lowest is None else min(lowest, cursor)
+    age = 0.0
+    published = row["committed_published_at"]
+    if committed < log_end and published is not None:
+        age = max(0.0, (row["now"] - published).total_seconds())
+    return {
+        "backlog": backlog,
+        "lag": backlog + row["in_flight"] + delayed,
+        "in_flight": row["in_flight"],
+        "delayed": delayed,
+        "dead_lettered": row["dead_lettered"],
+        "oldest_unacked_age_seconds": round(age, 3),
+    }
+
+
+class _Fixed(Collector):
+    """Hands out metric families computed before the scrape."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+class _Delegate(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return self._registry.collect()
+
+
+def database_families(rows: list[Any] | None) -> list[Metric]:
+    up = GaugeMetricFamily(
+        "sluice_database_up", "Whether this scrape could read the queue state from Postgres"
+    )
+    up.add_metric([], 0 if rows is None else 1)
+    families: list[Metric] = [up]
+    if rows is None:
+        return families
+    by_name = {
+        name: GaugeMetricFamily(
+            f"sluice_subscription_{name}", help_text, labels=["topic", "subscription"]
+        )
+        for name, help_text in GAUGES.items()
+    }
+    for row in rows:
+        values = subscription_gauges(row)
+        for name, family in by_name.items():
+            family.add_metric([row["topic"], row["subscription"]], values[name])
+    families.extend(by_name.values())
+    return families
+
+
+async def _read_states(ctx: QueueContext) -> list[Any] | None:
+    try:
+        async with asyncio.timeout(DB_TIMEOUT_SECONDS), ctx.pool.acquire() as conn:
+            return await metrics_sql.all_subscription_states(conn, ctx.clock.skew)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("metrics: cannot read subscription state", extra={"error": repr(exc)[:200]})
+        return None
+
+
+async def render(ctx: QueueContext, accept: str | None) -> tuple[bytes, str]:
+    """The exposition (body, content type), in the format the Accept header asks for."""
+    rows = await _read_states(ctx)
+    registry = CollectorRegistry(auto_describe=False)
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        MultiProcessCollector(registry, path)
+    else:
+        registry.register(_Delegate(REGISTRY))
+    registry.register(_Fixed(database_families(rows)))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
