@@ -161,6 +161,7 @@ RULES: tuple[Rule, ...] = (
     Rule("POST", f"{_SUB}/dead-letters/redrive", "consume"),
     # Metrics name every topic and subscription: reading them needs read on all topics.
     Rule("GET", "/metrics", "read", "all"),
+    Rule("GET", "/metrics/", "read", "all"),  # in case metrics are served by a mounted app
 )
 _RULES_BY_METHOD: dict[str, list[Rule]] = {}
 for _rule in RULES:

@@ -7,7 +7,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from app.logs import configure_logging
@@ -39,6 +42,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure_logging(settings.log_level)
     url, server = _database_url(start_embedded=True)
+    metrics_dir = _metrics_dir(args.workers)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, restoring the handler it
+    # found. Make that a no-op, so we get to stop the embedded Postgres and exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         asyncio.run(migrate.upgrade(url))
         log.info("starting", extra={"host": args.host, "port": args.port, "workers": args.workers})
@@ -48,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_config=None,
+            # Applied in every worker process too (they do not inherit our handlers).
+            log_config=_log_config(settings.log_level),
             # Slow-loris resistance: idle keep-alive connections are closed quickly.
             timeout_keep_alive=5,
             timeout_graceful_shutdown=25,
@@ -60,7 +69,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from app.embedded import stop_embedded
 
             stop_embedded(server)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _log_config(level: str) -> dict[str, object]:
+    """configure_logging() as a dictConfig: JSON lines on stderr at SLUICE_LOG_LEVEL."""
+    level = level.upper()
+    propagate = {"handlers": [], "propagate": True}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "app.logs.JSONFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": propagate,
+            "uvicorn.error": propagate,
+            # sluice.access logs every request; uvicorn's own access lines only in DEBUG.
+            "uvicorn.access": {**propagate, "level": "INFO" if level == "DEBUG" else "WARNING"},
+        },
+    }
+
+
+def _metrics_dir(workers: int) -> str | None:
+    """With several workers, Prometheus metrics are kept in files of a fresh directory that
+    every worker shares (prometheus_client multiprocess mode), so any worker's /metrics
+    adds up all of them. Set before the workers start; removed when serve ends. A directory
+    given in PROMETHEUS_MULTIPROC_DIR is used as is (and left alone)."""
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="sluice-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -12,10 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app import metrics
 from app.api.limits import LimitBodyMiddleware
+from app.api.observability import ObservabilityMiddleware
 from app.api.problems import install_problem_handlers
 from app.api.responses import JSONBody
-from app.api.routes import consuming, health, subscriptions, topics
+from app.api.routes import consuming, health, subscriptions, topics, ui
+from app.api.routes import metrics as metrics_route
 from app.auth import install_auth, start_auth
 from app.queue.clock import Clock
 from app.queue.context import QueueContext
@@ -75,6 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher=Publisher(pool, clock),
         rates=RateRecorder(),
     )
+    ctx.rates.listeners.append(metrics.observe_event)
     listener = Listener(url, hub.notify, hub.wake_all, settings.listener_keepalive_seconds)
     listener.start()
     app.state.ctx = ctx
@@ -95,6 +99,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await listener.stop()
         await pool.close()
+        metrics.process_exit()
         if embedded is not None:
             from app.embedded import stop_embedded
 
@@ -113,10 +118,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.settings = settings
     app.state.clock = clock or Clock()
     install_problem_handlers(app)
-    for module in (health, topics, subscriptions, consuming):
+    for module in (health, topics, subscriptions, consuming, metrics_route, ui):
         app.include_router(module.router)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
     install_auth(app)  # outermost: unauthenticated requests are refused before parsing
+    app.add_middleware(ObservabilityMiddleware)  # outside even that: logs/counts 401s too
     _problem_only_errors(app)
     return app
 

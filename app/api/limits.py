@@ -131,13 +131,22 @@ class StrictJSONRoute(APIRoute):
         wants_body = bool((self.methods or set()) & {"POST", "PUT", "PATCH"})
 
         async def route_handler(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "")
+            media = content_type.split(";", 1)[0].strip().lower()
+            if wants_body and not media:
+                # No Content-Type at all is read as JSON. Say so explicitly: FastAPI's
+                # strict_content_type would otherwise leave such a body unparsed (422).
+                request.scope["headers"] = [
+                    *(h for h in request.scope["headers"] if h[0].lower() != b"content-type"),
+                    (b"content-type", b"application/json"),
+                ]
             strict = StrictJSONRequest(request.scope, request.receive)
             if wants_body:
                 body = await strict.body()
-                content_type = strict.headers.get("content-type", "")
-                media = content_type.split(";", 1)[0].strip().lower()
-                # No Content-Type at all is read as JSON; anything else must say JSON.
-                is_json = media in ("", "application/json") or media.endswith("+json")
+                # Anything but JSON (or no Content-Type) is refused.
+                is_json = media in ("", "application/json") or (
+                    media.startswith("application/") and media.endswith("+json")
+                )
                 if body and not is_json:
                     return problem(
                         415,

@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,80}$"
 MAX_BATCH = 1000
@@ -44,8 +51,10 @@ def _check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
 
 
 class Strict(BaseModel):
-    # Unknown fields are rejected so that typos never pass silently.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are rejected so that typos never pass silently, and values are not
+    # coerced: `false` is not the number 0, `1` is not `true`, "5" is not 5 (the OpenAPI
+    # document promises those types). Subclasses' model_config merges with this one.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Problem(BaseModel):
@@ -356,8 +365,17 @@ class ExtendResponse(BaseModel):
 
 class SeekRequest(Strict):
     offset: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    time: datetime | None = Field(default=None, description="RFC 3339 with offset")
+    # JSON has no datetime type: the RFC 3339 string is parsed (strict mode would refuse it).
+    time: datetime | None = Field(default=None, strict=False, description="RFC 3339 with offset")
     to: Literal["earliest", "latest"] | None = None
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_is_text(cls, value: Any) -> Any:
+        # Lax datetime parsing would also take a number (a Unix time): only RFC 3339 text.
+        if value is not None and not isinstance(value, str):
+            raise ValueError("'time' must be an RFC 3339 string, e.g. 2026-11-30T12:00:00Z")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SeekRequest:
@@ -371,7 +389,13 @@ class SeekRequest(Strict):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"to": "earliest"}, {"offset": 1200}, {"time": "2026-11-30T12:00:00Z"}]
+            "examples": [{"to": "earliest"}, {"offset": 1200}, {"time": "2026-11-30T12:00:00Z"}],
+            # Exactly one of the three, given as a non-null value (the validator above).
+            "oneOf": [
+                {"required": ["offset"], "properties": {"offset": {"type": "integer"}}},
+                {"required": ["time"], "properties": {"time": {"type": "string"}}},
+                {"required": ["to"], "properties": {"to": {"type": "string"}}},
+            ],
         },
     )
 

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 
 from app.errors import NotFound, PayloadTooLarge, topic_not_found
+from app.metrics import observe_published
 from app.queue.context import QueueContext
 from app.queue.publisher import Published, TopicRef
 from app.storage import log as log_sql
@@ -79,7 +80,9 @@ async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> l
                 f"message {index} is {size} bytes; topic '{name}' accepts at most {limit}"
             )
     ref = TopicRef(row["topic_id"], name, row["dedup_window_seconds"])
-    return await ctx.publisher.publish(ref, messages)
+    published = await ctx.publisher.publish(ref, messages)
+    observe_published(name, published)
+    return published
 
 
 async def browse(

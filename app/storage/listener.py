@@ -57,8 +57,13 @@ class Listener:
         first = True
         while True:
             conn: asyncpg.Connection | None = None
+            # Set by asyncpg as soon as the connection drops (e.g. Postgres shut down): do
+            # not wait for the next keepalive to notice, or /readyz says "ready" and
+            # notifications are lost for up to a keepalive period after a restart.
+            closed = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self._url, timeout=5)
+                conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
                 self.connected.set()
                 if not first:
@@ -67,7 +72,10 @@ class Listener:
                 first = False
                 delay = 0.1
                 while True:
-                    await asyncio.sleep(self._keepalive)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), self._keepalive)
+                    if closed.is_set():
+                        raise ConnectionError("listen connection closed")
                     await conn.fetchval("SELECT 1", timeout=self._keepalive)
             except asyncio.CancelledError:
                 raise
