@@ -112,6 +112,10 @@ def _metrics_dir(workers: int) -> str | None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.storage import migrate
 
     configure_logging(get_settings().log_level)
@@ -121,6 +125,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             asyncio.run(migrate.downgrade(url, args.revision))
         else:
             asyncio.run(migrate.upgrade(url, args.revision))
+    except (OSError, asyncpg.PostgresError, SQLAlchemyError, CommandError) as exc:
+        # A message, not a traceback: unreachable database, unknown revision, ...
+        print(f"sluice migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         if server is not None:
             from app.embedded import stop_embedded

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,12 +48,25 @@ def route_template(scope: Scope) -> str:
     path = _path_of(scope.get("route"))
     if path is not None:
         return path
-    app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
+    partial = None
+    for route in _flat_routes(scope.get("app")):
         match, _ = route.matches(scope)
-        if match != Match.NONE:
+        if match == Match.FULL:
             return _path_of(route) or UNMATCHED
-    return UNMATCHED
+        if match == Match.PARTIAL and partial is None:  # e.g. a method the route lacks
+            partial = _path_of(route)
+    return partial or UNMATCHED
+
+
+def _flat_routes(app: object) -> list[Any]:
+    """The app's routes with included routers expanded (FastAPI >= 0.13x keeps included
+    routers as single entries of app.routes)."""
+    routes = list(getattr(app, "routes", ()))
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI: app.routes is already flat
+        return routes
+    return list(iter_route_contexts(routes))
 
 
 class ObservabilityMiddleware:
@@ -86,14 +100,15 @@ class ObservabilityMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             route = route_template(scope)
             metrics.observe_request(method, route, status, elapsed)
-            log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": method,
-                    "route": route,
-                    "path": scope["path"][:512],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "route": route,
+                        "path": scope["path"][:512],
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )

@@ -74,7 +74,11 @@ async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> l
         row = await require_topic(conn, name)
     limit = row["max_message_bytes"]
     for index, message in enumerate(messages):
-        size = len(message.value.encode()) + len(message.key or "") + len(message.headers or "")
+        size = (
+            len(message.value.encode())
+            + len((message.key or "").encode())
+            + len((message.headers or "").encode())
+        )
         if size > limit:
             raise PayloadTooLarge(
                 f"message {index} is {size} bytes; topic '{name}' accepts at most {limit}"

@@ -22,7 +22,9 @@
     paused: false,
     selected: null, // "topic/subscription" or null
     history: [], // samples: {t, total: {...}, subs: Map(id -> {...})}
-    prev: null, // {t, heads: Map(topic -> head), delivered: Map(id -> delivered_total)}
+    // Recent counter snapshots {t, heads: Map(topic -> head), delivered: Map(id -> total)}:
+    // rates are taken over the last few seconds, not just since the previous poll.
+    snapshots: [],
     polls: 0,
     timer: null,
   };
@@ -87,9 +89,11 @@
     return { topics: topics.filter(Boolean), more: list.next_after !== null };
   }
 
-  // ---- one sample: derive rates from the previous poll --------------------------------------
+  // ---- one sample: derive rates from a snapshot a few seconds back ---------------------------
+  const RATE_WINDOW_MS = 4500;
+
   function makeSample(data, t) {
-    const prev = state.prev;
+    const prev = state.snapshots.find((s) => s.t >= t - RATE_WINDOW_MS - 500) || null;
     const dt = prev ? (t - prev.t) / 1000 : 0;
     const heads = new Map();
     const delivered = new Map();
@@ -139,7 +143,8 @@
         total.subs += 1;
       }
     }
-    state.prev = { t, heads, delivered };
+    state.snapshots.push({ t, heads, delivered });
+    state.snapshots = state.snapshots.filter((s) => s.t >= t - 2 * RATE_WINDOW_MS);
     return { t, total, subs, topicRows, topics: data.topics.length, more: data.more };
   }
 
@@ -168,7 +173,7 @@
       .filter((p) => p[1] !== null);
     if (points.length < 2) return svg;
     const now = Date.now();
-    const from = now - state.windowSeconds * 1000;
+    const from = Math.min(points[0][0], now - 10000);
     const max = Math.max(1, ...points.map((p) => p[1]));
     const xy = points.map(([t, v]) => [
       ((t - from) / (now - from)) * 120,
@@ -257,6 +262,23 @@
     return state.history.filter((s) => s.t >= from);
   }
 
+  // The time axis grows with the history, from one minute up to the chosen window.
+  function chartSpanSeconds() {
+    const samples = windowed();
+    if (samples.length === 0) return 60;
+    const data = (Date.now() - samples[0].t) / 1000;
+    for (const span of [60, 120, 180, 300, 600, 900]) {
+      if (span >= data || span >= state.windowSeconds) return Math.min(span, state.windowSeconds);
+    }
+    return state.windowSeconds;
+  }
+
+  function agoLabel(seconds) {
+    if (seconds === 0) return "now";
+    if (seconds < 60 || seconds % 60 !== 0) return "−" + seconds + " s";
+    return "−" + seconds / 60 + " min";
+  }
+
   function niceMax(v) {
     if (v <= 0) return 1;
     const exp = Math.pow(10, Math.floor(Math.log10(v)));
@@ -309,7 +331,8 @@
     ctx.font = "11px system-ui, sans-serif";
 
     const now = Date.now();
-    const from = now - state.windowSeconds * 1000;
+    const span = chartSpanSeconds();
+    const from = now - span * 1000;
     let max = 0;
     for (const s of series) for (const [, v] of s.points) if (v !== null && v > max) max = v;
     max = niceMax(max * 1.1);
@@ -339,13 +362,11 @@
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
-    const step = state.windowSeconds / 5;
-    for (let i = 0; i <= 5; i++) {
-      const ago = state.windowSeconds - i * step;
-      const label = ago === 0 ? "now" : "−" + (ago >= 60 ? ago / 60 + " min" : ago + " s");
-      const xx = left + (i / 5) * w;
+    const step = [10, 15, 30, 60, 120, 180].find((s) => span / s <= 6) || 300;
+    for (let ago = 0; ago <= span; ago += step) {
+      const xx = x(now - ago * 1000);
       ctx.fillStyle = textColor;
-      ctx.fillText(label, Math.min(Math.max(xx, left + 14), left + w - 14), top + h + 6);
+      ctx.fillText(agoLabel(ago), Math.min(Math.max(xx, left + 14), left + w - 14), top + h + 6);
     }
 
     // series
@@ -478,7 +499,7 @@
 
   function restart() {
     if (state.timer !== null) clearTimeout(state.timer);
-    state.prev = null;
+    state.snapshots = [];
     poll();
   }
 
