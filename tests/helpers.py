@@ -23,9 +23,7 @@ async def create_topic(client: httpx.AsyncClient, topic: str, **config: Any) -> 
     return r.json()
 
 
-async def publish(
-    client: httpx.AsyncClient, topic: str, *values: Any, **fields: Any
-) -> list[int]:
+async def publish(client: httpx.AsyncClient, topic: str, *values: Any, **fields: Any) -> list[int]:
     messages = [{"value": v, **fields} for v in values]
     r = await client.post(topic_path(topic) + "/messages", json={"messages": messages})
     assert r.status_code == 201, r.text
@@ -41,8 +39,12 @@ async def create_subscription(
 
 
 async def pull(
-    client: httpx.AsyncClient, topic: str, sub: str, max_messages: int = 10,
-    wait_seconds: float = 0, **extra: Any,
+    client: httpx.AsyncClient,
+    topic: str,
+    sub: str,
+    max_messages: int = 10,
+    wait_seconds: float = 0,
+    **extra: Any,
 ) -> list[dict[str, Any]]:
     body = {"max_messages": max_messages, "wait_seconds": wait_seconds, **extra}
     r = await client.post(sub_path(topic, sub) + "/pull", json=body)
@@ -78,3 +80,37 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["type"].startswith("https://")
     assert body["title"] and body["detail"]
     return body
+
+
+async def extend(
+    client: httpx.AsyncClient, topic: str, sub: str, receipts: list[str], seconds: int
+) -> dict:
+    r = await client.post(
+        sub_path(topic, sub) + "/extend",
+        json={"receipts": receipts, "ack_deadline_seconds": seconds},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def seek(client: httpx.AsyncClient, topic: str, sub: str, **body: Any) -> dict:
+    r = await client.post(sub_path(topic, sub) + "/seek", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def drain(
+    client: httpx.AsyncClient, topic: str, sub: str, batch: int = 100, do_ack: bool = True
+) -> list[dict[str, Any]]:
+    """Pull (wait_seconds=0) until empty; ack each batch unless do_ack is False."""
+    got: list[dict[str, Any]] = []
+    while messages := await pull(client, topic, sub, batch):
+        got += messages
+        if do_ack:
+            result = await ack(client, topic, sub, [m["receipt"] for m in messages])
+            assert result == {"acked": len(messages), "stale": []}, result
+    return got
+
+
+def offsets_of(messages: list[dict[str, Any]]) -> list[int]:
+    return [m["offset"] for m in messages]

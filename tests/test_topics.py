@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import pytest
@@ -184,14 +185,19 @@ async def test_list_paging_with_after_and_next_after(client):
 
 
 async def test_list_default_page_and_next_after_null_at_end(client):
-    topic = unique("zzzz")  # sorts after every other test's topic
+    topic = "zzzz" + unique("zzzz")  # sorts after (nearly) every other test's topic
     await create_topic(client, topic)
     r = await client.get("/v1/topics", params={"after": topic})
     assert r.status_code == 200
-    assert r.json() == {"topics": [], "next_after": None}
+    names = [t["name"] for t in r.json()["topics"]]
+    assert all(name > topic for name in names)
+    assert len(names) < 100 and r.json()["next_after"] is None
+    # Without parameters: the first (up to) 100 names.
     r = await client.get("/v1/topics")
     assert r.status_code == 200
-    assert len(r.json()["topics"]) <= 100
+    names = [t["name"] for t in r.json()["topics"]]
+    assert 1 <= len(names) <= 100
+    assert (r.json()["next_after"] is None) == (len(names) < 100)
 
 
 async def test_list_next_after_is_set_when_page_is_full(client):
@@ -231,9 +237,9 @@ async def test_delete_is_204_then_404(client):
     assert_problem(await client.get(topic_path(topic) + "/messages/0"), 404)
     r = await client.post(topic_path(topic) + "/messages", json={"messages": [{"value": 1}]})
     assert_problem(r, 404)
-    names = [t["name"] for t in (await client.get("/v1/topics", params={"limit": 1000})).json()[
-        "topics"
-    ]]
+    names = [
+        t["name"] for t in (await client.get("/v1/topics", params={"limit": 1000})).json()["topics"]
+    ]
     assert topic not in names
 
 
@@ -272,13 +278,14 @@ INVALID_NAMES = [
     "x" * 81,
     "has space",
     "dot.name",
-    "slash%2Fname",
     "umlaut-\u00e4",
     "emoji-\U0001f600",
     "star*",
     "colon:x",
     "tab%09x",
     "nul%00x",
+    "trailing-newline%0A",
+    "%0Aleading-newline",
     "plus+x",
     "percent%25",
 ]
@@ -310,9 +317,17 @@ async def test_invalid_names_are_422(client, name, method, suffix, body):
     assert_problem(r, 422)
 
 
+async def test_encoded_slash_in_name_is_never_a_topic(client):
+    # %2F decodes to "/": the path no longer names one topic, so no route matches it.
+    r = await client.put("/v1/topics/a%2Fb", json={})
+    assert r.status_code in (404, 422)
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert_problem(await client.get(topic_path("a")), 404)
+
+
 async def test_empty_name_is_not_a_topic(client):
     # /v1/topics/ has no name: it is not the list and not a topic.
-    r = await client.put("/v1/topics/", json={})
+    r = await client.put("/v1/topics/", json={}, follow_redirects=True)
     assert r.status_code in (404, 405, 422)
     assert r.headers["content-type"].startswith("application/problem+json")
 
@@ -324,3 +339,23 @@ async def test_names_are_case_sensitive(client):
     assert_problem(await client.get(topic_path(upper)), 404)
     r = await client.put(topic_path(upper), json={})
     assert r.status_code == 201
+
+
+async def test_concurrent_creates_make_one_topic(client):
+    topic = unique()
+    results = await asyncio.gather(*(client.put(topic_path(topic), json={}) for _ in range(8)))
+    assert sorted(r.status_code for r in results) == [200] * 7 + [201]
+    assert len({r.json()["created_at"] for r in results}) == 1
+
+
+async def test_publish_rate_is_the_last_minute_only(harness):
+    client = harness.client
+    topic = unique()
+    await create_topic(client, topic)
+    await publish(client, topic, *range(12))
+    assert (await client.get(topic_path(topic))).json()["publish_rate_per_second"] == 0.2
+    harness.clock.advance(61)
+    await publish(client, topic, "one more")
+    body = (await client.get(topic_path(topic))).json()
+    assert body["publish_rate_per_second"] == pytest.approx(1 / 60, abs=0.001)
+    assert body["message_count"] == 13

@@ -6,6 +6,7 @@ so both are bounded here (PITFALLS: HTTP service).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,27 @@ class BodyTooLarge(Exception):
     pass
 
 
+# A refused body is still read (and dropped) up to this size before the 413 is sent:
+# closing a connection with unread data makes TCP reset it, and the client would lose the
+# answer (it sees "connection reset" instead of a 413 problem).
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
+
+
 class LimitBodyMiddleware:
     """413 for bodies above `max_bytes`, by Content-Length or by counting the stream."""
 
@@ -37,6 +59,8 @@ class LimitBodyMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                await _drain(receive, DRAIN_BYTES)
             await self._reject(scope, receive, send)
             return
         received = 0
@@ -61,6 +85,7 @@ class LimitBodyMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
+                await _drain(receive, DRAIN_BYTES)
                 await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:

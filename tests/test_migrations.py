@@ -1,0 +1,193 @@
+"""Alembic migrations: upgrade to head, downgrade to base, step by step, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+from alembic.script import ScriptDirectory
+
+from app.storage import migrate
+from app.storage.db import plain_url
+from tests.conftest import ROOT, database_url, run_app, unique
+from tests.helpers import create_topic, publish
+
+# Tables of the foundation (later migrations may add more, never remove these).
+CORE_TABLES = {"topics", "messages", "deleted_topics", "subscriptions", "deliveries"}
+
+
+async def schema(url: str) -> dict[str, set[str]]:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        functions = await conn.fetch(
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public'"
+        )
+        indexes = await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+            "AND tablename <> 'alembic_version'"
+        )
+        types = await conn.fetch(
+            "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+            "WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'c') "
+            "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.reltype = t.oid)"
+        )
+        sequences = await conn.fetch(
+            "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"
+        )
+        version = await migrate.current_revision(conn)
+    finally:
+        await conn.close()
+    return {
+        "tables": {r[0] for r in tables},
+        "functions": {r[0] for r in functions},
+        "indexes": {r[0] for r in indexes},
+        "types": {r[0] for r in types},
+        "sequences": {r[0] for r in sequences},
+        "version": {version} if version else set(),
+    }
+
+
+def revisions_base_to_head() -> list[str]:
+    script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused"))
+    revisions = [r.revision for r in script.walk_revisions("base", "heads")]
+    return list(reversed(revisions))
+
+
+def assert_empty(state: dict[str, set[str]]) -> None:
+    assert state["tables"] <= {"alembic_version"}, state["tables"]
+    assert not state["functions"], state["functions"]
+    assert not state["indexes"], state["indexes"]
+    assert not state["types"], state["types"]
+    assert not state["sequences"], state["sequences"]
+    assert not state["version"]
+
+
+async def test_upgrade_downgrade_upgrade(fresh_db_url):
+    head = migrate.head_revision()
+    assert_empty(await schema(fresh_db_url))
+
+    await migrate.upgrade(fresh_db_url)
+    state = await schema(fresh_db_url)
+    assert state["version"] == {head}
+    assert state["tables"] >= CORE_TABLES | {"alembic_version"}
+    assert "sluice_now" in state["functions"]
+    first_upgrade = state
+
+    # Upgrading again is a no-op.
+    await migrate.upgrade(fresh_db_url)
+    assert await schema(fresh_db_url) == first_upgrade
+
+    await migrate.downgrade(fresh_db_url, "base")
+    assert_empty(await schema(fresh_db_url))
+
+    await migrate.upgrade(fresh_db_url)
+    assert await schema(fresh_db_url) == first_upgrade
+
+    # And the re-created schema works.
+    async with run_app(fresh_db_url) as h:
+        topic = unique()
+        await create_topic(h.client, topic)
+        assert await publish(h.client, topic, {"ok": True}) == [0]
+        r = await h.client.get(f"/v1/topics/{topic}/messages/0")
+        assert r.json()["value"] == {"ok": True}
+
+
+async def test_each_revision_upgrades_and_downgrades(fresh_db_url):
+    revisions = revisions_base_to_head()
+    assert revisions[-1] == migrate.head_revision()
+    assert len(revisions) >= 2
+    states = []
+    for revision in revisions:
+        await migrate.upgrade(fresh_db_url, revision)
+        state = await schema(fresh_db_url)
+        assert state["version"] == {revision}
+        states.append(state)
+    # Each step adds something.
+    for before, after in itertools.pairwise(states):
+        assert after["tables"] | after["indexes"] | after["functions"] != (
+            before["tables"] | before["indexes"] | before["functions"]
+        )
+    # Step down one revision at a time: each downgrade restores the previous schema.
+    for index in range(len(revisions) - 1, 0, -1):
+        await migrate.downgrade(fresh_db_url, revisions[index - 1])
+        assert await schema(fresh_db_url) == states[index - 1]
+    await migrate.downgrade(fresh_db_url, "base")
+    assert_empty(await schema(fresh_db_url))
+
+
+async def test_concurrent_upgrades_are_serialised(fresh_db_url):
+    # Several workers starting at once all run `upgrade`; none may fail.
+    await asyncio.gather(*(migrate.upgrade(fresh_db_url) for _ in range(3)))
+    state = await schema(fresh_db_url)
+    assert state["version"] == {migrate.head_revision()}
+    assert state["tables"] >= CORE_TABLES
+
+
+def sluice_command() -> list[str]:
+    script = Path(sys.executable).with_name("sluice")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env.update({"DATABASE_URL": url, "SLUICE_LOG_LEVEL": "WARNING"})
+    return subprocess.run(
+        [*sluice_command(), "migrate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_sluice_migrate_cli(fresh_db_url):
+    result = run_cli(fresh_db_url)
+    assert result.returncode == 0, result.stderr
+    assert "head" in result.stdout
+    state = await schema(fresh_db_url)
+    assert state["version"] == {migrate.head_revision()}
+    assert state["tables"] >= CORE_TABLES
+
+    # Idempotent.
+    result = run_cli(fresh_db_url)
+    assert result.returncode == 0, result.stderr
+    assert (await schema(fresh_db_url))["version"] == {migrate.head_revision()}
+
+    result = run_cli(fresh_db_url, "base", "--downgrade")
+    assert result.returncode == 0, result.stderr
+    assert_empty(await schema(fresh_db_url))
+
+    result = run_cli(fresh_db_url, "head")
+    assert result.returncode == 0, result.stderr
+    assert (await schema(fresh_db_url))["version"] == {migrate.head_revision()}
+
+
+async def test_sluice_migrate_cli_with_sqlalchemy_style_url(fresh_db_url):
+    # DATABASE_URL is documented as plain postgresql://, but a driver-qualified URL works too.
+    url = "postgresql+asyncpg://" + plain_url(fresh_db_url).removeprefix("postgresql://")
+    result = run_cli(url)
+    assert result.returncode == 0, result.stderr
+    assert (await schema(fresh_db_url))["version"] == {migrate.head_revision()}
+
+
+async def test_sluice_migrate_cli_fails_cleanly_without_a_database(pg_server):
+    missing = database_url(pg_server, "no_such_database_" + unique("x")[2:])
+    result = run_cli(missing)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "no_such_database" in result.stderr
+
+
+async def test_sluice_migrate_cli_unknown_revision_fails_cleanly(fresh_db_url):
+    result = run_cli(fresh_db_url, "not-a-revision")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "not-a-revision" in result.stderr
