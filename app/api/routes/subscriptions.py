@@ -17,6 +17,7 @@ from app.api.deps import (
 )
 from app.api.limits import StrictJSONRoute
 from app.api.models import (
+    NAME_PATTERN,
     DeadLetterList,
     RedriveRequest,
     RedriveResponse,
@@ -63,13 +64,17 @@ def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
     responses={201: {"model": Subscription, "description": "Created"}, **errors(*WITH_BODY, 404)},
 )
 async def put_subscription(
-    topic: TopicName, subscription: SubscriptionName, body: SubscriptionConfig, request: Request
+    topic: TopicName,
+    subscription: SubscriptionName,
+    request: Request,
+    body: SubscriptionConfig | None = None,
 ) -> Response:
     """Creates the subscription (201), starting at `latest` (only messages published from
     now on) or `earliest` (everything retained). On an existing subscription (200) the
-    settings given change and the rest keep their value; `start` applies only on creation."""
+    settings given change and the rest keep their value; `start` applies only on creation.
+    The body may be omitted altogether."""
     ctx = ctx_of(request)
-    fields = body.model_dump(exclude_unset=True)
+    fields = body.model_dump(exclude_unset=True) if body is not None else {}
     start = fields.pop("start", "latest")
     _, created = await sub_ops.put_subscription(ctx, topic, subscription, fields, start)
     stats = await sub_ops.get_subscription(ctx, topic, subscription)
@@ -85,7 +90,10 @@ async def put_subscription(
 async def list_subscriptions(
     topic: TopicName,
     request: Request,
-    after: Annotated[str | None, Query(max_length=80)] = None,
+    after: Annotated[
+        str | None,
+        Query(max_length=80, pattern=NAME_PATTERN, description="name to start after"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     subs = await sub_ops.list_subscriptions(ctx_of(request), topic, after, limit)

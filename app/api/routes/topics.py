@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
 from app.api.limits import StrictJSONRoute
 from app.api.models import (
+    NAME_PATTERN,
     BrowseResponse,
     PublishRequest,
     PublishResponse,
@@ -55,12 +56,16 @@ def _message(row: Any) -> dict[str, Any]:
     summary="Create or update a topic",
     responses={201: {"model": TopicDetails, "description": "Created"}, **errors(*WITH_BODY)},
 )
-async def put_topic(topic: TopicName, body: TopicConfig, request: Request) -> Response:
+async def put_topic(
+    topic: TopicName, request: Request, body: TopicConfig | None = None
+) -> Response:
     """Creates the topic (201) or changes the given settings of an existing one (200).
 
-    Settings left out keep their current value (or the default, on creation)."""
+    Settings left out keep their current value (or the default, on creation); the body may
+    be omitted altogether."""
     ctx = ctx_of(request)
-    _, created = await topic_ops.put_topic(ctx, topic, body.model_dump(exclude_unset=True))
+    fields = body.model_dump(exclude_unset=True) if body is not None else {}
+    _, created = await topic_ops.put_topic(ctx, topic, fields)
     details = await topic_ops.get_topic(ctx, topic)
     return JSONBody(_details(details), status_code=201 if created else 200)
 
@@ -78,7 +83,10 @@ def _details(stats: topic_ops.TopicStats) -> dict[str, Any]:
 @router.get("", response_model=TopicList, summary="List topics", responses=errors(*COMMON))
 async def list_topics(
     request: Request,
-    after: Annotated[str | None, Query(max_length=80, description="name to start after")] = None,
+    after: Annotated[
+        str | None,
+        Query(max_length=80, pattern=NAME_PATTERN, description="name to start after"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     rows = await topic_ops.list_topics(ctx_of(request), after, limit)
