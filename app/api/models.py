@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -32,7 +34,20 @@ def _no_nul(value: str) -> str:
     return value
 
 
-CleanStr = Annotated[str, AfterValidator(_no_nul)]
+# Documents the NUL rule in the OpenAPI (validation stays with _no_nul, lone surrogates too).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+CleanStr = Annotated[
+    str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})
+]
+
+
+# What _check_headers enforces, stated in the OpenAPI document.
+HEADERS_SCHEMA = {
+    "type": "object",
+    "maxProperties": MAX_HEADERS,
+    "propertyNames": {"minLength": 1, "maxLength": 256, "pattern": NO_NUL_PATTERN},
+    "additionalProperties": {"type": "string", "maxLength": 4096, "pattern": NO_NUL_PATTERN},
+}
 
 
 def _check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -50,11 +65,44 @@ def _check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+def _wants_int(annotation: Any) -> bool:
+    """int, int | None, list[int], Annotated[int, ...] (not Any, float or str)."""
+    if annotation is int:
+        return True
+    origin = get_origin(annotation)
+    if origin in (Annotated, Union, UnionType, list):
+        return any(_wants_int(arg) for arg in get_args(annotation))
+    return False
+
+
+def _integral(value: Any) -> Any:
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is list:
+        return [_integral(item) for item in value]
+    return value
+
+
 class Strict(BaseModel):
     # Unknown fields are rejected so that typos never pass silently, and values are not
     # coerced: `false` is not the number 0, `1` is not `true`, "5" is not 5 (the OpenAPI
     # document promises those types). Subclasses' model_config merges with this one.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        # JSON Schema counts 30.0 as an integer, so integer fields take it as 30 (strict
+        # mode alone would refuse it); 30.5 is still refused.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            name: _integral(value)
+            if name in fields and _wants_int(fields[name].annotation)
+            else value
+            for name, value in data.items()
+        }
 
 
 class Problem(BaseModel):
@@ -133,7 +181,10 @@ class TopicList(BaseModel):
 class PublishMessage(Strict):
     value: Any = Field(description="any JSON value, null included; required")
     key: Annotated[CleanStr, Field(max_length=256)] | None = None
-    headers: Annotated[dict[str, str] | None, AfterValidator(_check_headers)] = None
+    headers: (
+        Annotated[dict[str, str], WithJsonSchema(HEADERS_SCHEMA), AfterValidator(_check_headers)]
+        | None
+    ) = None
     delay_seconds: int = Field(default=0, ge=0, le=900)
     dedup_id: Annotated[CleanStr, Field(min_length=1, max_length=128)] | None = None
 

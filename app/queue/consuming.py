@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from dataclasses import dataclass, field
 
 from app.errors import RateLimited, subscription_not_found
@@ -103,7 +104,10 @@ async def pull(
                 )
             if remaining <= 0 or hub.closing:
                 return PullOutcome([], _rate_headers(result, result.rate_limit))
-            sleep_for = min(remaining, ctx.settings.poll_recheck_seconds)
+            # The safety re-check is spread out (jitter) so that many idle long-polls do not
+            # all hit the database in the same instant.
+            recheck = ctx.settings.poll_recheck_seconds * random.uniform(0.5, 1.0)
+            sleep_for = min(remaining, recheck)
             if result.next_due is not None and result.now is not None:
                 until_due = delivery_sql.seconds_between(result.next_due, result.now)
                 sleep_for = min(sleep_for, max(0.0, until_due) + _DUE_SLACK_SECONDS)
@@ -111,7 +115,12 @@ async def pull(
                 sleep_for = min(sleep_for, result.token_wait + _DUE_SLACK_SECONDS)
             if waited or hub.notifications == seen_notifications:
                 # Nothing was announced since before the last claim: really wait.
-                await waiter.wait(sleep_for)
+                woken = await waiter.wait(sleep_for)
+                if not (woken or waiter.event.is_set() or hub.closing) and sleep_for >= remaining:
+                    # The wait ran out with no news and nothing due before its end: answer
+                    # now rather than queue one more claim behind the pool (1000 long-polls
+                    # ending together would otherwise answer seconds late).
+                    return PullOutcome([], _rate_headers(result, result.rate_limit))
             waited = True
             waiter.event.clear()
             seen_notifications = hub.notifications
@@ -141,16 +150,19 @@ async def _settle(
             nacked=applied if action == "nack" else 0,
             dead_lettered=settled.dead_lettered,
         )
-    done = set(settled.done)
+    # Which receipt was applied is told by its token: one offset may come with several
+    # receipts (an old attempt's and the current one), and only the current one applies.
+    done = set(zip(settled.done, settled.done_tokens, strict=True))
     stale = list(invalid)
     applied = 0
-    for offset, given in by_offset.items():
-        # A receipt given twice in one request is applied once; the repeat is stale.
-        if offset in done:
-            applied += 1
-            stale.extend(given[1:])
-        else:
-            stale.extend(given)
+    for given in by_offset.values():
+        for receipt in given:
+            decoded = receipts.decode(receipt)
+            if decoded in done:
+                applied += 1
+                done.discard(decoded)  # a receipt given twice is applied once: repeat stale
+            else:
+                stale.append(receipt)
     return SettleOutcome(applied, stale, settled.lease_until)
 
 

@@ -88,6 +88,10 @@ async def put_subscription(
             await subs_sql.update_subscription(
                 conn, existing["topic_id"], existing["sub_id"], config
             )
+            if existing["ordered_by_key"] and not config["ordered_by_key"]:
+                await delivery_sql.release_blocked(
+                    conn, existing["topic_id"], existing["sub_id"], ctx.clock.skew
+                )
         row = await subs_sql.get_subscription(conn, topic, name)
         assert row is not None
         return row, existing is None
@@ -181,7 +185,12 @@ async def seek(
                 raise subscription_not_found(topic, name)
             oldest, log_end = await delivery_sql.log_bounds(conn, sub["topic_id"])
             if offset is not None:
-                target = offset
+                # Clamped to the log: an offset past the head seeks to the head (messages
+                # not yet published are never skipped), one below the oldest retained
+                # message to the oldest.
+                target = min(offset, log_end)
+                if oldest is not None:
+                    target = max(target, oldest)
             elif time is not None:
                 found = await log_sql.first_offset_at_or_after(conn, sub["topic_id"], time)
                 target = log_end if found is None else found

@@ -175,6 +175,21 @@ SELECT EXISTS (SELECT 1 FROM deliveries
                  AND due_at <= $3)
 """
 
+# Lock-free look before a claim: with nothing new in the log and nothing due, there is
+# nothing to lease, so the claim skips the subscription row lock (which serialises claims)
+# and writes nothing. Keeps the re-checks of many idle long-polls cheap and parallel.
+# Rate-limited subscriptions always take the full claim (it refills their token bucket).
+_PROBE = """
+WITH n AS (SELECT sluice_now($3) AS now)
+SELECT s.topic_id, s.sub_id, n.now,
+       s.rate_limit_per_second IS NULL AND s.next_offset >= t.next_offset AND NOT EXISTS (
+           SELECT 1 FROM deliveries d
+           WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+             AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS idle
+FROM subscriptions s JOIN topics t USING (topic_id), n
+WHERE t.name = $1 AND s.name = $2
+"""
+
 
 def _record(row: asyncpg.Record) -> Delivered:
     return Delivered(
@@ -197,6 +212,16 @@ async def claim(
     ack_deadline_seconds: int | None,
     skew: float,
 ) -> ClaimResult:
+    probe = await conn.fetchrow(_PROBE, topic, subscription, skew)
+    if probe is None:
+        return ClaimResult(found=False)
+    if probe["idle"]:
+        topic_id, sub_id, now = probe["topic_id"], probe["sub_id"], probe["now"]
+        due = await conn.fetchrow(_NEXT_DUE, topic_id, sub_id, False, now)
+        assert due is not None
+        return ClaimResult(
+            found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=due["next_due"]
+        )
     async with conn.transaction():
         sub = await conn.fetchrow(_LOCK_SUB, topic, subscription, skew)
         if sub is None:
@@ -315,10 +340,11 @@ async def _take_from_log(
                 break
             key = row["key"] if ordered else None
             deliver_at = row["deliver_at"]
-            if deliver_at is not None and deliver_at > now:
-                state, due, token = "ready", deliver_at, None
-            elif key is not None and key in busy:
+            if key is not None and key in busy:
+                # Held back even if also delayed: its delay is honoured when it is released.
                 state, due, token = "blocked", None, None
+            elif deliver_at is not None and deliver_at > now:
+                state, due, token = "ready", deliver_at, None
             else:
                 state, due, token = "leased", None, uuid.uuid4()
                 leased += 1
@@ -364,14 +390,33 @@ WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = c.msg_offset
 RETURNING d.msg_offset, d.attempts, d.key, c.prev_state
 """
 
+# Release the next message of each key, but only when no message of the key is leased or
+# waiting (a re-driven earlier message waits behind one in flight), and not before the
+# message's own delay ends.
 _PROMOTE_NEXT_OF_KEYS = """
-UPDATE deliveries d SET state = 'ready', due_at = $4::timestamptz
+UPDATE deliveries d SET state = 'ready', due_at = greatest($4::timestamptz,
+    (SELECT m.deliver_at FROM messages m WHERE m.topic_id = $1 AND m.msg_offset = d.msg_offset))
 FROM (SELECT key, min(msg_offset) AS msg_offset FROM deliveries
       WHERE topic_id = $1 AND sub_id = $2 AND key = ANY($3::text[]) AND state <> 'dead'
-      GROUP BY key) head
+      GROUP BY key HAVING bool_and(state = 'blocked')) head
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = head.msg_offset
   AND d.state = 'blocked'
 """
+
+
+# ordered_by_key turned off: messages held back behind their key become deliverable.
+_RELEASE_BLOCKED = """
+UPDATE deliveries d SET state = 'ready', due_at = greatest(sluice_now($3),
+    (SELECT m.deliver_at FROM messages m WHERE m.topic_id = $1 AND m.msg_offset = d.msg_offset))
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.state = 'blocked'
+"""
+
+
+async def release_blocked(
+    conn: asyncpg.Connection, topic_id: int, sub_id: int, skew: float
+) -> None:
+    await conn.execute(_RELEASE_BLOCKED, topic_id, sub_id, skew)
+
 
 _DEAD_PAYLOADS = """
 SELECT msg_offset, key, headers, value FROM messages
@@ -460,10 +505,10 @@ WITH s AS ({_SUB_BY_NAME}), d AS (
     WHERE NOT s.ordered_by_key
       AND d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
       AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
-    RETURNING d.msg_offset
+    RETURNING d.msg_offset, r.token
 )
 SELECT s.topic_id, s.sub_id, s.ordered_by_key, s.max_in_flight,
-       ARRAY(SELECT msg_offset FROM d) AS done
+       ARRAY(SELECT msg_offset FROM d) AS done, ARRAY(SELECT token FROM d) AS done_tokens
 FROM s
 """
 
@@ -472,7 +517,7 @@ DELETE FROM deliveries d
 USING unnest($3::bigint[], $4::uuid[]) AS r(off, token)
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
   AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
-RETURNING d.msg_offset, d.key
+RETURNING d.msg_offset, d.key, r.token
 """
 
 _NACK_LOCKED = f"""
@@ -484,7 +529,7 @@ SET state = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN 'dead' ELSE 're
 FROM unnest($3::bigint[], $4::uuid[]) AS r(off, token)
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
   AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
-RETURNING d.msg_offset, d.state, d.attempts, d.key
+RETURNING d.msg_offset, d.state, d.attempts, d.key, r.token
 """
 
 _EXTEND = f"""
@@ -497,9 +542,10 @@ WITH s AS ({_SUB_BY_NAME}), u AS (
     FROM s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
     WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
       AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
-    RETURNING d.msg_offset, d.lease_until
+    RETURNING d.msg_offset, d.lease_until, r.token
 )
 SELECT s.topic_id, s.sub_id, ARRAY(SELECT msg_offset FROM u) AS done,
+       ARRAY(SELECT token FROM u) AS done_tokens,
        (SELECT max(lease_until) FROM u) AS lease_until
 FROM s
 """
@@ -511,6 +557,9 @@ class Settled:
 
     found: bool
     done: list[int] = field(default_factory=list)
+    # The token of the receipt applied for each offset in `done` (same order): a request
+    # may name one offset with several receipts, and only one of them is current.
+    done_tokens: list[uuid.UUID] = field(default_factory=list)
     topic_id: int | None = None
     sub_id: int | None = None
     dead_lettered: int = 0
@@ -533,7 +582,12 @@ async def ack(
         done = list(row["done"])
         wake = len(done) if row["max_in_flight"] is not None else 0
         return Settled(
-            found=True, done=done, topic_id=row["topic_id"], sub_id=row["sub_id"], wake=wake
+            found=True,
+            done=done,
+            done_tokens=list(row["done_tokens"]),
+            topic_id=row["topic_id"],
+            sub_id=row["sub_id"],
+            wake=wake,
         )
     # Ordered: lock the subscription (shared with other acks, exclusive with claims) so a
     # claim cannot add a `blocked` row for a key whose head we are about to release.
@@ -552,6 +606,7 @@ async def ack(
         return Settled(
             found=True,
             done=[r["msg_offset"] for r in rows],
+            done_tokens=[r["token"] for r in rows],
             topic_id=sub["topic_id"],
             sub_id=sub["sub_id"],
             wake=len(rows),
@@ -600,6 +655,7 @@ async def nack(
         return Settled(
             found=True,
             done=[r["msg_offset"] for r in rows],
+            done_tokens=[r["token"] for r in rows],
             topic_id=sub["topic_id"],
             sub_id=sub["sub_id"],
             wake=len(rows) - len(dead),
@@ -624,6 +680,7 @@ async def extend(
     return Settled(
         found=True,
         done=list(row["done"]),
+        done_tokens=list(row["done_tokens"]),
         topic_id=row["topic_id"],
         sub_id=row["sub_id"],
         lease_until=row["lease_until"],

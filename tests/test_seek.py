@@ -1,0 +1,221 @@
+"""Seek: to an offset, a time, earliest or latest. Messages at or after the target are
+pending again (replay), those before count as acknowledged; leases are dropped."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.conftest import unique
+from tests.helpers import (
+    ack,
+    assert_problem,
+    create_subscription,
+    create_topic,
+    drain,
+    extend,
+    nack,
+    offsets_of,
+    publish,
+    pull,
+    seek,
+    stats,
+    sub_path,
+)
+
+
+async def setup(client, **config) -> str:
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s", start="earliest", **config)
+    return topic
+
+
+async def test_seek_back_to_an_offset_replays(client):
+    topic = await setup(client)
+    offsets = await publish(client, topic, *range(10))
+    assert offsets_of(await drain(client, topic, "s")) == offsets
+    assert (await stats(client, topic, "s"))["committed_offset"] == offsets[-1] + 1
+
+    assert await seek(client, topic, "s", offset=offsets[4]) == {"committed_offset": offsets[4]}
+    s = await stats(client, topic, "s")
+    assert (s["committed_offset"], s["backlog"], s["lag"]) == (offsets[4], 6, 6)
+    replay = await drain(client, topic, "s")
+    assert offsets_of(replay) == offsets[4:]
+    assert {m["delivery_attempt"] for m in replay} == {1}
+    assert [m["value"] for m in replay] == list(range(4, 10))
+
+
+async def test_seek_forward_skips_as_acknowledged(client):
+    topic = await setup(client)
+    offsets = await publish(client, topic, *range(10))
+    assert (await seek(client, topic, "s", offset=offsets[7]))["committed_offset"] == offsets[7]
+    s = await stats(client, topic, "s")
+    assert (s["committed_offset"], s["lag"]) == (offsets[7], 3)
+    assert offsets_of(await drain(client, topic, "s")) == offsets[7:]
+
+
+async def test_seek_drops_leases_and_their_receipts_go_stale(harness):
+    client, clock = harness.client, harness.clock
+    topic = await setup(client, ack_deadline_seconds=600)
+    offsets = await publish(client, topic, *range(6))
+    leased = await pull(client, topic, "s", 6)
+    await ack(client, topic, "s", [leased[0]["receipt"]])
+    receipts = [m["receipt"] for m in leased[1:]]
+
+    await seek(client, topic, "s", offset=offsets[3])
+    s = await stats(client, topic, "s")
+    assert (s["in_flight"], s["backlog"], s["committed_offset"]) == (0, 3, offsets[3])
+    assert await ack(client, topic, "s", receipts) == {"acked": 0, "stale": receipts}
+    assert await nack(client, topic, "s", receipts) == {"nacked": 0, "stale": receipts}
+    assert await extend(client, topic, "s", receipts, 60) == {"extended": 0, "stale": receipts}
+    again = await pull(client, topic, "s", 10)
+    assert offsets_of(again) == offsets[3:]
+    assert {m["delivery_attempt"] for m in again} == {1}
+    # The old leases do not come back by expiry either.
+    await ack(client, topic, "s", [m["receipt"] for m in again])
+    clock.advance(3600)
+    assert await pull(client, topic, "s", 10) == []
+
+
+async def test_seek_earliest_and_latest(client):
+    topic = await setup(client)
+    offsets = await publish(client, topic, *range(5))
+    await drain(client, topic, "s")
+    assert (await seek(client, topic, "s", to="earliest"))["committed_offset"] == offsets[0]
+    assert offsets_of(await drain(client, topic, "s")) == offsets
+
+    more = await publish(client, topic, *range(5))
+    await pull(client, topic, "s", 2)
+    r = await seek(client, topic, "s", to="latest")
+    assert r["committed_offset"] == more[-1] + 1
+    s = await stats(client, topic, "s")
+    assert (s["lag"], s["in_flight"], s["committed_offset"]) == (0, 0, more[-1] + 1)
+    assert await pull(client, topic, "s", 10) == []
+    newer = await publish(client, topic, "after")
+    assert offsets_of(await pull(client, topic, "s", 10)) == newer
+
+
+async def test_seek_past_the_head_never_skips_future_messages(client):
+    topic = await setup(client)
+    offsets = await publish(client, topic, *range(3))
+    assert (await seek(client, topic, "s", offset=10**12))["committed_offset"] == offsets[-1] + 1
+    s = await stats(client, topic, "s")
+    assert (s["committed_offset"], s["lag"]) == (offsets[-1] + 1, 0)
+    assert await pull(client, topic, "s", 10) == []
+    later = await publish(client, topic, *range(3))
+    assert offsets_of(await drain(client, topic, "s")) == later
+
+
+async def test_seek_on_an_empty_topic(client):
+    topic = await setup(client)
+    assert (await seek(client, topic, "s", to="earliest"))["committed_offset"] == 0
+    assert (await seek(client, topic, "s", to="latest"))["committed_offset"] == 0
+    offsets = await publish(client, topic, "x")
+    assert offsets_of(await pull(client, topic, "s")) == offsets
+
+
+async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it(harness):
+    client, clock = harness.client, harness.clock
+    topic = await setup(client)
+    early = await publish(client, topic, "e1", "e2")
+    clock.advance(100)
+    late = await publish(client, topic, "l1", "l2")
+    await drain(client, topic, "s")
+    r = await client.get(f"/v1/topics/{topic}/messages/{late[0]}")
+    published = datetime.fromisoformat(r.json()["published_at"])
+
+    # A time between the two batches, written with a non-UTC offset.
+    between = (published - timedelta(seconds=50)).astimezone(
+        timezone(timedelta(hours=5, minutes=30))
+    )
+    assert (await seek(client, topic, "s", time=between.isoformat()))["committed_offset"] == late[0]
+    assert offsets_of(await drain(client, topic, "s")) == late
+
+    # Exactly the publish time: at or after, so included.
+    exact = published.astimezone(timezone(timedelta(hours=-7))).isoformat()
+    assert (await seek(client, topic, "s", time=exact))["committed_offset"] == late[0]
+    # A microsecond later: the late batch (one publish, one timestamp) is excluded.
+    just_after = (published + timedelta(microseconds=1)).isoformat()
+    assert (await seek(client, topic, "s", time=just_after))["committed_offset"] == late[-1] + 1
+
+    # Long before everything: the whole log; after everything: nothing.
+    assert (await seek(client, topic, "s", time="2000-01-01T00:00:00Z"))[
+        "committed_offset"
+    ] == early[0]
+    assert offsets_of(await drain(client, topic, "s")) == early + late
+    future = (published + timedelta(days=1)).isoformat()
+    assert (await seek(client, topic, "s", time=future))["committed_offset"] == late[-1] + 1
+    assert await pull(client, topic, "s", 10) == []
+    assert (await stats(client, topic, "s"))["lag"] == 0
+
+
+async def test_seek_keeps_key_order(client):
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(
+        client, topic, "s", start="earliest", ordered_by_key=True, ack_deadline_seconds=600
+    )
+    r = await client.post(
+        f"/v1/topics/{topic}/messages",
+        json={"messages": [{"value": i, "key": "A"} for i in range(3)]},
+    )
+    offsets = [m["offset"] for m in r.json()["messages"]]
+    [m] = await pull(client, topic, "s", 10)
+    assert m["offset"] == offsets[0]
+    assert await pull(client, topic, "s", 10) == []  # the rest are held back
+    await seek(client, topic, "s", to="earliest")
+    # after the seek the key is replayed one at a time, in order
+    for offset in offsets:
+        [m] = await pull(client, topic, "s", 10)
+        assert m["offset"] == offset
+        assert await pull(client, topic, "s", 10) == []
+        await ack(client, topic, "s", [m["receipt"]])
+
+
+async def test_seek_and_dead_letters(harness):
+    client = harness.client
+    topic = await setup(client, max_deliveries=1)
+    offsets = await publish(client, topic, *range(6))
+    got = await pull(client, topic, "s", 10)
+    await nack(client, topic, "s", [m["receipt"] for m in got])
+    assert (await stats(client, topic, "s"))["dead_lettered"] == 6
+    # Dead letters at or after the target become pending again; those before stay parked.
+    await seek(client, topic, "s", offset=offsets[4])
+    s = await stats(client, topic, "s")
+    assert (s["dead_lettered"], s["backlog"]) == (4, 2)
+    again = await pull(client, topic, "s", 10)
+    assert offsets_of(again) == offsets[4:]
+    assert {m["delivery_attempt"] for m in again} == {1}
+    r = await client.get(sub_path(topic, "s") + "/dead-letters")
+    assert offsets_of(r.json()["messages"]) == offsets[:4]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"offset": 1, "to": "earliest"},
+        {"offset": 1, "time": "2026-01-01T00:00:00Z"},
+        {"time": "2026-01-01T00:00:00Z", "to": "latest"},
+        {"offset": None, "time": None, "to": None},
+        {"time": "2026-01-01T00:00:00"},  # no offset: ambiguous
+        {"time": "2026-01-01 00:00:00"},
+        {"time": "yesterday"},
+        {"time": 1700000000.5 * 10**20},
+        {"to": "middle"},
+        {"to": "EARLIEST"},
+        {"offset": -1},
+        {"offset": "ten"},
+        {"offset": 2**63},
+        {"offset": 1, "extra": True},
+    ],
+)
+async def test_seek_validation(client, body):
+    topic = await setup(client)
+    offsets = await publish(client, topic, "a", "b")
+    r = await client.post(sub_path(topic, "s") + "/seek", json=body)
+    assert_problem(r, 422)
+    # nothing moved
+    assert (await stats(client, topic, "s"))["committed_offset"] == offsets[0]
