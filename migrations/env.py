@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
@@ -19,7 +20,17 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    # Connect with asyncpg ourselves: it understands every libpq-style URL parameter
+    # (host=/socket/dir, sslmode, application_name, ...), which SQLAlchemy would otherwise
+    # pass to asyncpg.connect() as keyword arguments it does not accept.
+    plain = config.attributes.get("plain_url") or config.get_main_option("plain_url")
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(plain)
+
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=connect, poolclass=pool.NullPool
+    )
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()

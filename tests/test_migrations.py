@@ -191,3 +191,18 @@ async def test_sluice_migrate_cli_unknown_revision_fails_cleanly(fresh_db_url):
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     assert "not-a-revision" in result.stderr
+
+
+async def test_database_url_with_libpq_parameters_migrates(fresh_db_url):
+    from app.storage import migrate
+
+    separator = "&" if "?" in fresh_db_url else "?"
+    url = fresh_db_url + separator + "application_name=sluice-migrate-test"
+    await migrate.upgrade(url)
+    conn = await asyncpg.connect(fresh_db_url)
+    try:
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == (
+            migrate.head_revision()
+        )
+    finally:
+        await conn.close()
