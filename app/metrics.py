@@ -23,7 +23,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from app.storage import metrics as metrics_sql
+from app.queue.stats import delivery_counts
+from app.storage import subscriptions as subs_sql
 
 if TYPE_CHECKING:
     from app.queue.context import QueueContext
@@ -129,31 +130,16 @@ GAUGES = {
 }
 
 
-def subscription_gauges(row: Any) -> dict[str, float]:
-    """The stats of one subscription from a row of storage.metrics.all_subscription_states.
-
-    The same arithmetic as app.queue.subscriptions.stats_for (tests compare the two).
-    """
-    cursor = row["cursor"]
-    head = row["head_offset"]
-    oldest = row["oldest_offset"]
-    log_end = head + 1 if head is not None else cursor
-    in_log = max(0, log_end - max(cursor, oldest if oldest is not None else cursor))
-    backlog = row["due"] + in_log - row["delayed_in_log"]
-    delayed = row["waiting"] + row["delayed_in_log"]
-    lowest = row["lowest_pending"]
-    committed = cursor if lowest is None else min(lowest, cursor)
-    age = 0.0
-    published = row["committed_published_at"]
-    if committed < log_end and published is not None:
-        age = max(0.0, (row["now"] - published).total_seconds())
+def subscription_gauges(state: Any) -> dict[str, float]:
+    """Gauges of one subscription: the numbers its GET answer shows."""
+    counts = delivery_counts(state)
     return {
-        "backlog": backlog,
-        "lag": backlog + row["in_flight"] + delayed,
-        "in_flight": row["in_flight"],
-        "delayed": delayed,
-        "dead_lettered": row["dead_lettered"],
-        "oldest_unacked_age_seconds": round(age, 3),
+        "backlog": counts.backlog,
+        "lag": counts.lag,
+        "in_flight": counts.in_flight,
+        "delayed": counts.delayed,
+        "dead_lettered": counts.dead_lettered,
+        "oldest_unacked_age_seconds": counts.oldest_unacked_age_seconds or 0.0,
     }
 
 
@@ -200,7 +186,7 @@ def database_families(rows: list[Any] | None) -> list[Metric]:
 async def _read_states(ctx: QueueContext) -> list[Any] | None:
     try:
         async with asyncio.timeout(DB_TIMEOUT_SECONDS), ctx.pool.acquire() as conn:
-            return await metrics_sql.all_subscription_states(conn, ctx.clock.skew)
+            return await subs_sql.delivery_states(conn, ctx.clock.skew)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("metrics: cannot read subscription state", extra={"error": repr(exc)[:200]})
         return None

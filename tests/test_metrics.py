@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.storage import metrics as metrics_sql
+from app.storage import subscriptions as subs_sql
 from tests.conftest import run_app, unique
 from tests.helpers import (
     ack,
@@ -240,10 +240,10 @@ async def test_answers_given_before_routing_are_labelled_by_template(db_url):
 
 
 async def test_metrics_survive_a_database_failure(client, monkeypatch):
-    async def broken(conn, skew):
+    async def broken(conn, skew, topic_id=None, sub_id=None):
         raise OSError("connection refused")
 
-    monkeypatch.setattr(metrics_sql, "all_subscription_states", broken)
+    monkeypatch.setattr(subs_sql, "delivery_states", broken)
     samples = await scrape(client)
     assert value(samples, "sluice_database_up") == 0
     assert not series(samples, "sluice_subscription_backlog")

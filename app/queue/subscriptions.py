@@ -11,6 +11,7 @@ import asyncpg
 from app.errors import InvalidInput, subscription_not_found
 from app.queue.context import QueueContext
 from app.queue.rates import RATE_WINDOW_SECONDS
+from app.queue.stats import DeliveryCounts, delivery_counts
 from app.queue.topics import require_topic
 from app.storage import delivery as delivery_sql
 from app.storage import log as log_sql
@@ -33,14 +34,7 @@ SUBSCRIPTION_DEFAULTS: dict[str, Any] = {
 @dataclass(slots=True)
 class SubscriptionStats:
     row: asyncpg.Record
-    backlog: int
-    in_flight: int
-    delayed: int
-    dead_lettered: int
-    committed_offset: int
-    head_offset: int | None
-    lag: int
-    oldest_unacked_age_seconds: float | None
+    counts: DeliveryCounts
     rates: dict[str, float]
 
 
@@ -110,39 +104,11 @@ async def require_subscription(
 async def stats_for(
     ctx: QueueContext, conn: asyncpg.Connection, row: asyncpg.Record
 ) -> SubscriptionStats:
-    s = await subs_sql.delivery_stats(
-        conn, row["topic_id"], row["sub_id"], row["next_offset"], ctx.clock.skew
-    )
-    cursor = row["next_offset"]
-    head = s["head_offset"]
-    log_end = head + 1 if head is not None else cursor
-    in_log = max(
-        0, log_end - max(cursor, s["oldest_offset"] if s["oldest_offset"] is not None else cursor)
-    )
-    backlog = s["due"] + in_log - s["delayed_in_log"]
-    delayed = s["waiting"] + s["delayed_in_log"]
-    lowest = s["lowest_pending"]
-    committed = cursor if lowest is None else min(lowest, cursor)
-    age = None
-    if committed < log_end:
-        published = await subs_sql.published_at(conn, row["topic_id"], committed)
-        if published is not None:
-            age = round(max(0.0, delivery_sql.seconds_between(s["now"], published)), 3)
+    (state,) = await subs_sql.delivery_states(conn, ctx.clock.skew, row["topic_id"], row["sub_id"])
     rates = await subs_sql.recent_rates(
         conn, row["topic_id"], row["sub_id"], RATE_WINDOW_SECONDS, ctx.clock.skew
     )
-    return SubscriptionStats(
-        rates=rates,
-        row=row,
-        backlog=backlog,
-        in_flight=s["in_flight"],
-        delayed=delayed,
-        dead_lettered=s["dead_lettered"],
-        committed_offset=committed,
-        head_offset=head,
-        lag=backlog + s["in_flight"] + delayed,
-        oldest_unacked_age_seconds=age,
-    )
+    return SubscriptionStats(row=row, counts=delivery_counts(state), rates=rates)
 
 
 async def get_subscription(ctx: QueueContext, topic: str, name: str) -> SubscriptionStats:

@@ -88,55 +88,59 @@ async def delete_subscription(conn: asyncpg.Connection, topic_id: int, name: str
     return deleted is not None
 
 
-async def delivery_stats(
-    conn: asyncpg.Connection, topic_id: int, sub_id: int, cursor: int, skew: float
-) -> asyncpg.Record:
-    """Counts by state, plus what lies beyond the cursor (not yet taken from the log).
+# The delivery state of subscriptions in one statement: counts by state, the log bounds,
+# the delayed messages beyond the cursor (index-only) and the publish time of the lowest
+# unacknowledged offset. The log is gapless within what retention kept, so what lies beyond
+# the cursor is offset arithmetic, cheap with millions of messages behind.
+_DELIVERY_STATES = """
+WITH now AS (SELECT sluice_now($1) AS ts)
+SELECT s.topic_id, s.sub_id, t.name AS topic, s.name AS subscription,
+       s.next_offset AS cursor, now.ts AS now,
+       d.in_flight, d.due, d.waiting, d.dead_lettered, d.lowest_pending,
+       lg.oldest_offset, lg.head_offset, lg.delayed_in_log,
+       (SELECT m.published_at FROM messages m
+         WHERE m.topic_id = s.topic_id
+           AND m.msg_offset = least(coalesce(d.lowest_pending, s.next_offset), s.next_offset)
+       ) AS committed_published_at
+FROM subscriptions s
+JOIN topics t USING (topic_id)
+CROSS JOIN now
+CROSS JOIN LATERAL (
+    SELECT
+        count(*) FILTER (WHERE x.state = 'leased' AND x.lease_until > now.ts) AS in_flight,
+        count(*) FILTER (WHERE x.state IN ('ready', 'leased') AND x.due_at <= now.ts
+                           AND (x.state = 'ready' OR x.lease_until <= now.ts)) AS due,
+        count(*) FILTER (WHERE x.state = 'blocked'
+                            OR (x.state IN ('ready', 'leased') AND x.due_at > now.ts
+                                AND (x.state = 'ready' OR x.lease_until <= now.ts)))
+            AS waiting,
+        count(*) FILTER (WHERE x.state = 'dead') AS dead_lettered,
+        min(x.msg_offset) FILTER (WHERE x.state <> 'dead') AS lowest_pending
+    FROM deliveries x
+    WHERE x.topic_id = s.topic_id AND x.sub_id = s.sub_id
+) d
+CROSS JOIN LATERAL (
+    SELECT
+        (SELECT m.msg_offset FROM messages m WHERE m.topic_id = s.topic_id
+          ORDER BY m.msg_offset LIMIT 1) AS oldest_offset,
+        (SELECT m.msg_offset FROM messages m WHERE m.topic_id = s.topic_id
+          ORDER BY m.msg_offset DESC LIMIT 1) AS head_offset,
+        (SELECT count(*) FROM messages m WHERE m.topic_id = s.topic_id
+            AND m.msg_offset >= s.next_offset
+            AND m.deliver_at IS NOT NULL AND m.deliver_at > now.ts) AS delayed_in_log
+) lg
+WHERE ($2::bigint IS NULL OR s.topic_id = $2) AND ($3::bigint IS NULL OR s.sub_id = $3)
+ORDER BY t.name, s.name
+"""
 
-    The log part is offset arithmetic (the log is gapless) plus an index-only count of the
-    delayed messages there, so stats stay cheap with millions of messages behind.
-    """
-    row = await conn.fetchrow(
-        """
-        WITH now AS (SELECT sluice_now($4) AS ts),
-        d AS (
-            SELECT
-                count(*) FILTER (WHERE state = 'leased' AND lease_until > now.ts) AS in_flight,
-                count(*) FILTER (WHERE state IN ('ready', 'leased') AND due_at <= now.ts
-                                   AND (state = 'ready' OR lease_until <= now.ts)) AS due,
-                count(*) FILTER (WHERE state = 'blocked'
-                                    OR (state IN ('ready', 'leased') AND due_at > now.ts
-                                        AND (state = 'ready' OR lease_until <= now.ts)))
-                    AS waiting,
-                count(*) FILTER (WHERE state = 'dead') AS dead_lettered,
-                min(msg_offset) FILTER (WHERE state <> 'dead') AS lowest_pending
-            FROM deliveries, now WHERE topic_id = $1 AND sub_id = $2
-        ), log AS (
-            SELECT
-                (SELECT msg_offset FROM messages WHERE topic_id = $1
-                  ORDER BY msg_offset LIMIT 1) AS oldest_offset,
-                (SELECT msg_offset FROM messages WHERE topic_id = $1
-                  ORDER BY msg_offset DESC LIMIT 1) AS head_offset,
-                (SELECT count(*) FROM messages, now WHERE topic_id = $1 AND msg_offset >= $3
-                    AND deliver_at IS NOT NULL AND deliver_at > now.ts) AS delayed_in_log
-        )
-        SELECT d.*, log.*, now.ts AS now FROM d, log, now
-        """,
-        topic_id,
-        sub_id,
-        cursor,
-        skew,
-    )
-    assert row is not None
-    return row
 
-
-async def published_at(conn: asyncpg.Connection, topic_id: int, offset: int) -> Any:
-    return await conn.fetchval(
-        "SELECT published_at FROM messages WHERE topic_id = $1 AND msg_offset = $2",
-        topic_id,
-        offset,
-    )
+async def delivery_states(
+    conn: asyncpg.Connection, skew: float, topic_id: int | None = None, sub_id: int | None = None
+) -> list[asyncpg.Record]:
+    """One row per subscription (all of them, or the one given): topic_id, sub_id, topic,
+    subscription, cursor, now, in_flight, due, waiting, dead_lettered, lowest_pending,
+    oldest_offset, head_offset, delayed_in_log, committed_published_at."""
+    return await conn.fetch(_DELIVERY_STATES, skew, topic_id, sub_id)
 
 
 def bucket_capacity(rate: float | None, burst: int | None) -> int:

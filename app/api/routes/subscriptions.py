@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -44,14 +45,7 @@ def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
         **{c: row[c] for c in SUB_CONFIG_COLUMNS},
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
-        "backlog": stats.backlog,
-        "in_flight": stats.in_flight,
-        "delayed": stats.delayed,
-        "dead_lettered": stats.dead_lettered,
-        "committed_offset": stats.committed_offset,
-        "head_offset": stats.head_offset,
-        "lag": stats.lag,
-        "oldest_unacked_age_seconds": stats.oldest_unacked_age_seconds,
+        **asdict(stats.counts),
         "delivered_total": row["delivered_total"],
         "rates_per_second": stats.rates,
     }

@@ -1,0 +1,351 @@
+"""`python -m bench.run`: Sluice over HTTP next to a raw-SQL baseline and pgmq, one run,
+one Postgres. Prints one table; --json writes every row with its numbers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import workloads as w
+from bench.infra import ROOT, Postgres, SluiceServer
+from bench.peers import Peer, PeerUnavailable
+from bench.peers.pgmq import PgmqPeer
+from bench.peers.raw import RawPeer
+from bench.peers.sluice import SluicePeer
+from bench.stats import Result, add_ratios, format_table
+
+ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "workers")
+ALL_SYSTEMS = ("sluice", "raw", "pgmq")
+DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
+
+# --quick: a couple of minutes in total instead of ~10 (explicit flags still win).
+QUICK = {
+    "seconds": 3.0,
+    "warmup": 0.5,
+    "prefill": 20_000,
+    "prefill_single": 3_000,
+    "consume_cap": 20.0,
+    "mixed_seconds": 5.0,
+    "wait_seconds": 2.0,
+    "idle_polls": 300,
+    "idle_seconds": 6.0,
+    "idle_ramp": 2.0,
+    "idle_wakeups": 3,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = w.Config()
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--database-url",
+        help="an existing Postgres (URL of a database we may CREATE DATABASE from); "
+        "default: an embedded Postgres in a temp dir",
+    )
+    p.add_argument(
+        "--pgmq-sql",
+        type=Path,
+        default=DEFAULT_PGMQ_SQL,
+        help="pgmq SQL-only install file, loaded at bench time (pgmq is skipped without it); "
+        "default ../shared/peers/pgmq/pgmq.sql from the repository",
+    )
+    p.add_argument(
+        "--systems", default=",".join(ALL_SYSTEMS), help="comma list (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workloads", default=",".join(ALL_WORKLOADS), help="comma list (default: %(default)s)"
+    )
+    p.add_argument("--quick", action="store_true", help="short phases and small prefills")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--workers", type=int, default=2, help="server workers of the 'workers' phase (default 2)"
+    )
+    p.add_argument("--sluice-pool-size", type=int, help="SLUICE_DB_POOL_SIZE for the server")
+    p.add_argument("--peer-pool-size", type=int, default=10, help="asyncpg pool of raw and pgmq")
+    p.add_argument("--pgmq-poll-ms", type=int, default=100, help="read_with_poll interval")
+    p.add_argument(
+        "--profile-server",
+        type=Path,
+        help="run the (1-worker) Sluice server under cProfile and write the stats here",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    knobs = p.add_argument_group("workload parameters")
+    for name in w.Config.__dataclass_fields__:
+        value = getattr(defaults, name)
+        knobs.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(value),
+            default=None,
+            help=f"default {value}" + (f" ({QUICK[name]} with --quick)" if name in QUICK else ""),
+        )
+    return p
+
+
+def config_from(args: argparse.Namespace) -> w.Config:
+    cfg = w.Config()
+    for name in w.Config.__dataclass_fields__:
+        given = getattr(args, name)
+        if given is not None:
+            setattr(cfg, name, given)
+        elif args.quick and name in QUICK:
+            setattr(cfg, name, type(getattr(cfg, name))(QUICK[name]))
+    return cfg
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_info(pg_version: str) -> dict[str, str]:
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "cpus": str(os.cpu_count()),
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "python": platform.python_version(),
+        "postgres": pg_version,
+        "kernel": platform.release(),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cfg = config_from(args)
+        self.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        self.workloads = [s.strip() for s in args.workloads.split(",") if s.strip()]
+        for name in self.workloads:
+            if name not in ALL_WORKLOADS:
+                raise SystemExit(f"unknown workload {name!r}; known: {', '.join(ALL_WORKLOADS)}")
+        for name in self.systems:
+            if name not in ALL_SYSTEMS:
+                raise SystemExit(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
+        self.postgres = Postgres(args.database_url)
+        self.ctx = w.Context(self.cfg, self.postgres, log)
+        self.tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-logs-"))
+        self.server: SluiceServer | None = None
+        self.sluice_url = ""
+        self.peers: dict[str, Peer] = {}
+        self.results: list[Result] = []
+        self.skipped: list[str] = []
+        self.info: dict[str, str] = {}
+
+    # ---- set-up / tear-down ------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        log("starting Postgres" + ("" if self.args.database_url else " (embedded, temp dir)"))
+        await asyncio.to_thread(self.postgres.start)
+        await self.postgres.locate_postmaster()
+        self.info = machine_info(await self.postgres.version())
+        if "sluice" in self.systems:
+            self.sluice_url = await self.postgres.create_database("bench_sluice")
+            await self.start_sluice(1, profile=self.args.profile_server)
+        if "raw" in self.systems:
+            await self.add_peer(
+                RawPeer(await self.postgres.create_database("bench_raw"), self.args.peer_pool_size)
+            )
+        if "pgmq" in self.systems:
+            await self.add_peer(
+                PgmqPeer(
+                    await self.postgres.create_database("bench_pgmq"),
+                    self.args.pgmq_sql.resolve(),
+                    self.args.peer_pool_size,
+                    poll_interval_ms=self.args.pgmq_poll_ms,
+                )
+            )
+
+    async def add_peer(self, peer: Peer) -> None:
+        try:
+            await peer.start()
+        except PeerUnavailable as exc:
+            log(f"skipping {peer.name}: {exc}")
+            self.skipped.append(f"{peer.name}: {exc}")
+            await peer.close()
+            return
+        self.peers[peer.name] = peer
+
+    async def start_sluice(self, workers: int, profile: Path | None = None) -> None:
+        await self.stop_sluice()
+        env = {}
+        if self.args.sluice_pool_size:
+            env["SLUICE_DB_POOL_SIZE"] = str(self.args.sluice_pool_size)
+        log(f"starting sluice serve --workers {workers}")
+        server = SluiceServer(self.sluice_url, workers, self.tmp, env, profile_path=profile)
+        await server.start()
+        self.server = server
+        peer = SluicePeer(server.base_url, self.sluice_url)
+        peer.server_pid = server.pid
+        await peer.start()
+        # Sluice is always measured first, so keep it first in the dict.
+        self.peers = {"sluice": peer, **{k: v for k, v in self.peers.items() if k != "sluice"}}
+
+    async def stop_sluice(self) -> None:
+        peer = self.peers.pop("sluice", None)
+        if peer is not None:
+            await peer.close()
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    async def teardown(self) -> None:
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(Exception):
+                await peer.close()
+        with contextlib.suppress(Exception):
+            await self.stop_sluice()
+        with contextlib.suppress(Exception):
+            await self.postgres.drop_created()
+        await asyncio.to_thread(self.postgres.stop)
+        if any(n.startswith("failed") for r in self.results for n in r.notes):
+            log(f"server logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- phases --------------------------------------------------------------------------------
+
+    async def phase(self, label: str, peer: Peer, make: object) -> None:
+        """Run one workload on one system; a failure becomes a row, not the end of the run."""
+        log(f"{label}: {peer.name}")
+        try:
+            result = await make  # type: ignore[misc]
+        except Exception as exc:
+            result = Result(workload=label, system=peer.name, errors=1)
+            result.notes.append(f"failed: {type(exc).__name__}: {exc}"[:300])
+            if self.server is not None and peer.name == "sluice":
+                log(f"server log tail:\n{self.server.log_tail(1500)}")
+        log(
+            f"  -> {result.rate:,.0f} msgs/s, p50 {result.p50 or 0:.2f} ms, "
+            f"p99 {result.p99 or 0:.2f} ms, errors {result.errors}"
+        )
+        self.results.append(result)
+
+    async def run_workloads(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if "publish" in self.workloads:
+            for batch in (cfg.batch, 1):
+                label = f"publish b{batch}"
+                for peer in list(self.peers.values()):
+                    await self.phase(label, peer, w.publish(ctx, peer, f"pub{batch}", batch))
+        if "consume" in self.workloads:
+            for batch, count, drain in (
+                (cfg.batch, cfg.prefill, True),
+                (1, cfg.prefill_single, False),
+            ):
+                label = f"consume b{batch}"
+                for peer in list(self.peers.values()):
+                    await self.phase(
+                        label, peer, w.consume(ctx, peer, f"con{batch}", batch, count, drain)
+                    )
+        if "mixed" in self.workloads:
+            for peer in list(self.peers.values()):
+                await self.phase("mixed e2e", peer, w.mixed(ctx, peer, "mixed"))
+        if "fanout" in self.workloads:
+            label = f"publish b{cfg.batch} x{cfg.fanout} subs"
+            for peer in list(self.peers.values()):
+                await self.phase(
+                    label,
+                    peer,
+                    w.publish(ctx, peer, "fan", cfg.batch, cfg.fanout, workload=label),
+                )
+        if "idle" in self.workloads and "sluice" in self.peers:
+            peer = self.peers["sluice"]
+            assert isinstance(peer, SluicePeer)
+            label = f"idle {cfg.idle_polls} long-polls"
+            await self.phase(label, peer, w.idle_long_polls(ctx, peer, "idle"))
+        if "workers" in self.workloads and "sluice" in self.peers:
+            await self.start_sluice(self.args.workers)
+            peer = self.peers["sluice"]
+            tag = f"({self.args.workers} workers)"
+            label = f"publish b{cfg.batch} {tag}"
+            await self.phase(label, peer, w.publish(ctx, peer, "wpub", cfg.batch, workload=label))
+            label = f"consume b{cfg.batch} {tag}"
+            await self.phase(
+                label,
+                peer,
+                w.consume(ctx, peer, "wcon", cfg.batch, cfg.prefill, True, workload=label),
+            )
+
+    def references(self) -> dict[str, str]:
+        cfg, tag = self.cfg, f"({self.args.workers} workers)"
+        return {
+            f"publish b{cfg.batch} x{cfg.fanout} subs": f"publish b{cfg.batch}",
+            f"publish b{cfg.batch} {tag}": f"publish b{cfg.batch}",
+            f"consume b{cfg.batch} {tag}": f"consume b{cfg.batch}",
+        }
+
+    def report(self, command: str) -> str:
+        add_ratios(self.results, self.references())
+        lines = ["", "Sluice benchmark", f"command: {command}"]
+        lines += [f"{k}: {v}" for k, v in self.info.items()]
+        lines.append("config: " + ", ".join(f"{k}={v}" for k, v in vars_of(self.cfg).items()))
+        lines += [f"skipped {s}" for s in self.skipped]
+        lines += ["", format_table(self.results), ""]
+        lines.append(
+            "msgs/s in parentheses: fixed-rate or idle phases (not a throughput score). "
+            "latency of: op = request round trip, e2e = publish start -> delivery, "
+            "wake = publish start -> a waiting long-poll returns it. "
+            "cpu: % of one core (sluice server tree / all Postgres processes / this bench)."
+        )
+        return "\n".join(lines)
+
+    def write_json(self, path: Path, command: str) -> None:
+        data = {
+            "command": command,
+            "machine": self.info,
+            "config": vars_of(self.cfg),
+            "skipped": self.skipped,
+            "results": [r.as_dict() for r in self.results],
+        }
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def vars_of(cfg: w.Config) -> dict[str, object]:
+    return {name: getattr(cfg, name) for name in w.Config.__dataclass_fields__}
+
+
+async def main_async(args: argparse.Namespace, command: str) -> int:
+    run = Run(args)
+    try:
+        async with asyncio.timeout(args.timeout):
+            await run.setup()
+            await run.run_workloads()
+    except TimeoutError:
+        log(f"timed out after {args.timeout:.0f}s; reporting what was measured")
+    finally:
+        await run.teardown()
+    print(run.report(command), flush=True)
+    if args.json:
+        run.write_json(args.json, command)
+    return 0 if run.results else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.run", *argv])
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(main_async(args, command))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

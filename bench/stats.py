@@ -1,0 +1,134 @@
+"""Measurements of one phase, and the results table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None without samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(slots=True)
+class Result:
+    """One row of the table: one workload run against one system."""
+
+    workload: str
+    system: str
+    messages: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    errors: int = 0
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # The latency column: "op" (request round trip), "e2e" (publish -> delivery), "wake".
+    latency_kind: str = "op"
+    ratios: dict[str, float] = field(default_factory=dict)
+    throughput: bool = True  # False: a fixed-rate or idle phase, where msgs/s is no score
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def p50(self) -> float | None:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float | None:
+        return percentile(self.latencies_ms, 99)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("latencies_ms")
+        data.update(
+            rate=self.rate, p50_ms=self.p50, p99_ms=self.p99, samples=len(self.latencies_ms)
+        )
+        return data
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if digits == 0 or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _cpu(result: Result) -> str:
+    parts = []
+    for key, label in (("server", "sluice"), ("pg", "pg"), ("bench", "bench")):
+        value = result.cpu.get(key)
+        if value is not None:
+            parts.append(f"{label} {value:.0f}")
+    return " / ".join(parts) or "-"
+
+
+def add_ratios(results: list[Result], baseline_of: dict[str, str]) -> None:
+    """For each Sluice row, msgs/s divided by each peer's msgs/s on the same workload.
+
+    `baseline_of` maps a workload to another workload whose Sluice row is the reference
+    (e.g. "publish b100 (2 workers)" -> "publish b100"), reported as "vs 1w"/"vs 1 sub".
+    """
+    by_key = {(r.workload, r.system): r for r in results}
+    for row in results:
+        if row.system != "sluice":
+            continue
+        for peer in ("raw", "pgmq"):
+            other = by_key.get((row.workload, peer))
+            if other is not None and other.rate > 0 and row.throughput:
+                row.ratios[peer] = row.rate / other.rate
+    for workload, reference in baseline_of.items():
+        for system in ("sluice", "raw", "pgmq"):
+            row, ref = by_key.get((workload, system)), by_key.get((reference, system))
+            if row is not None and ref is not None and ref.rate > 0:
+                row.ratios["ref"] = row.rate / ref.rate
+                row.notes.append(f"{row.rate / ref.rate:.2f}x of '{reference}'")
+
+
+def format_table(results: list[Result]) -> str:
+    headers = [
+        "workload",
+        "system",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "latency of",
+        "vs raw",
+        "vs pgmq",
+        "cpu % (sluice/pg/bench)",
+        "errors",
+        "notes",
+    ]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.workload,
+                r.system,
+                _num(r.rate, 0) if r.throughput else f"({_num(r.rate, 0)})",
+                _num(r.p50, 2),
+                _num(r.p99, 2),
+                r.latency_kind,
+                f"{r.ratios['raw']:.2f}x" if "raw" in r.ratios else "",
+                f"{r.ratios['pgmq']:.2f}x" if "pgmq" in r.ratios else "",
+                _cpu(r),
+                str(r.errors),
+                "; ".join(r.notes),
+            ]
+        )
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)

@@ -1,0 +1,42 @@
+"""The benchmark harness runs end to end (tiny counts) and reports numbers for each system."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.run import DEFAULT_PGMQ_SQL
+from tests.conftest import ROOT
+
+
+def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "bench.run",
+        "--database-url", pg_server,
+        "--workloads", "publish,consume",
+        "--seconds", "0.5", "--warmup", "0",
+        "--prefill", "300", "--prefill-single", "200", "--consume-cap", "20",
+        "--timeout", "150",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| workload" in done.stdout and "msgs/s" in done.stdout, done.stdout
+
+    report = json.loads(out.read_text())
+    systems = {"sluice", "raw"} | ({"pgmq"} if DEFAULT_PGMQ_SQL.is_file() else set())
+    workloads = {"publish b100", "publish b1", "consume b100", "consume b1"}
+    rows = {(r["workload"], r["system"]): r for r in report["results"]}
+    for workload in workloads:
+        for system in systems:
+            row = rows.get((workload, system))
+            assert row is not None, (workload, system, done.stdout)
+            assert row["errors"] == 0, row
+            assert row["rate"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] > 0, row
+    for workload in ("publish b100", "consume b100"):
+        assert rows[(workload, "sluice")]["ratios"]["raw"] > 0
