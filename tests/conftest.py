@@ -4,8 +4,10 @@ and real server processes for the multi-process tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +153,9 @@ class ServerProcess:
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # Its own process group: with --workers the server forks workers, and teardown
+            # must end those too, not only the supervisor.
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -174,6 +179,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        # Whatever is left of the group we started (workers of a killed supervisor).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         return self.proc.returncode
 
@@ -190,7 +198,7 @@ def server_factory(db_url: str) -> Iterator:
 
     yield start
     for server in started:
-        server.stop(9 if server.proc.poll() is None else 15)
+        server.stop()
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201

@@ -7,10 +7,10 @@ from typing import Any
 
 import asyncpg
 
-from app.errors import NotFound, PayloadTooLarge, topic_not_found
+from app.errors import NotFound, topic_not_found
 from app.metrics import observe_published
 from app.queue.context import QueueContext
-from app.queue.publisher import Published, TopicRef
+from app.queue.publisher import Published
 from app.storage import log as log_sql
 from app.storage import topics as topics_sql
 from app.storage.log import NewMessage
@@ -70,21 +70,13 @@ async def delete_topic(ctx: QueueContext, name: str) -> None:
 
 
 async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> list[Published]:
-    async with ctx.pool.acquire() as conn:
-        row = await require_topic(conn, name)
-    limit = row["max_message_bytes"]
-    for index, message in enumerate(messages):
-        size = (
-            len(message.value.encode())
-            + len((message.key or "").encode())
-            + len((message.headers or "").encode())
-        )
-        if size > limit:
-            raise PayloadTooLarge(
-                f"message {index} is {size} bytes; topic '{name}' accepts at most {limit}"
-            )
-    ref = TopicRef(row["topic_id"], name, row["dedup_window_seconds"])
-    published = await ctx.publisher.publish(ref, messages)
+    """Atomic, durable publish. The topic's existence and max_message_bytes are checked in
+    the publishing statement itself (no separate look-up)."""
+    sizes = [
+        len(m.value.encode()) + len((m.key or "").encode()) + len((m.headers or "").encode())
+        for m in messages
+    ]
+    published = await ctx.publisher.publish(name, messages, sizes)
     observe_published(name, published)
     return published
 

@@ -81,6 +81,7 @@ FOR UPDATE OF s
 _BACKOFF_NEXT_ATTEMPT = _backoff_sql("$7::float8", "$8::float8", "d.attempts + 1")
 _BACKOFF_NACK = _backoff_sql("$8::float8", "$9::float8", "d.attempts")
 _BACKOFF_FIRST_ATTEMPT = _backoff_sql("$6::float8", "$7::float8", "1")
+_BACKOFF_FRESH = _backoff_sql("s.retry_min_seconds", "s.retry_max_seconds", "1")
 _BACKOFF_EXTEND = _backoff_sql("s.retry_min_seconds", "s.retry_max_seconds", "d.attempts")
 
 _REDELIVER = f"""
@@ -175,19 +176,80 @@ SELECT EXISTS (SELECT 1 FROM deliveries
                  AND due_at <= $3)
 """
 
-# Lock-free look before a claim: with nothing new in the log and nothing due, there is
-# nothing to lease, so the claim skips the subscription row lock (which serialises claims)
-# and writes nothing. Keeps the re-checks of many idle long-polls cheap and parallel.
-# Rate-limited subscriptions always take the full claim (it refills their token bucket).
+# Lock-free look before a claim (one round trip), which picks the cheapest way to claim:
+# - idle: nothing new in the log and nothing due, so nothing to lease. The claim skips the
+#   subscription row lock (which serialises claims) and writes nothing; re-checks of many
+#   idle long-polls stay cheap and parallel. Rate-limited subscriptions always take the full
+#   claim (it refills their token bucket).
+# - fresh: only new log messages to hand out, no flow control, no key ordering, nothing due
+#   for redelivery: one statement does the whole claim (_CLAIM_FRESH).
+# - otherwise the full claim transaction.
 _PROBE = """
 WITH n AS (SELECT sluice_now($3) AS now)
-SELECT s.topic_id, s.sub_id, n.now,
-       s.rate_limit_per_second IS NULL AND s.next_offset >= t.next_offset AND NOT EXISTS (
-           SELECT 1 FROM deliveries d
-           WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-             AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS idle
+SELECT s.topic_id, s.sub_id, n.now, s.next_offset < t.next_offset AS log_ahead,
+       s.rate_limit_per_second IS NULL AND s.max_in_flight IS NULL AND NOT s.ordered_by_key
+           AS unlimited,
+       s.rate_limit_per_second IS NULL AS no_bucket,
+       EXISTS (SELECT 1 FROM deliveries d
+               WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+                 AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS has_due,
+       (SELECT d.due_at FROM deliveries d
+         WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+           AND d.state IN ('ready', 'leased') AND d.due_at > n.now
+         ORDER BY d.due_at LIMIT 1) AS next_due
 FROM subscriptions s JOIN topics t USING (topic_id), n
 WHERE t.name = $1 AND s.name = $2
+"""
+
+# The whole claim of fresh log messages in one statement: lock the subscription row, read
+# the log from the cursor, insert the deliveries rows (leased, or ready at their delivery
+# time for delayed messages), move the cursor, return the leased payloads. Under READ
+# COMMITTED the locked row is re-read after a concurrent claim commits, so the cursor used
+# is always the newest; messages are read from the statement's snapshot, so anything the
+# snapshot does not see stays beyond the new cursor for the next claim.
+_CLAIM_FRESH = f"""
+WITH s AS (
+    SELECT topic_id, sub_id, next_offset, max_deliveries, retry_min_seconds,
+           retry_max_seconds, coalesce($4::float8, ack_deadline_seconds::float8) AS deadline,
+           sluice_now($5) AS now
+    FROM subscriptions WHERE topic_id = $1 AND sub_id = $2
+    FOR UPDATE
+), fresh AS (
+    -- LATERAL with its own ORDER BY/LIMIT: an index range scan from the cursor that stops
+    -- after $3 rows, however long the backlog behind it.
+    SELECT m.msg_offset, coalesce(m.deliver_at > s.now, false) AS delayed, m.deliver_at,
+           m.published_at, m.key, m.headers, m.value
+    FROM s CROSS JOIN LATERAL (
+        SELECT * FROM messages
+        WHERE topic_id = s.topic_id AND msg_offset >= s.next_offset
+        ORDER BY msg_offset LIMIT $3
+    ) m
+), ins AS (
+    INSERT INTO deliveries
+        (topic_id, sub_id, msg_offset, state, due_at, lease_until, lease_token, attempts)
+    SELECT s.topic_id, s.sub_id, f.msg_offset,
+           CASE WHEN f.delayed THEN 'ready' ELSE 'leased' END,
+           CASE WHEN f.delayed THEN f.deliver_at
+                WHEN s.max_deliveries = 1 THEN s.now + make_interval(secs => s.deadline)
+                ELSE s.now + make_interval(secs => s.deadline)
+                     + make_interval(secs => {_BACKOFF_FRESH}) END,
+           CASE WHEN f.delayed THEN NULL ELSE s.now + make_interval(secs => s.deadline) END,
+           CASE WHEN f.delayed THEN NULL ELSE gen_random_uuid() END,
+           CASE WHEN f.delayed THEN 0 ELSE 1 END
+    FROM s, fresh f
+    RETURNING msg_offset, attempts, lease_token, lease_until
+), moved AS (
+    UPDATE subscriptions u
+    SET next_offset = (SELECT max(msg_offset) + 1 FROM fresh),
+        delivered_total = u.delivered_total + (SELECT count(*) FROM fresh WHERE NOT delayed)
+    FROM s
+    WHERE u.topic_id = s.topic_id AND u.sub_id = s.sub_id AND EXISTS (SELECT 1 FROM fresh)
+)
+SELECT i.msg_offset, i.attempts, i.lease_token, i.lease_until,
+       f.published_at, f.key, f.headers, f.value
+FROM ins i JOIN fresh f USING (msg_offset)
+WHERE i.lease_token IS NOT NULL
+ORDER BY i.msg_offset
 """
 
 
@@ -215,13 +277,25 @@ async def claim(
     probe = await conn.fetchrow(_PROBE, topic, subscription, skew)
     if probe is None:
         return ClaimResult(found=False)
-    if probe["idle"]:
-        topic_id, sub_id, now = probe["topic_id"], probe["sub_id"], probe["now"]
-        due = await conn.fetchrow(_NEXT_DUE, topic_id, sub_id, False, now)
-        assert due is not None
+    topic_id, sub_id, now = probe["topic_id"], probe["sub_id"], probe["now"]
+    if probe["no_bucket"] and not probe["has_due"] and not probe["log_ahead"]:
         return ClaimResult(
-            found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=due["next_due"]
+            found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=probe["next_due"]
         )
+    if probe["unlimited"] and not probe["has_due"]:
+        rows = await conn.fetch(
+            _CLAIM_FRESH, topic_id, sub_id, max_messages, ack_deadline_seconds, skew
+        )
+        if rows:
+            return ClaimResult(
+                found=True,
+                topic_id=topic_id,
+                sub_id=sub_id,
+                now=now,
+                messages=[_record(r) for r in rows],
+            )
+        # Only delayed messages were there (or another claim took them): the full claim
+        # below works out when to look again.
     async with conn.transaction():
         sub = await conn.fetchrow(_LOCK_SUB, topic, subscription, skew)
         if sub is None:
@@ -449,15 +523,12 @@ async def after_dead(
     target_name = sub["dead_letter_topic"]
     if not target_name:
         return
-    target = await conn.fetchval("SELECT topic_id FROM topics WHERE name = $1", target_name)
     origin = await conn.fetchval("SELECT name FROM topics WHERE topic_id = $1", sub["topic_id"])
     subscription = await conn.fetchval(
         "SELECT name FROM subscriptions WHERE topic_id = $1 AND sub_id = $2",
         sub["topic_id"],
         sub["sub_id"],
     )
-    if target is None:
-        return
     attempts = {r["msg_offset"]: r["attempts"] for r in rows}
     payloads = await conn.fetch(_DEAD_PAYLOADS, sub["topic_id"], list(attempts))
     copies = []
@@ -472,7 +543,9 @@ async def after_dead(
             }
         )
         copies.append(NewMessage(p["value"], p["key"], _json_dumps(headers), 0, None))
-    await log_sql.append(conn, target, copies, 0.0)
+    # A dead-letter topic deleted meanwhile: append finds no row and the copy is skipped
+    # (the message stays parked in the subscription's dead-letter set).
+    await log_sql.append(conn, target_name, copies, 0.0)
 
 
 def _json_loads_headers(text: str | None) -> dict[str, str]:
@@ -496,16 +569,24 @@ FROM subscriptions s JOIN topics t USING (topic_id)
 WHERE t.name = $1 AND s.name = $2
 """
 
+# Receipts name rows by primary key: `msg_offset = ANY($3)` makes that the plan whatever
+# the (fast-changing) statistics of `deliveries` say. The token check is `= ANY($4)` too,
+# not a join with the receipt pairs (that join re-scans the receipts per row): a lease
+# token is random and belongs to exactly one lease of one row, so "offset given and token
+# given" is the same test as "this (offset, token) pair given". A lease_token is only ever
+# set on a leased row (every other transition clears it), so matching it is also the state
+# check; naming the state would let the planner pick the partial claim index instead.
 # Unordered subscriptions ack in this one statement. Ordered ones need the subscription
 # row locked first (see ack()), so the DELETE skips them and the caller takes the slow path.
 _ACK = f"""
 WITH s AS ({_SUB_BY_NAME}), d AS (
     DELETE FROM deliveries d
-    USING s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
+    USING s
     WHERE NOT s.ordered_by_key
-      AND d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
-      AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
-    RETURNING d.msg_offset, r.token
+      AND d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+      AND d.msg_offset = ANY($3::bigint[]) AND d.lease_token = ANY($4::uuid[])
+      AND d.lease_until > sluice_now($5)
+    RETURNING d.msg_offset, d.lease_token AS token
 )
 SELECT s.topic_id, s.sub_id, s.ordered_by_key, s.max_in_flight,
        ARRAY(SELECT msg_offset FROM d) AS done, ARRAY(SELECT token FROM d) AS done_tokens
@@ -514,10 +595,10 @@ FROM s
 
 _ACK_LOCKED = """
 DELETE FROM deliveries d
-USING unnest($3::bigint[], $4::uuid[]) AS r(off, token)
-WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
-  AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
-RETURNING d.msg_offset, d.key, r.token
+WHERE d.topic_id = $1 AND d.sub_id = $2
+  AND d.msg_offset = ANY($3::bigint[]) AND d.lease_token = ANY($4::uuid[])
+  AND d.lease_until > $5::timestamptz
+RETURNING d.msg_offset, d.key, d.lease_token AS token
 """
 
 _NACK_LOCKED = f"""
@@ -528,7 +609,8 @@ SET state = CASE WHEN $6::int > 0 AND d.attempts >= $6::int THEN 'dead' ELSE 're
     lease_token = NULL, lease_until = NULL
 FROM unnest($3::bigint[], $4::uuid[]) AS r(off, token)
 WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.msg_offset = r.off
-  AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > $5::timestamptz
+  AND d.msg_offset = ANY($3::bigint[])
+  AND d.lease_token = r.token AND d.lease_until > $5::timestamptz
 RETURNING d.msg_offset, d.state, d.attempts, d.key, r.token
 """
 
@@ -539,10 +621,11 @@ WITH s AS ({_SUB_BY_NAME}), u AS (
         due_at = sluice_now($5) + make_interval(secs => $6::float8) + CASE
             WHEN s.max_deliveries > 0 AND d.attempts >= s.max_deliveries THEN interval '0'
             ELSE make_interval(secs => {_BACKOFF_EXTEND}) END
-    FROM s, unnest($3::bigint[], $4::uuid[]) AS r(off, token)
-    WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id AND d.msg_offset = r.off
-      AND d.lease_token = r.token AND d.state = 'leased' AND d.lease_until > sluice_now($5)
-    RETURNING d.msg_offset, d.lease_until, r.token
+    FROM s
+    WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
+      AND d.msg_offset = ANY($3::bigint[]) AND d.lease_token = ANY($4::uuid[])
+      AND d.lease_until > sluice_now($5)
+    RETURNING d.msg_offset, d.lease_until, d.lease_token AS token
 )
 SELECT s.topic_id, s.sub_id, ARRAY(SELECT msg_offset FROM u) AS done,
        ARRAY(SELECT token FROM u) AS done_tokens,

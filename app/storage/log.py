@@ -25,35 +25,42 @@ class NewMessage:
     dedup_id: str | None
 
 
-# One statement, one implicit transaction: take the offsets (locking the topic row),
-# insert the rows, and queue one notification for the whole batch.
+# One statement, one implicit transaction (one round trip): take the offsets (locking the
+# topic row, found by name), insert the rows, and queue one notification for the batch. The
+# size limit is part of the WHERE clause: no row back means "no such topic" or "a message
+# is too large", which the caller tells apart with a follow-up read.
 _APPEND = f"""
 WITH t AS (
     UPDATE topics SET next_offset = next_offset + $2
-    WHERE topic_id = $1
-    RETURNING next_offset - $2 AS base, sluice_now($8) AS ts
+    WHERE name = $1 AND max_message_bytes >= $9
+    RETURNING topic_id, next_offset - $2 AS base, sluice_now($8) AS ts
 ), ins AS (
     INSERT INTO messages
         (topic_id, msg_offset, published_at, deliver_at, key, headers, dedup_id, value)
-    SELECT $1, t.base + m.ord - 1, t.ts,
+    SELECT t.topic_id, t.base + m.ord - 1, t.ts,
            CASE WHEN m.delay > 0 THEN t.ts + make_interval(secs => m.delay) END,
            m.key, m.headers, m.dedup_id, m.value
     FROM t, unnest($3::text[], $4::text[], $5::text[], $6::int[], $7::text[])
             WITH ORDINALITY AS m(value, key, headers, delay, dedup_id, ord)
 )
-SELECT t.base, pg_notify('{NOTIFY_CHANNEL}', $1::text || ':' || $2::text) FROM t
+SELECT t.base, pg_notify('{NOTIFY_CHANNEL}', t.topic_id::text || ':' || $2::text) FROM t
 """
 
 
 async def append(
-    conn: asyncpg.Connection, topic_id: int, messages: list[NewMessage], skew: float
+    conn: asyncpg.Connection,
+    topic: str,
+    messages: list[NewMessage],
+    skew: float,
+    largest_message_bytes: int = 0,
 ) -> int | None:
-    """Append messages; returns the first offset, or None when the topic is gone."""
+    """Append messages; returns the first offset, or None when the topic does not exist
+    or accepts no message of `largest_message_bytes`."""
     if not messages:
         return None
     row = await conn.fetchrow(
         _APPEND,
-        topic_id,
+        topic,
         len(messages),
         [m.value for m in messages],
         [m.key for m in messages],
@@ -61,17 +68,18 @@ async def append(
         [m.delay_seconds for m in messages],
         [m.dedup_id for m in messages],
         skew,
+        largest_message_bytes,
     )
     return None if row is None else row["base"]
 
 
-async def lock_topic(conn: asyncpg.Connection, topic_id: int) -> bool:
+async def lock_topic(conn: asyncpg.Connection, topic: str) -> asyncpg.Record | None:
     """Take the topic's offset lock early (inside a transaction) for dedup look-ups."""
-    found = await conn.fetchval(
-        "SELECT 1 FROM topics WHERE topic_id = $1 FOR NO KEY UPDATE",
-        topic_id,
+    return await conn.fetchrow(
+        "SELECT topic_id, dedup_window_seconds, max_message_bytes FROM topics "
+        "WHERE name = $1 FOR NO KEY UPDATE",
+        topic,
     )
-    return found is not None
 
 
 async def find_duplicates(

@@ -80,12 +80,22 @@ async def update_subscription(
 
 
 async def delete_subscription(conn: asyncpg.Connection, topic_id: int, name: str) -> bool:
-    deleted = await conn.fetchval(
-        "DELETE FROM subscriptions WHERE topic_id = $1 AND name = $2 RETURNING sub_id",
-        topic_id,
-        name,
-    )
-    return deleted is not None
+    """Delete the subscription, then its delivery rows.
+
+    Two statements in one transaction: deleting the row waits for a claim in progress, and
+    the second statement's fresh snapshot then sees every row that claim inserted."""
+    async with conn.transaction():
+        sub_id = await conn.fetchval(
+            "DELETE FROM subscriptions WHERE topic_id = $1 AND name = $2 RETURNING sub_id",
+            topic_id,
+            name,
+        )
+        if sub_id is None:
+            return False
+        await conn.execute(
+            "DELETE FROM deliveries WHERE topic_id = $1 AND sub_id = $2", topic_id, sub_id
+        )
+    return True
 
 
 # The delivery state of subscriptions in one statement: counts by state, the log bounds,

@@ -53,17 +53,21 @@ async def list_topics(
 
 
 async def delete_topic(conn: asyncpg.Connection, name: str) -> bool:
-    """Delete the topic row; subscriptions and deliveries go by cascade.
+    """Delete the topic row (its subscriptions go by cascade), then their delivery rows.
 
     Its messages are left to the maintenance task, which removes rows of topics that no
     longer exist in small batches, so deleting a large topic is never one long DELETE.
     """
-    deleted = await conn.fetchval(
-        "WITH d AS (DELETE FROM topics WHERE name = $1 RETURNING topic_id) "
-        "INSERT INTO deleted_topics (topic_id) SELECT topic_id FROM d RETURNING topic_id",
-        name,
-    )
-    return deleted is not None
+    async with conn.transaction():
+        topic_id = await conn.fetchval(
+            "WITH d AS (DELETE FROM topics WHERE name = $1 RETURNING topic_id) "
+            "INSERT INTO deleted_topics (topic_id) SELECT topic_id FROM d RETURNING topic_id",
+            name,
+        )
+        if topic_id is None:
+            return False
+        await conn.execute("DELETE FROM deliveries WHERE topic_id = $1", topic_id)
+    return True
 
 
 async def log_stats(conn: asyncpg.Connection, topic_id: int, skew: float) -> asyncpg.Record:
