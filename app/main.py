@@ -28,7 +28,7 @@ from app.queue.rates import RateRecorder
 from app.queue.waiters import WaiterHub
 from app.settings import Settings, get_settings
 from app.storage import migrate
-from app.storage.db import create_pool
+from app.storage.db import create_pool, split_pool_size
 from app.storage.listener import Listener
 
 log = logging.getLogger("sluice")
@@ -66,12 +66,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         url, embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
     await migrate.upgrade(url)
-    pool = await create_pool(url, settings.db_pool_size)
+    main_size, claim_size = split_pool_size(settings.db_pool_size)
+    pool = await create_pool(url, main_size)
+    claim_pool = await create_pool(url, claim_size, durable_commits=False)
     await start_auth(app, pool)
     hub = WaiterHub()
     clock: Clock = app.state.clock
     ctx = QueueContext(
         pool=pool,
+        claim_pool=claim_pool,
         settings=settings,
         clock=clock,
         hub=hub,
@@ -98,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await listener.stop()
+        await claim_pool.close()
         await pool.close()
         metrics.process_exit()
         if embedded is not None:

@@ -40,7 +40,7 @@ class SettleOutcome:
 async def _claim(
     ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
 ) -> ClaimResult:
-    async with ctx.pool.acquire() as conn:
+    async with ctx.claim_pool.acquire() as conn:
         result = await delivery_sql.claim(
             conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
         )

@@ -61,6 +61,7 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
                             expired=sum(1 for r in dead if r["prev_state"] == "leased"),
                         )
             await subs_sql.delete_old_rates(conn, KEEP_SECONDS, skew)
+            await sql.vacuum_hot_tables(conn)
         finally:
             await sql.unlock(conn)
     return done

@@ -45,14 +45,30 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(url: str, size: int) -> asyncpg.Pool:
+async def create_pool(url: str, size: int, *, durable_commits: bool = True) -> asyncpg.Pool:
+    """A pool of `size` connections.
+
+    durable_commits=False sets synchronous_commit=off for the pool's sessions: a commit
+    returns without waiting for its WAL flush (a crash may lose the last ~0.6 s of its
+    transactions, never corrupt anything). Only for work whose loss is harmless; see
+    app.queue.context for which.
+    """
+    settings = dict(_SESSION_SETTINGS)
+    if not durable_commits:
+        settings["synchronous_commit"] = "off"
     return await asyncpg.create_pool(
         plain_url(url),
         min_size=1,
         max_size=size,
         reset=_keep_session,
-        server_settings=_SESSION_SETTINGS,
+        server_settings=settings,
         # Dead connections after a Postgres restart are dropped rather than reused forever.
         max_inactive_connection_lifetime=60.0,
         command_timeout=30.0,
     )
+
+
+def split_pool_size(total: int) -> tuple[int, int]:
+    """SLUICE_DB_POOL_SIZE split into (main pool, claim pool); together they use `total`."""
+    claims = max(1, total // 2)
+    return max(1, total - claims), claims

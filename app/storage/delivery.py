@@ -11,6 +11,7 @@ never touch a newer lease.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -192,11 +193,7 @@ SELECT s.topic_id, s.sub_id, n.now, s.next_offset < t.next_offset AS log_ahead,
        s.rate_limit_per_second IS NULL AS no_bucket,
        EXISTS (SELECT 1 FROM deliveries d
                WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-                 AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS has_due,
-       (SELECT d.due_at FROM deliveries d
-         WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-           AND d.state IN ('ready', 'leased') AND d.due_at > n.now
-         ORDER BY d.due_at LIMIT 1) AS next_due
+                 AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS has_due
 FROM subscriptions s JOIN topics t USING (topic_id), n
 WHERE t.name = $1 AND s.name = $2
 """
@@ -217,10 +214,9 @@ WITH s AS (
 ), fresh AS (
     -- LATERAL with its own ORDER BY/LIMIT: an index range scan from the cursor that stops
     -- after $3 rows, however long the backlog behind it.
-    SELECT m.msg_offset, coalesce(m.deliver_at > s.now, false) AS delayed, m.deliver_at,
-           m.published_at, m.key, m.headers, m.value
+    SELECT m.msg_offset, coalesce(m.deliver_at > s.now, false) AS delayed, m.deliver_at
     FROM s CROSS JOIN LATERAL (
-        SELECT * FROM messages
+        SELECT msg_offset, deliver_at FROM messages
         WHERE topic_id = s.topic_id AND msg_offset >= s.next_offset
         ORDER BY msg_offset LIMIT $3
     ) m
@@ -245,15 +241,20 @@ WITH s AS (
     FROM s
     WHERE u.topic_id = s.topic_id AND u.sub_id = s.sub_id AND EXISTS (SELECT 1 FROM fresh)
 )
-SELECT i.msg_offset, i.attempts, i.lease_token, i.lease_until,
-       f.published_at, f.key, f.headers, f.value
-FROM ins i JOIN fresh f USING (msg_offset)
-WHERE i.lease_token IS NOT NULL
-ORDER BY i.msg_offset
+SELECT msg_offset, attempts, lease_token, lease_until FROM ins
+WHERE lease_token IS NOT NULL
+ORDER BY msg_offset
+"""
+
+# Payloads of freshly leased messages, read after the claim committed: the subscription
+# row lock, which serialises claims, is not held while 100 KB of values go over the wire.
+_PAYLOADS = """
+SELECT msg_offset, published_at, key, headers, value FROM messages
+WHERE topic_id = $1 AND msg_offset = ANY($2::bigint[])
 """
 
 
-def _record(row: asyncpg.Record) -> Delivered:
+def _record(row: Mapping[str, Any]) -> Delivered:
     return Delivered(
         offset=row["msg_offset"],
         token=row["lease_token"],
@@ -279,24 +280,39 @@ async def claim(
         return ClaimResult(found=False)
     topic_id, sub_id, now = probe["topic_id"], probe["sub_id"], probe["now"]
     if probe["no_bucket"] and not probe["has_due"] and not probe["log_ahead"]:
+        # Only now look for the next due time: that index walk starts at `now` and steps
+        # over the entries of leases acked since the last vacuum, so a busy pull that
+        # does not need it must not pay for it.
+        due = await conn.fetchrow(_NEXT_DUE, topic_id, sub_id, False, now)
+        assert due is not None
         return ClaimResult(
-            found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=probe["next_due"]
+            found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=due["next_due"]
         )
     if probe["unlimited"] and not probe["has_due"]:
-        rows = await conn.fetch(
+        leases = await conn.fetch(
             _CLAIM_FRESH, topic_id, sub_id, max_messages, ack_deadline_seconds, skew
         )
-        if rows:
+        if leases:
+            payloads = await conn.fetch(_PAYLOADS, topic_id, [r["msg_offset"] for r in leases])
+            by_offset = {p["msg_offset"]: p for p in payloads}
             return ClaimResult(
                 found=True,
                 topic_id=topic_id,
                 sub_id=sub_id,
                 now=now,
-                messages=[_record(r) for r in rows],
+                # A message removed by retention in between is skipped; its lease lapses.
+                messages=[
+                    _record({**lease, **by_offset[lease["msg_offset"]]})
+                    for lease in leases
+                    if lease["msg_offset"] in by_offset
+                ],
             )
         # Only delayed messages were there (or another claim took them): the full claim
         # below works out when to look again.
     async with conn.transaction():
+        # This path may dead-letter and publish copies to a dead-letter topic: commit it
+        # durably even on the claim pool (whose sessions do not wait for the WAL flush).
+        await conn.execute("SET LOCAL synchronous_commit = on")
         sub = await conn.fetchrow(_LOCK_SUB, topic, subscription, skew)
         if sub is None:
             return ClaimResult(found=False)

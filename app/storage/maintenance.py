@@ -106,3 +106,15 @@ async def subscriptions_with_expiring_leases(
         """,
         skew,
     )
+
+
+# The hot tables: every lease inserts a `deliveries` row and every ack deletes it, and every
+# claim updates its subscription row. Their time-ordered indexes collect dead entries that
+# claims must step over until a vacuum removes them; autovacuum wakes once a minute by
+# default (a server-wide setting), so the maintenance pass vacuums them itself.
+HOT_TABLES = ("deliveries", "subscriptions")
+
+
+async def vacuum_hot_tables(conn: asyncpg.Connection) -> None:
+    # Not inside a transaction (VACUUM cannot be); SKIP_LOCKED never waits on a lock.
+    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(HOT_TABLES)}")
