@@ -87,7 +87,7 @@ async def pull(
     topic_id = result.topic_id
     assert topic_id is not None
     waited = False
-    async with hub.waiting(topic_id, sub) as waiter:
+    async with hub.waiting(topic_id, sub, max_messages) as waiter:
         while True:
             if result.messages:
                 if len(result.messages) == max_messages:
@@ -108,19 +108,26 @@ async def pull(
             # all hit the database in the same instant.
             recheck = ctx.settings.poll_recheck_seconds * random.uniform(0.5, 1.0)
             sleep_for = min(remaining, recheck)
+            timed = False  # does the sleep end at a known due time or token?
             if result.next_due is not None and result.now is not None:
                 until_due = delivery_sql.seconds_between(result.next_due, result.now)
-                sleep_for = min(sleep_for, max(0.0, until_due) + _DUE_SLACK_SECONDS)
-            if result.token_wait is not None:
-                sleep_for = min(sleep_for, result.token_wait + _DUE_SLACK_SECONDS)
+                if max(0.0, until_due) + _DUE_SLACK_SECONDS < sleep_for:
+                    sleep_for, timed = max(0.0, until_due) + _DUE_SLACK_SECONDS, True
+            if result.token_wait is not None and result.token_wait + _DUE_SLACK_SECONDS < sleep_for:
+                sleep_for, timed = result.token_wait + _DUE_SLACK_SECONDS, True
             if waited or hub.notifications == seen_notifications:
                 # Nothing was announced since before the last claim: really wait.
                 woken = await waiter.wait(sleep_for)
-                if not (woken or waiter.event.is_set() or hub.closing) and sleep_for >= remaining:
+                news = woken or waiter.event.is_set() or hub.closing
+                if not news and sleep_for >= remaining:
                     # The wait ran out with no news and nothing due before its end: answer
                     # now rather than queue one more claim behind the pool (1000 long-polls
                     # ending together would otherwise answer seconds late).
                     return PullOutcome([], _rate_headers(result, result.rate_limit))
+                if not news and not timed and not hub.take_recheck(topic_id, sub, recheck):
+                    # A safety re-check with nothing new: one waiter per subscription and
+                    # process does it, the others keep waiting.
+                    continue
             waited = True
             waiter.event.clear()
             seen_notifications = hub.notifications

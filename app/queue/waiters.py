@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 
 
 class Waiter:
-    __slots__ = ("event",)
+    __slots__ = ("capacity", "event")
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1) -> None:
         self.event = asyncio.Event()
+        self.capacity = capacity  # how many messages one claim of this waiter takes
 
     async def wait(self, seconds: float) -> bool:
         """True when woken, False when `seconds` passed first."""
@@ -40,10 +41,13 @@ class WaiterHub:
         # Bumped on every notification: a pull compares it before and after registering
         # to know whether it may have missed one.
         self.notifications = 0
+        self._rechecked: dict[tuple[int, str], float] = {}
 
     @asynccontextmanager
-    async def waiting(self, topic_id: int, subscription: str) -> AsyncIterator[Waiter]:
-        waiter = Waiter()
+    async def waiting(
+        self, topic_id: int, subscription: str, capacity: int = 1
+    ) -> AsyncIterator[Waiter]:
+        waiter = Waiter(capacity)
         if self.closing:
             waiter.event.set()
         queue = self._waiters.setdefault(topic_id, {}).setdefault(subscription, OrderedDict())
@@ -56,6 +60,7 @@ class WaiterHub:
                 subs = self._waiters.get(topic_id)
                 if subs is not None and subs.get(subscription) is queue:
                     del subs[subscription]
+                    self._rechecked.pop((topic_id, subscription), None)
                     if not subs:
                         del self._waiters[topic_id]
 
@@ -83,12 +88,24 @@ class WaiterHub:
     def waiting_count(self) -> int:
         return sum(len(q) for subs in self._waiters.values() for q in subs.values())
 
+    def take_recheck(self, topic_id: int, subscription: str, interval: float) -> bool:
+        """Whether this waiter should run the periodic safety re-check of the subscription:
+        only if no other waiter of this process did within `interval`, so 1000 idle
+        long-polls on one subscription re-check about once per interval, not 1000 times."""
+        now = asyncio.get_running_loop().time()
+        key = (topic_id, subscription)
+        if now - self._rechecked.get(key, -interval) < interval:
+            return False
+        self._rechecked[key] = now
+        return True
+
     @staticmethod
     def _wake(queue: OrderedDict[Waiter, None], count: int) -> None:
-        woken = 0
+        """Wake the oldest waiters until their batches can take `count` messages."""
+        room = 0
         for waiter in queue:
-            if woken >= count:
+            if room >= count:
                 break
             if not waiter.event.is_set():
                 waiter.event.set()
-                woken += 1
+                room += waiter.capacity
