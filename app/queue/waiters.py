@@ -78,7 +78,8 @@ class WaiterHub:
         self.notifications += 1
         for subs in list(self._waiters.values()):
             for queue in list(subs.values()):
-                self._wake(queue, len(queue))
+                for waiter in queue:
+                    waiter.event.set()
 
     def close(self) -> None:
         """Shutdown: every waiting pull returns now with what it has."""
