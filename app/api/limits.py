@@ -98,18 +98,18 @@ class LimitBodyMiddleware:
 
 
 def json_depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative, so a hostile document cannot exhaust the stack here either."""
+    """Iterative, so a hostile document cannot exhaust the stack here either. Only
+    containers are pushed: scalars cannot deepen the document."""
+    if not isinstance(value, dict | list):
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in item)
+        if depth > limit:
+            return True
+        for child in item.values() if type(item) is dict else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
     return False
 
 

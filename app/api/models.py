@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -96,13 +97,21 @@ class Strict(BaseModel):
         # mode alone would refuse it); 30.5 is still refused.
         if not isinstance(data, dict):
             return data
-        fields = cls.model_fields
+        names = _int_fields(cls)
+        # The common case (no float where an integer goes) returns the input untouched:
+        # this runs for every message of a publish.
+        if not any(type(data.get(name)) in (float, list) for name in names):
+            return data
         return {
-            name: _integral(value)
-            if name in fields and _wants_int(fields[name].annotation)
-            else value
-            for name, value in data.items()
+            name: _integral(value) if name in names else value for name, value in data.items()
         }
+
+
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(
+        name for name, field in model.model_fields.items() if _wants_int(field.annotation)
+    )
 
 
 class Problem(BaseModel):
