@@ -102,9 +102,7 @@ class Strict(BaseModel):
         # this runs for every message of a publish.
         if not any(type(data.get(name)) in (float, list) for name in names):
             return data
-        return {
-            name: _integral(value) if name in names else value for name, value in data.items()
-        }
+        return {name: _integral(value) if name in names else value for name, value in data.items()}
 
 
 @functools.cache
