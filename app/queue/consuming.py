@@ -13,10 +13,10 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from app.errors import RateLimited, subscription_not_found
+from app.errors import RateLimited
 from app.queue import receipts
 from app.queue.context import QueueContext
-from app.queue.topics import require_topic
+from app.queue.topics import subscription_missing
 from app.storage import delivery as delivery_sql
 from app.storage.delivery import ClaimResult, Delivered
 
@@ -45,8 +45,7 @@ async def _claim(
             conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
         )
         if not result.found:
-            await require_topic(conn, topic)
-            raise subscription_not_found(topic, sub)
+            raise await subscription_missing(conn, topic, sub)
     assert result.topic_id is not None and result.sub_id is not None
     ctx.rates.record(
         result.topic_id,
@@ -142,8 +141,7 @@ async def _settle(
         operation = getattr(delivery_sql, action)
         settled = await operation(conn, topic, sub, offsets, tokens, skew=ctx.clock.skew, **kwargs)
         if not settled.found:
-            await require_topic(conn, topic)
-            raise subscription_not_found(topic, sub)
+            raise await subscription_missing(conn, topic, sub)
         if settled.wake and settled.topic_id is not None:
             await delivery_sql.notify(conn, settled.topic_id, settled.wake)
     if action != "extend" and settled.topic_id is not None and settled.sub_id is not None:

@@ -12,7 +12,7 @@ from app.errors import InvalidInput, subscription_not_found
 from app.queue.context import QueueContext
 from app.queue.rates import RATE_WINDOW_SECONDS
 from app.queue.stats import DeliveryCounts, delivery_counts
-from app.queue.topics import require_topic
+from app.queue.topics import require_topic, subscription_missing
 from app.storage import delivery as delivery_sql
 from app.storage import log as log_sql
 from app.storage import subscriptions as subs_sql
@@ -96,8 +96,7 @@ async def require_subscription(
 ) -> asyncpg.Record:
     row = await subs_sql.get_subscription(conn, topic, name, lock=lock)
     if row is None:
-        await require_topic(conn, topic)
-        raise subscription_not_found(topic, name)
+        raise await subscription_missing(conn, topic, name)
     return row
 
 
@@ -147,8 +146,7 @@ async def seek(
         async with conn.transaction():
             sub = await delivery_sql.lock_subscription(conn, topic, name, ctx.clock.skew)
             if sub is None:
-                await require_topic(conn, topic)
-                raise subscription_not_found(topic, name)
+                raise await subscription_missing(conn, topic, name)
             oldest, log_end = await delivery_sql.log_bounds(conn, sub["topic_id"])
             if offset is not None:
                 # Clamped to the log: an offset past the head seeks to the head (messages
@@ -184,8 +182,7 @@ async def redrive(ctx: QueueContext, topic: str, name: str, offsets: list[int] |
         async with conn.transaction():
             sub = await delivery_sql.lock_subscription(conn, topic, name, ctx.clock.skew)
             if sub is None:
-                await require_topic(conn, topic)
-                raise subscription_not_found(topic, name)
+                raise await subscription_missing(conn, topic, name)
             count = await delivery_sql.redrive(conn, sub, offsets)
         if count:
             await delivery_sql.notify(conn, sub["topic_id"], count)

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from app.errors import NotFound, topic_not_found
+from app.errors import NotFound, subscription_not_found, topic_not_found
 from app.metrics import observe_published
 from app.queue.context import QueueContext
 from app.queue.publisher import Published
@@ -45,6 +45,13 @@ async def require_topic(conn: asyncpg.Connection, name: str) -> asyncpg.Record:
     if row is None:
         raise topic_not_found(name)
     return row
+
+
+async def subscription_missing(conn: asyncpg.Connection, topic: str, name: str) -> NotFound:
+    """The 404 for a subscription that was not found: naming the topic when that is what
+    is missing (raises), else the subscription (returned, for the caller to raise)."""
+    await require_topic(conn, topic)
+    return subscription_not_found(topic, name)
 
 
 async def get_topic(ctx: QueueContext, name: str) -> TopicStats:
