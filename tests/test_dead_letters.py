@@ -319,3 +319,20 @@ async def test_dead_letter_listing_pages(harness):
     for bad in ({"limit": 0}, {"limit": 1001}, {"from_offset": -1}):
         r = await client.get(sub_path(topic, "s") + "/dead-letters", params=bad)
         assert_problem(r, 422)
+
+
+async def test_a_lapsed_last_attempt_counts_as_dead_lettered_before_it_is_parked(harness):
+    client, clock = harness.client, harness.clock
+    topic = unique()
+    await create_topic(client, topic)
+    await create_subscription(
+        client, topic, "s", start="earliest", max_deliveries=1, ack_deadline_seconds=5
+    )
+    await publish(client, topic, "only", "other")
+    assert len(await pull(client, topic, "s", 1)) == 1
+    clock.advance(6)  # the only allowed lease lapsed; nobody has claimed since
+    numbers = await stats(client, topic, "s")
+    assert numbers["dead_lettered"] == 1
+    assert numbers["backlog"] == 1  # "other" only
+    assert numbers["committed_offset"] == 1
+    assert numbers["lag"] == 1

@@ -116,18 +116,25 @@ FROM subscriptions s
 JOIN topics t USING (topic_id)
 CROSS JOIN now
 CROSS JOIN LATERAL (
+    -- `spent`: due again after its last allowed attempt; the next claim or maintenance
+    -- pass parks it, so it already counts as dead-lettered, not as backlog.
     SELECT
-        count(*) FILTER (WHERE x.state = 'leased' AND x.lease_until > now.ts) AS in_flight,
-        count(*) FILTER (WHERE x.state IN ('ready', 'leased') AND x.due_at <= now.ts
-                           AND (x.state = 'ready' OR x.lease_until <= now.ts)) AS due,
-        count(*) FILTER (WHERE x.state = 'blocked'
-                            OR (x.state IN ('ready', 'leased') AND x.due_at > now.ts
-                                AND (x.state = 'ready' OR x.lease_until <= now.ts)))
-            AS waiting,
-        count(*) FILTER (WHERE x.state = 'dead') AS dead_lettered,
-        min(x.msg_offset) FILTER (WHERE x.state <> 'dead') AS lowest_pending
-    FROM deliveries x
-    WHERE x.topic_id = s.topic_id AND x.sub_id = s.sub_id
+        count(*) FILTER (WHERE y.state = 'leased' AND y.lease_until > now.ts) AS in_flight,
+        count(*) FILTER (WHERE y.is_due AND NOT y.spent) AS due,
+        count(*) FILTER (WHERE y.state = 'blocked' OR y.is_waiting) AS waiting,
+        count(*) FILTER (WHERE y.state = 'dead' OR (y.is_due AND y.spent)) AS dead_lettered,
+        min(y.msg_offset) FILTER (WHERE y.state <> 'dead' AND NOT (y.is_due AND y.spent))
+            AS lowest_pending
+    FROM (
+        SELECT x.state, x.lease_until, x.msg_offset,
+               x.state IN ('ready', 'leased') AND x.due_at <= now.ts
+                   AND (x.state = 'ready' OR x.lease_until <= now.ts) AS is_due,
+               x.state IN ('ready', 'leased') AND x.due_at > now.ts
+                   AND (x.state = 'ready' OR x.lease_until <= now.ts) AS is_waiting,
+               s.max_deliveries > 0 AND x.attempts >= s.max_deliveries AS spent
+        FROM deliveries x
+        WHERE x.topic_id = s.topic_id AND x.sub_id = s.sub_id
+    ) y
 ) d
 CROSS JOIN LATERAL (
     SELECT
