@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -114,3 +115,11 @@ async def drain(
 
 def offsets_of(messages: list[dict[str, Any]]) -> list[int]:
     return [m["offset"] for m in messages]
+
+
+async def topic_with_subscription(client: httpx.AsyncClient, sub: str = "s", **config: Any) -> str:
+    """A new topic (unique name) with one subscription configured with `config`."""
+    topic = f"t-{uuid.uuid4().hex[:10]}"
+    await create_topic(client, topic)
+    await create_subscription(client, topic, sub, **config)
+    return topic

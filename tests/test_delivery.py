@@ -14,12 +14,10 @@ from datetime import datetime, timedelta
 
 import httpx
 
-from tests.conftest import unique
 from tests.helpers import (
     ack,
     assert_problem,
     create_subscription,
-    create_topic,
     extend,
     nack,
     offsets_of,
@@ -27,14 +25,12 @@ from tests.helpers import (
     pull,
     stats,
     sub_path,
+    topic_with_subscription,
 )
 
 
 async def setup(client, **config) -> str:
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", **config)
-    return topic
+    return await topic_with_subscription(client, **config)
 
 
 # ---- the basic lifecycle -----------------------------------------------------------------------

@@ -12,33 +12,27 @@ from collections import defaultdict
 
 import httpx
 
-from tests.conftest import unique
 from tests.helpers import (
     ack,
     create_subscription,
-    create_topic,
     nack,
     offsets_of,
     pull,
     stats,
     sub_path,
+    topic_with_subscription,
 )
 
 
 async def ordered(client, **config) -> str:
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
+    return await topic_with_subscription(
         client,
-        topic,
-        "s",
         ordered_by_key=True,
         retry_min_seconds=1,
         retry_max_seconds=1,
         ack_deadline_seconds=60,
         **config,
     )
-    return topic
 
 
 async def publish_keyed(client, topic, *keys, **fields) -> list[int]:

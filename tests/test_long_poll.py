@@ -21,6 +21,7 @@ from tests.helpers import (
     publish,
     pull,
     sub_path,
+    topic_with_subscription,
 )
 
 
@@ -33,10 +34,7 @@ async def harness(db_url):
 
 
 async def setup(client, **config) -> str:
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", **config)
-    return topic
+    return await topic_with_subscription(client, **config)
 
 
 async def waiting_pull(harness, topic, wait_seconds=10, **extra):

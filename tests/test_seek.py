@@ -22,14 +22,12 @@ from tests.helpers import (
     seek,
     stats,
     sub_path,
+    topic_with_subscription,
 )
 
 
 async def setup(client, **config) -> str:
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", start="earliest", **config)
-    return topic
+    return await topic_with_subscription(client, start="earliest", **config)
 
 
 async def test_seek_back_to_an_offset_replays(client):
