@@ -24,7 +24,7 @@ from bench.peers.raw import RawPeer
 from bench.peers.sluice import SluicePeer
 from bench.stats import Result, add_ratios, format_table
 
-ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "workers")
+ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
 ALL_SYSTEMS = ("sluice", "raw", "pgmq")
 DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
 
@@ -269,6 +269,12 @@ class Run:
             assert isinstance(peer, SluicePeer)
             label = f"idle {cfg.idle_polls} long-polls"
             await self.phase(label, peer, w.idle_long_polls(ctx, peer, "idle"))
+        if "ratelimit" in self.workloads and "sluice" in self.peers:
+            peer = self.peers["sluice"]
+            assert isinstance(peer, SluicePeer)
+            await self.phase(
+                f"rate limit {cfg.rate_limit:g}/s", peer, w.rate_limit_accuracy(ctx, peer, "rl")
+            )
         if "workers" in self.workloads and "sluice" in self.peers:
             await self.start_sluice(self.args.workers)
             peer = self.peers["sluice"]

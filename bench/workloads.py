@@ -46,6 +46,9 @@ class Config:
     idle_seconds: float = 10.0  # longer than Sluice's 5 s re-check period of a waiting poll
     idle_ramp: float = 5.0  # polls connect and make their first claim before CPU is measured
     idle_wakeups: int = 5
+    rate_limit: float = 200.0  # ratelimit phase: the subscription's messages/s
+    rate_burst: int = 50
+    rate_consumers: int = 8
     max_errors: int = 200  # a phase stops early after this many failed requests
 
 
@@ -424,4 +427,78 @@ async def idle_long_polls(ctx: Context, peer: SluicePeer, queue: str) -> Result:
         result.notes.append(f"only {started} polls started")
     if first_error:
         result.notes.append(f"first error: {first_error}")
+    return result
+
+
+# ---- 7. rate-limit accuracy (Sluice only) -------------------------------------------------------
+
+
+async def rate_limit_accuracy(ctx: Context, peer: SluicePeer, queue: str) -> Result:
+    """Consumers drain a big backlog through a rate-limited subscription for the measured
+    window; delivered messages are compared with rate x time + burst (SPEC: within 10%)."""
+    cfg = ctx.cfg
+    client = peer.client
+    assert client is not None
+    await client.put(f"/v1/topics/{queue}", json={})
+    sub = f"/v1/topics/{queue}/subscriptions/limited"
+    r = await client.put(
+        sub,
+        json={
+            "start": "earliest",
+            "rate_limit_per_second": cfg.rate_limit,
+            "rate_limit_burst": cfg.rate_burst,
+        },
+    )
+    r.raise_for_status()
+    backlog = int((cfg.rate_limit * cfg.seconds + cfg.rate_burst) * 1.5) + 100
+    await prefill(ctx, peer, queue, backlog)
+
+    delivered = 0
+    errors = 0
+    latencies: list[float] = []
+    start = clock()
+    stop_at = start + cfg.seconds
+
+    async def consumer() -> None:
+        nonlocal delivered, errors
+        while (left := stop_at - clock()) > 0:
+            t0 = clock()
+            r = await client.post(
+                sub + "/pull",
+                json={"max_messages": 50, "wait_seconds": round(min(2.0, left), 2)},
+            )
+            if clock() > stop_at:
+                return  # answered after the window: not counted
+            if r.status_code == 429:
+                await asyncio.sleep(min(1.0, float(r.headers.get("Retry-After", "1"))) / 4)
+                continue
+            if r.status_code != 200:
+                errors += 1
+                continue
+            messages = r.json()["messages"]
+            latencies.append((clock() - t0) * 1000)
+            delivered += len(messages)
+            if messages:
+                await client.post(sub + "/ack", json={"receipts": [m["receipt"] for m in messages]})
+
+    meter = ctx.meter(peer)
+    meter.start()
+    await asyncio.gather(*(consumer() for _ in range(cfg.rate_consumers)))
+    cpu = meter.stop()
+    # Only answers that arrived inside the window were counted, so the window is the time.
+    elapsed = stop_at - start
+    expected = cfg.rate_limit * elapsed + cfg.rate_burst
+    result = Result(
+        workload=f"rate limit {cfg.rate_limit:g}/s",
+        system=peer.name,
+        messages=delivered,
+        seconds=elapsed,
+        latencies_ms=latencies,
+        errors=errors,
+        cpu=cpu,
+    )
+    result.notes.append(
+        f"{cfg.rate_consumers} consumers; delivered {delivered} vs rate x time + burst "
+        f"{expected:.0f} ({(delivered - expected) / expected * 100:+.1f}%)"
+    )
     return result
