@@ -17,6 +17,7 @@ from tests.helpers import (
     create_subscription,
     nack,
     offsets_of,
+    publish,
     pull,
     stats,
     sub_path,
@@ -203,6 +204,18 @@ async def test_turning_ordering_off_releases_held_back_messages(client):
     await ack(client, topic, "s", [m["receipt"]])
     got = await pull(client, topic, "s", 10)
     assert offsets_of(got) == [a2, a3]
+
+
+async def test_turning_ordering_on_holds_back_behind_leases_taken_before(client):
+    topic = await topic_with_subscription(client, start="earliest")
+    await publish(client, topic, "k0", "k1", "k2", key="k")
+    (first,) = await pull(client, topic, "s", 1)  # leased while ordering was off
+    r = await client.put(sub_path(topic, "s"), json={"ordered_by_key": True})
+    assert r.status_code == 200, r.text
+    assert await pull(client, topic, "s", 10) == []  # "k1" waits behind the lease
+    await ack(client, topic, "s", [first["receipt"]])
+    got = await pull(client, topic, "s", 10)
+    assert [m["value"] for m in got] == ["k1"]
 
 
 async def test_batch_hands_out_heads_of_many_keys(client):

@@ -86,6 +86,8 @@ async def put_subscription(
                 await delivery_sql.release_blocked(
                     conn, existing["topic_id"], existing["sub_id"], ctx.clock.skew
                 )
+            elif config["ordered_by_key"] and not existing["ordered_by_key"]:
+                await delivery_sql.adopt_key_order(conn, existing["topic_id"], existing["sub_id"])
         row = await subs_sql.get_subscription(conn, topic, name)
         assert row is not None
         return row, existing is None

@@ -508,6 +508,30 @@ async def release_blocked(
     await conn.execute(_RELEASE_BLOCKED, topic_id, sub_id, skew)
 
 
+# ordered_by_key turned on: rows taken while it was off carry no key. Give them their key,
+# then hold back every waiting row that has an earlier pending row of the same key, so
+# from now on a key has at most its head deliverable (leases already out stay out).
+_ADOPT_KEYS = """
+UPDATE deliveries d SET key = m.key
+FROM messages m
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.state <> 'dead' AND d.key IS NULL
+  AND m.topic_id = d.topic_id AND m.msg_offset = d.msg_offset AND m.key IS NOT NULL
+"""
+_BLOCK_BEHIND_KEYS = """
+UPDATE deliveries d SET state = 'blocked'
+WHERE d.topic_id = $1 AND d.sub_id = $2 AND d.state = 'ready' AND d.key IS NOT NULL
+  AND EXISTS (SELECT 1 FROM deliveries e
+              WHERE e.topic_id = d.topic_id AND e.sub_id = d.sub_id AND e.key = d.key
+                AND e.state <> 'dead' AND e.msg_offset < d.msg_offset)
+"""
+
+
+async def adopt_key_order(conn: asyncpg.Connection, topic_id: int, sub_id: int) -> None:
+    """Needs the subscription row locked (no claim may run meanwhile)."""
+    await conn.execute(_ADOPT_KEYS, topic_id, sub_id)
+    await conn.execute(_BLOCK_BEHIND_KEYS, topic_id, sub_id)
+
+
 _DEAD_PAYLOADS = """
 SELECT msg_offset, key, headers, value FROM messages
 WHERE topic_id = $1 AND msg_offset = ANY($2::bigint[]) ORDER BY msg_offset
