@@ -43,12 +43,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     url, server = _database_url(start_embedded=True)
     metrics_dir = _metrics_dir(args.workers)
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, restoring the handler it
-    # found. Make that a no-op, so we get to stop the embedded Postgres and exit 0.
+    # While starting (migrations), a signal ends the process through `finally` below.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, _exit_on_signal)
     try:
         asyncio.run(migrate.upgrade(url))
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, restoring the handler
+        # it found. Make that a no-op, so we get to stop the embedded Postgres and exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         log.info("starting", extra={"host": args.host, "port": args.port, "workers": args.workers})
         uvicorn.run(
             "app.main:create_app",
@@ -72,6 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _log_config(level: str) -> dict[str, object]:
