@@ -9,11 +9,11 @@ import pytest
 from tests.conftest import unique
 from tests.helpers import (
     assert_problem,
-    create_subscription,
     create_topic,
     publish,
     pull,
     topic_path,
+    topic_with_subscription,
 )
 
 
@@ -174,9 +174,7 @@ async def test_get_with_invalid_offset_is_422(client, offset):
 
 
 async def test_browsing_does_not_consume(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", start="earliest")
+    topic = await topic_with_subscription(client, start="earliest")
     await publish(client, topic, "a", "b", "c")
     for _ in range(2):
         page = await browse(client, topic)

@@ -17,6 +17,7 @@ from tests.helpers import (
     pull,
     stats,
     sub_path,
+    topic_with_subscription,
 )
 
 
@@ -45,10 +46,8 @@ async def nack_until_dead(client, clock, topic, sub, count: int, attempts: int) 
 
 async def test_parked_after_max_deliveries_of_nacks(harness):
     client, clock = harness.client, harness.clock
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", max_deliveries=3, retry_min_seconds=1, retry_max_seconds=1
+    topic = await topic_with_subscription(
+        client, max_deliveries=3, retry_min_seconds=1, retry_max_seconds=1
     )
     [bad] = await publish(client, topic, {"poison": True}, key="k", headers={"a": "b"})
     [good] = await publish(client, topic, "fine")
@@ -123,10 +122,8 @@ async def test_parked_after_max_deliveries_of_expired_leases(harness):
 
 async def test_ack_on_the_last_attempt_is_not_dead_lettered(harness):
     client, clock = harness.client, harness.clock
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", max_deliveries=2, retry_min_seconds=1, retry_max_seconds=1
+    topic = await topic_with_subscription(
+        client, max_deliveries=2, retry_min_seconds=1, retry_max_seconds=1
     )
     await publish(client, topic, "m")
     [m] = await pull(client, topic, "s")
@@ -240,10 +237,8 @@ async def test_dead_lettering_still_parks_when_the_dead_letter_topic_is_gone(cli
 
 async def test_redrive_all_makes_them_deliverable_again_from_attempt_one(harness):
     client, clock = harness.client, harness.clock
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", max_deliveries=2, retry_min_seconds=1, retry_max_seconds=1
+    topic = await topic_with_subscription(
+        client, max_deliveries=2, retry_min_seconds=1, retry_max_seconds=1
     )
     offsets = await publish(client, topic, *range(5))
     await nack_until_dead(client, clock, topic, "s", 5, 2)
@@ -271,9 +266,7 @@ async def test_redrive_all_makes_them_deliverable_again_from_attempt_one(harness
 
 
 async def test_redrive_by_offsets(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", max_deliveries=1)
+    topic = await topic_with_subscription(client, max_deliveries=1)
     offsets = await publish(client, topic, *range(4))
     got = await pull(client, topic, "s", 10)
     await nack(client, topic, "s", [m["receipt"] for m in got])
@@ -298,9 +291,7 @@ async def test_redrive_by_offsets(client):
 
 async def test_dead_letter_listing_pages(harness):
     client = harness.client
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", max_deliveries=1)
+    topic = await topic_with_subscription(client, max_deliveries=1)
     offsets = await publish(client, topic, *range(7))
     got = await pull(client, topic, "s", 10)
     await nack(client, topic, "s", [m["receipt"] for m in got])
@@ -323,10 +314,8 @@ async def test_dead_letter_listing_pages(harness):
 
 async def test_a_lapsed_last_attempt_counts_as_dead_lettered_before_it_is_parked(harness):
     client, clock = harness.client, harness.clock
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", start="earliest", max_deliveries=1, ack_deadline_seconds=5
+    topic = await topic_with_subscription(
+        client, start="earliest", max_deliveries=1, ack_deadline_seconds=5
     )
     await publish(client, topic, "only", "other")
     assert len(await pull(client, topic, "s", 1)) == 1

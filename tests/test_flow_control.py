@@ -17,6 +17,7 @@ from tests.helpers import (
     publish,
     pull,
     sub_path,
+    topic_with_subscription,
 )
 
 
@@ -64,9 +65,7 @@ async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server
 
 
 async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", rate_limit_per_second=0.2, rate_limit_burst=2)
+    topic = await topic_with_subscription(client, rate_limit_per_second=0.2, rate_limit_burst=2)
     await publish(client, topic, *range(5))
 
     first = await client.post(sub_path(topic, "s") + "/pull", json={"max_messages": 5})
@@ -86,9 +85,7 @@ async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
 
 
 async def test_rate_limited_pull_with_nothing_to_deliver_is_empty_not_429(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", rate_limit_per_second=0.1, rate_limit_burst=1)
+    topic = await topic_with_subscription(client, rate_limit_per_second=0.1, rate_limit_burst=1)
     await publish(client, topic, "only")
     assert len(await pull(client, topic, "s", 5)) == 1
     # No tokens left, but also nothing deliverable: an empty answer, not a 429.
@@ -97,9 +94,7 @@ async def test_rate_limited_pull_with_nothing_to_deliver_is_empty_not_429(client
 
 async def test_tokens_refill_with_time(harness):
     client = harness.client
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", rate_limit_per_second=2, rate_limit_burst=4)
+    topic = await topic_with_subscription(client, rate_limit_per_second=2, rate_limit_burst=4)
     await publish(client, topic, *range(20))
     assert len(await pull(client, topic, "s", 20)) == 4
     harness.clock.advance(1.0)  # two more tokens
@@ -109,9 +104,7 @@ async def test_tokens_refill_with_time(harness):
 
 
 async def test_waiting_pull_gets_messages_when_tokens_arrive(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", rate_limit_per_second=4, rate_limit_burst=1)
+    topic = await topic_with_subscription(client, rate_limit_per_second=4, rate_limit_burst=1)
     await publish(client, topic, *range(3))
     assert len(await pull(client, topic, "s", 3)) == 1
     started = time.monotonic()
@@ -121,9 +114,7 @@ async def test_waiting_pull_gets_messages_when_tokens_arrive(client):
 
 
 async def test_max_in_flight_caps_leased_messages(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", max_in_flight=3)
+    topic = await topic_with_subscription(client, max_in_flight=3)
     await publish(client, topic, *range(10))
     first = await pull(client, topic, "s", 10)
     assert len(first) == 3
@@ -134,9 +125,7 @@ async def test_max_in_flight_caps_leased_messages(client):
 
 
 async def test_pull_waiting_at_max_in_flight_wakes_on_ack(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", max_in_flight=1)
+    topic = await topic_with_subscription(client, max_in_flight=1)
     await publish(client, topic, "a", "b")
     (held,) = await pull(client, topic, "s", 5)
 
@@ -153,9 +142,7 @@ async def test_pull_waiting_at_max_in_flight_wakes_on_ack(client):
 
 
 async def test_pull_at_max_in_flight_returns_empty_after_wait(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", max_in_flight=1)
+    topic = await topic_with_subscription(client, max_in_flight=1)
     await publish(client, topic, "a", "b")
     assert len(await pull(client, topic, "s", 5)) == 1
     started = time.monotonic()

@@ -7,12 +7,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import unique
 from tests.helpers import (
     ack,
     assert_problem,
-    create_subscription,
-    create_topic,
     drain,
     extend,
     nack,
@@ -150,10 +147,8 @@ async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it
 
 
 async def test_seek_keeps_key_order(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", start="earliest", ordered_by_key=True, ack_deadline_seconds=600
+    topic = await topic_with_subscription(
+        client, start="earliest", ordered_by_key=True, ack_deadline_seconds=600
     )
     r = await client.post(
         f"/v1/topics/{topic}/messages",

@@ -1,11 +1,9 @@
 from tests.conftest import unique
-from tests.helpers import ack, create_subscription, create_topic, publish, pull
+from tests.helpers import ack, publish, pull, topic_with_subscription
 
 
 async def test_publish_pull_ack_roundtrip(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", start="earliest")
+    topic = await topic_with_subscription(client, start="earliest")
     offsets = await publish(client, topic, {"n": 1}, {"n": 2})
     got = await pull(client, topic, "s", 10)
     assert [m["offset"] for m in got] == offsets

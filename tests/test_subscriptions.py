@@ -18,6 +18,7 @@ from tests.helpers import (
     pull,
     stats,
     sub_path,
+    topic_with_subscription,
 )
 
 DEFAULTS = {
@@ -183,9 +184,7 @@ async def test_invalid_options_are_422_and_nothing_is_created(client, body):
 
 
 async def test_update_is_validated_against_the_merged_config(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", retry_min_seconds=1, retry_max_seconds=5)
+    topic = await topic_with_subscription(client, retry_min_seconds=1, retry_max_seconds=5)
     assert_problem(await client.put(sub_path(topic, "s"), json={"retry_min_seconds": 6}), 422)
     await create_subscription(client, topic, "s", rate_limit_per_second=10, rate_limit_burst=3)
     # Removing the rate while its burst stays is refused too.
@@ -303,9 +302,7 @@ async def test_list_is_paged_in_name_order_with_stats(client):
 
 
 async def test_delete_is_204_then_404_and_recreate_starts_fresh(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s", start="earliest")
+    topic = await topic_with_subscription(client, start="earliest")
     await publish(client, topic, 1, 2)
     assert len(await pull(client, topic, "s", 1)) == 1
     r = await client.delete(sub_path(topic, "s"))
@@ -328,9 +325,7 @@ async def test_delete_is_204_then_404_and_recreate_starts_fresh(client):
 
 
 async def test_deleting_the_topic_deletes_its_subscriptions(client):
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(client, topic, "s")
+    topic = await topic_with_subscription(client)
     assert (await client.delete(f"/v1/topics/{topic}")).status_code == 204
     await create_topic(client, topic)
     assert_problem(await client.get(sub_path(topic, "s")), 404)
@@ -471,10 +466,8 @@ async def test_stats_across_a_lifecycle(harness):
 
 async def test_stats_count_expired_leases_as_backlog(harness):
     client, clock = harness.client, harness.clock
-    topic = unique()
-    await create_topic(client, topic)
-    await create_subscription(
-        client, topic, "s", ack_deadline_seconds=10, retry_min_seconds=5, retry_max_seconds=5
+    topic = await topic_with_subscription(
+        client, ack_deadline_seconds=10, retry_min_seconds=5, retry_max_seconds=5
     )
     await publish(client, topic, 1, 2)
     await pull(client, topic, "s", 2)
