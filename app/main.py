@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -40,6 +41,24 @@ messages with an ack deadline, retries with backoff, parks dead letters and can 
 
 Errors are RFC 9457 `application/problem+json`.
 """
+
+
+# Collect the youngest generation after this many new container objects instead of 700.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def _settle_garbage_collector() -> None:
+    """Profiling the publish path showed the cyclic garbage collector taking a quarter of the
+    server's time: a 100-message publish allocates thousands of objects, so generation-0
+    collections ran several times per request, and the older generations kept re-walking
+    everything built at start-up (FastAPI routes, pydantic schemas). Freezing what exists
+    once start-up is done takes those objects out of every later collection, and a higher
+    generation-0 threshold makes collections rarer. Reference counting still frees almost
+    everything at once; only cycles wait longer."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
 
 
 def _chain_sigterm(hub: WaiterHub) -> None:
@@ -92,6 +111,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
     rate_flusher = asyncio.create_task(ctx.rates.run(pool, lambda: clock.skew), name="sluice-rates")
     _chain_sigterm(hub)
+    _settle_garbage_collector()
     try:
         yield
     finally:

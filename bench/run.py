@@ -21,7 +21,7 @@ from bench.infra import ROOT, Postgres, SluiceServer
 from bench.peers import Peer, PeerUnavailable
 from bench.peers.pgmq import PgmqPeer
 from bench.peers.raw import RawPeer
-from bench.peers.sluice import SluicePeer
+from bench.peers.sluice import HTTP_CLIENTS, SluicePeer
 from bench.stats import Result, add_ratios, format_table
 
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sluice-pool-size", type=int, help="SLUICE_DB_POOL_SIZE for the server")
     p.add_argument("--peer-pool-size", type=int, default=10, help="asyncpg pool of raw and pgmq")
+    p.add_argument(
+        "--http-client",
+        choices=HTTP_CLIENTS,
+        default="aiohttp",
+        help="HTTP client of the load generator for Sluice (default %(default)s)",
+    )
     p.add_argument("--pgmq-poll-ms", type=int, default=100, help="read_with_poll interval")
     p.add_argument(
         "--profile-server",
@@ -154,6 +160,7 @@ class Run:
         await asyncio.to_thread(self.postgres.start)
         await self.postgres.locate_postmaster()
         self.info = machine_info(await self.postgres.version())
+        self.info["load generator for sluice"] = self.args.http_client
         if "sluice" in self.systems:
             self.sluice_url = await self.postgres.create_database("bench_sluice")
             await self.start_sluice(1, profile=self.args.profile_server)
@@ -190,7 +197,7 @@ class Run:
         server = SluiceServer(self.sluice_url, workers, self.tmp, env, profile_path=profile)
         await server.start()
         self.server = server
-        peer = SluicePeer(server.base_url, self.sluice_url)
+        peer = SluicePeer(server.base_url, self.sluice_url, http_client=self.args.http_client)
         peer.server_pid = server.pid
         await peer.start()
         # Sluice is always measured first, so keep it first in the dict.

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from bench.infra import CpuMeter, Postgres
 from bench.peers import Delivery, Peer
 from bench.peers.sluice import SluicePeer
@@ -437,19 +439,21 @@ async def rate_limit_accuracy(ctx: Context, peer: SluicePeer, queue: str) -> Res
     """Consumers drain a big backlog through a rate-limited subscription for the measured
     window; delivered messages are compared with rate x time + burst (SPEC: within 10%)."""
     cfg = ctx.cfg
-    client = peer.client
-    assert client is not None
-    await client.put(f"/v1/topics/{queue}", json={})
+    await peer.request("PUT", f"/v1/topics/{queue}", b"{}")
     sub = f"/v1/topics/{queue}/subscriptions/limited"
-    r = await client.put(
+    r = await peer.request(
+        "PUT",
         sub,
-        json={
-            "start": "earliest",
-            "rate_limit_per_second": cfg.rate_limit,
-            "rate_limit_burst": cfg.rate_burst,
-        },
+        orjson.dumps(
+            {
+                "start": "earliest",
+                "rate_limit_per_second": cfg.rate_limit,
+                "rate_limit_burst": cfg.rate_burst,
+            }
+        ),
     )
-    r.raise_for_status()
+    if r.status_code >= 300:
+        raise RuntimeError(f"PUT {sub}: {r.status_code} {r.content[:300]!r}")
     backlog = int((cfg.rate_limit * cfg.seconds + cfg.rate_burst) * 1.5) + 100
     await prefill(ctx, peer, queue, backlog)
 
@@ -463,9 +467,10 @@ async def rate_limit_accuracy(ctx: Context, peer: SluicePeer, queue: str) -> Res
         nonlocal delivered, errors
         while (left := stop_at - clock()) > 0:
             t0 = clock()
-            r = await client.post(
+            r = await peer.request(
+                "POST",
                 sub + "/pull",
-                json={"max_messages": 50, "wait_seconds": round(min(2.0, left), 2)},
+                orjson.dumps({"max_messages": 50, "wait_seconds": round(min(2.0, left), 2)}),
             )
             if clock() > stop_at:
                 return  # answered after the window: not counted
@@ -479,7 +484,8 @@ async def rate_limit_accuracy(ctx: Context, peer: SluicePeer, queue: str) -> Res
             latencies.append((clock() - t0) * 1000)
             delivered += len(messages)
             if messages:
-                await client.post(sub + "/ack", json={"receipts": [m["receipt"] for m in messages]})
+                receipts = [m["receipt"] for m in messages]
+                await peer.request("POST", sub + "/ack", orjson.dumps({"receipts": receipts}))
 
     meter = ctx.meter(peer)
     meter.start()

@@ -99,8 +99,9 @@ class Strict(BaseModel):
             return data
         names = _int_fields(cls)
         # The common case (no float where an integer goes) returns the input untouched:
-        # this runs for every message of a publish.
-        if not any(type(data.get(name)) in (float, list) for name in names):
+        # this runs for every message of a publish, so the test is one set intersection.
+        present = names & data.keys()
+        if not present or not any(type(data[name]) in (float, list) for name in present):
             return data
         return {name: _integral(value) if name in names else value for name, value in data.items()}
 

@@ -63,14 +63,20 @@ async def append(
         topic,
         len(messages),
         [m.value for m in messages],
-        [m.key for m in messages],
-        [m.headers for m in messages],
-        [m.delay_seconds for m in messages],
-        [m.dedup_id for m in messages],
+        _sparse([m.key for m in messages]),
+        _sparse([m.headers for m in messages]),
+        _sparse([m.delay_seconds or None for m in messages]),
+        _sparse([m.dedup_id for m in messages]),
         skew,
         largest_message_bytes,
     )
     return None if row is None else row["base"]
+
+
+def _sparse(column: list[object]) -> list[object] | None:
+    """NULL instead of an array of NULLs (most messages have no key, headers, delay or
+    dedup id): less to encode and send, and the multi-argument unnest pads it with NULLs."""
+    return column if any(value is not None for value in column) else None
 
 
 async def lock_topic(conn: asyncpg.Connection, topic: str) -> asyncpg.Record | None:

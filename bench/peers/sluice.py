@@ -1,8 +1,12 @@
-"""Sluice over HTTP (httpx), exactly as a client would use it."""
+"""Sluice over HTTP, exactly as a client would use it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 import asyncpg
 import httpx
@@ -12,38 +16,87 @@ from bench.peers import Delivery, Peer
 
 _JSON = {"content-type": "application/json"}
 
+# The load generator shares the machine with the server and Postgres, so its own cost
+# counts: for the same requests httpx used about three times the CPU of aiohttp and held the
+# server below what it can serve (bench/RESULTS.md). aiohttp is the default; `--http-client
+# httpx` keeps the other one measurable.
+HTTP_CLIENTS = ("aiohttp", "httpx")
+
+
+@dataclass(slots=True)
+class Reply:
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
 
 class SluicePeer(Peer):
     name = "sluice"
 
-    def __init__(self, base_url: str, database_url: str, max_connections: int = 2000) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        database_url: str,
+        max_connections: int = 2000,
+        http_client: str = "aiohttp",
+    ) -> None:
+        if http_client not in HTTP_CLIENTS:
+            raise ValueError(f"http client must be one of {HTTP_CLIENTS}")
         self.base_url = base_url
+        self.http_client = http_client
         self._database_url = database_url
         self._max_connections = max_connections
-        self.client: httpx.AsyncClient | None = None
+        self._httpx: httpx.AsyncClient | None = None
+        self._aiohttp: aiohttp.ClientSession | None = None
         self.server_pid: int | None = None
 
     async def start(self) -> None:
+        # Keep-alive below uvicorn's timeout (5 s) so we never reuse a closing socket.
+        if self.http_client == "aiohttp":
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, keepalive_timeout=3.0, force_close=False
+            )
+            self._aiohttp = aiohttp.ClientSession(
+                base_url=self.base_url,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=60.0),
+                skip_auto_headers=("User-Agent",),
+            )
+            return
         limits = httpx.Limits(
             max_connections=self._max_connections,
             max_keepalive_connections=self._max_connections,
-            # Below uvicorn's keep-alive timeout (5 s) so we never reuse a closing socket.
             keepalive_expiry=3.0,
         )
-        self.client = httpx.AsyncClient(
+        self._httpx = httpx.AsyncClient(
             base_url=self.base_url, limits=limits, timeout=httpx.Timeout(60.0)
         )
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        if self._httpx is not None:
+            await self._httpx.aclose()
+            self._httpx = None
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+            self._aiohttp = None
 
-    async def _send(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        assert self.client is not None
-        response = await self.client.request(method, path, content=body, headers=_JSON)
+    async def request(self, method: str, path: str, body: bytes | None = None) -> Reply:
+        """One HTTP request; any status comes back (no exception for 4xx/5xx)."""
+        if self._aiohttp is not None:
+            async with self._aiohttp.request(method, path, data=body, headers=_JSON) as reply:
+                return Reply(reply.status, reply.headers, await reply.read())
+        assert self._httpx is not None, "start() first"
+        response = await self._httpx.request(method, path, content=body, headers=_JSON)
+        return Reply(response.status_code, response.headers, response.content)
+
+    async def _send(self, method: str, path: str, body: bytes | None = None) -> Reply:
+        response = await self.request(method, path, body)
         if response.status_code >= 300:
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:300]}")
+            text = response.content[:300].decode(errors="replace")
+            raise RuntimeError(f"{method} {path}: {response.status_code} {text}")
         return response
 
     async def create_queue(self, queue: str, subscribers: int = 1) -> None:
