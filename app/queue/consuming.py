@@ -136,7 +136,10 @@ async def pull(
 async def _settle(
     ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], action: str, **kwargs: object
 ) -> SettleOutcome:
-    offsets, tokens, by_offset, invalid = receipts.split(receipt_list)
+    keys = receipts.decode_all(receipt_list)
+    valid = [key for key in keys if key is not None]
+    offsets = [offset for offset, _ in valid]
+    tokens = [token for _, token in valid]
     async with ctx.pool.acquire() as conn:
         operation = getattr(delivery_sql, action)
         settled = await operation(conn, topic, sub, offsets, tokens, skew=ctx.clock.skew, **kwargs)
@@ -157,17 +160,17 @@ async def _settle(
         )
     # Which receipt was applied is told by its token: one offset may come with several
     # receipts (an old attempt's and the current one), and only the current one applies.
-    done = set(zip(settled.done, settled.done_tokens, strict=True))
-    stale = list(invalid)
+    done = {
+        (offset, token.hex) for offset, token in zip(settled.done, settled.done_tokens, strict=True)
+    }
+    stale: list[str] = []
     applied = 0
-    for given in by_offset.values():
-        for receipt in given:
-            decoded = receipts.decode(receipt)
-            if decoded in done:
-                applied += 1
-                done.discard(decoded)  # a receipt given twice is applied once: repeat stale
-            else:
-                stale.append(receipt)
+    for receipt, key in zip(receipt_list, keys, strict=True):
+        if key is not None and key in done:
+            applied += 1
+            done.discard(key)  # a receipt given twice is applied once: the repeat is stale
+        else:
+            stale.append(receipt)
     return SettleOutcome(applied, stale, settled.lease_until)
 
 

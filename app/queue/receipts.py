@@ -9,7 +9,7 @@ attempt's receipt can never act on a newer lease.
 from __future__ import annotations
 
 import base64
-import binascii
+import re
 import struct
 import uuid
 
@@ -20,34 +20,31 @@ def encode(offset: int, token: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(_LAYOUT.pack(offset, token.bytes)).decode().rstrip("=")
 
 
-def decode(receipt: str) -> tuple[int, uuid.UUID] | None:
-    """(offset, token), or None for anything that is not a receipt we could have issued."""
-    if len(receipt) != 32:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(receipt + "====")
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != _LAYOUT.size:
-        return None
-    offset, token = _LAYOUT.unpack(raw)
-    return offset, uuid.UUID(bytes=token)
+# A receipt is exactly 32 characters of the URL-safe base64 alphabet (24 bytes, no padding).
+_RECEIPT_LENGTH = 32
+_ALPHABET_ONLY = re.compile(r"[A-Za-z0-9_-]*")
+
+# (offset, token as 32 hex digits): what the database compares a receipt with.
+Key = tuple[int, str]
 
 
-def split(
-    receipts: list[str],
-) -> tuple[list[int], list[uuid.UUID], dict[int, list[str]], list[str]]:
-    """Decode a batch: (offsets, tokens, receipts by offset, undecodable receipts)."""
-    offsets: list[int] = []
-    tokens: list[uuid.UUID] = []
-    by_offset: dict[int, list[str]] = {}
-    invalid: list[str] = []
-    for receipt in receipts:
-        decoded = decode(receipt)
-        if decoded is None:
-            invalid.append(receipt)
-            continue
-        offsets.append(decoded[0])
-        tokens.append(decoded[1])
-        by_offset.setdefault(decoded[0], []).append(receipt)
-    return offsets, tokens, by_offset, invalid
+def decode(receipt: str) -> Key | None:
+    """(offset, token hex), or None for anything that is not a receipt we could have issued."""
+    if len(receipt) != _RECEIPT_LENGTH or not _ALPHABET_ONLY.fullmatch(receipt):
+        return None
+    offset, token = _LAYOUT.unpack(base64.urlsafe_b64decode(receipt))
+    return offset, token.hex()
+
+
+def decode_all(receipts: list[str]) -> list[Key | None]:
+    """decode() of each receipt, in order. A batch of well-formed receipts (the usual ack of
+    a whole pull) is one base64 decode of their concatenation: 32 characters are 24 bytes
+    exactly, so receipts never share a byte."""
+    if (
+        receipts
+        and all(len(receipt) == _RECEIPT_LENGTH for receipt in receipts)
+        and _ALPHABET_ONLY.fullmatch(joined := "".join(receipts))
+    ):
+        raw = base64.urlsafe_b64decode(joined)
+        return [(offset, token.hex()) for offset, token in _LAYOUT.iter_unpack(raw)]
+    return [decode(receipt) for receipt in receipts]

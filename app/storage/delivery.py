@@ -695,7 +695,7 @@ async def ack(
     topic: str,
     subscription: str,
     offsets: list[int],
-    tokens: list[uuid.UUID],
+    tokens: list[str],
     skew: float,
 ) -> Settled:
     row = await conn.fetchrow(_ACK, topic, subscription, offsets, tokens, skew)
@@ -753,7 +753,7 @@ async def nack(
     topic: str,
     subscription: str,
     offsets: list[int],
-    tokens: list[uuid.UUID],
+    tokens: list[str],
     delay_seconds: float | None,
     skew: float,
 ) -> Settled:
@@ -791,7 +791,7 @@ async def extend(
     topic: str,
     subscription: str,
     offsets: list[int],
-    tokens: list[uuid.UUID],
+    tokens: list[str],
     ack_deadline_seconds: float,
     skew: float,
 ) -> Settled:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-
 import asyncpg
 import httpx
 import orjson
