@@ -154,6 +154,20 @@ SET next_offset = $3, tokens = $4, tokens_at = $5, delivered_total = delivered_t
 WHERE topic_id = $1 AND sub_id = $2
 """
 
+
+def _first_due(topic_id: str, sub_id: str, now: str) -> str:
+    """SQL: the due time of the subscription's earliest row due for (re)delivery, or NULL.
+
+    Always written in due order with LIMIT 1, so that Postgres walks the due index from the
+    subscription's start up to `now` and stops there. Plain EXISTS forms were planned as
+    sequential scans or anti joins over the due rows of every subscription once the table
+    statistics showed many leased rows (generic plans cannot tell subscriptions apart)."""
+    return f"""(SELECT d.due_at FROM deliveries d
+        WHERE d.topic_id = {topic_id} AND d.sub_id = {sub_id}
+          AND d.state IN ('ready', 'leased') AND d.due_at <= {now}
+        ORDER BY d.due_at LIMIT 1)"""
+
+
 # The next moment something changes by time alone: a row becoming due (delay, backoff,
 # expiry) or, for a subscription at its in-flight cap, a lease ending. Only future times:
 # rows already due but not claimable (locked by a concurrent ack) must not cause a spin.
@@ -161,21 +175,22 @@ _NEXT_DUE = """
 SELECT (SELECT due_at FROM deliveries
          WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at > $4
          ORDER BY due_at LIMIT 1) AS next_due,
+       -- A lease ending after $4 is due after it too (due_at >= lease_until): the range
+       -- condition on due_at keeps this on the due index.
        CASE WHEN $3 THEN (SELECT min(lease_until) FROM deliveries
-         WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased' AND lease_until > $4)
+         WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at > $4
+           AND state = 'leased' AND lease_until > $4)
        END AS next_lease_end
 """
 
+# due_at >= lease_until for leases, so the due_at range keeps the count on the due index.
 _IN_FLIGHT = """
 SELECT count(*) FROM deliveries
-WHERE topic_id = $1 AND sub_id = $2 AND state = 'leased' AND lease_until > $3
+WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at > $3
+  AND state = 'leased' AND lease_until > $3
 """
 
-_HAS_DUE = """
-SELECT EXISTS (SELECT 1 FROM deliveries
-               WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased')
-                 AND due_at <= $3)
-"""
+_HAS_DUE = f"SELECT {_first_due('$1', '$2', '$3')} IS NOT NULL"
 
 # Lock-free look before a claim (one round trip), which picks the cheapest way to claim:
 # - idle: nothing new in the log and nothing due, so nothing to lease. The claim skips the
@@ -185,32 +200,43 @@ SELECT EXISTS (SELECT 1 FROM deliveries
 # - fresh: only new log messages to hand out, no flow control, no key ordering, nothing due
 #   for redelivery: one statement does the whole claim (_CLAIM_FRESH).
 # - otherwise the full claim transaction.
-_PROBE = """
+_PROBE = f"""
 WITH n AS (SELECT sluice_now($3) AS now)
 SELECT s.topic_id, s.sub_id, n.now, s.next_offset < t.next_offset AS log_ahead,
        s.rate_limit_per_second IS NULL AND s.max_in_flight IS NULL AND NOT s.ordered_by_key
            AS unlimited,
        s.rate_limit_per_second IS NULL AS no_bucket,
-       EXISTS (SELECT 1 FROM deliveries d
-               WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-                 AND d.state IN ('ready', 'leased') AND d.due_at <= n.now) AS has_due
+       {_first_due("s.topic_id", "s.sub_id", "n.now")} IS NOT NULL AS has_due
 FROM subscriptions s JOIN topics t USING (topic_id), n
 WHERE t.name = $1 AND s.name = $2
 """
 
-# The whole claim of fresh log messages in one statement: lock the subscription row, read
-# the log from the cursor, insert the deliveries rows (leased, or ready at their delivery
-# time for delayed messages), move the cursor, return the leased payloads. Under READ
-# COMMITTED the locked row is re-read after a concurrent claim commits, so the cursor used
-# is always the newest; messages are read from the statement's snapshot, so anything the
-# snapshot does not see stays beyond the new cursor for the next claim.
+# The whole claim of fresh log messages in one statement (one round trip): find and lock the
+# subscription row by name, read the log from the cursor, insert the deliveries rows
+# (leased, or ready at their delivery time for delayed messages), move the cursor, and
+# return the leased messages with their payloads.
+# It applies only when the subscription has no flow control and no key ordering, nothing is
+# due for redelivery and the log is ahead of the cursor; otherwise the WHERE clause leaves
+# the row unlocked and nothing comes back, and claim() looks closer (the probe). An idle
+# subscription is therefore never locked here: idle long-polls re-check in parallel.
+# Under READ COMMITTED the locked row is re-checked after a concurrent claim commits, so
+# the cursor used is always the newest; messages are read from the statement's snapshot,
+# so anything the snapshot does not see stays beyond the new cursor for the next claim.
 _CLAIM_FRESH = f"""
-WITH s AS (
-    SELECT topic_id, sub_id, next_offset, max_deliveries, retry_min_seconds,
-           retry_max_seconds, coalesce($4::float8, ack_deadline_seconds::float8) AS deadline,
-           sluice_now($5) AS now
-    FROM subscriptions WHERE topic_id = $1 AND sub_id = $2
-    FOR UPDATE
+WITH n AS (
+    -- Materialised once (sluice_now is volatile): a plain value the due-index scan below
+    -- can start and stop at, instead of a filter over every entry of the subscription.
+    SELECT sluice_now($5) AS now
+), s AS (
+    SELECT s.topic_id, s.sub_id, s.next_offset, s.max_deliveries, s.retry_min_seconds,
+           s.retry_max_seconds,
+           coalesce($4::float8, s.ack_deadline_seconds::float8) AS deadline, n.now
+    FROM subscriptions s JOIN topics t USING (topic_id), n
+    WHERE t.name = $1 AND s.name = $2 AND s.next_offset < t.next_offset
+      AND s.rate_limit_per_second IS NULL AND s.max_in_flight IS NULL AND NOT s.ordered_by_key
+      -- nothing due for redelivery (now as an InitPlan value: an index bound)
+      AND {_first_due("s.topic_id", "s.sub_id", "(SELECT now FROM n)")} IS NULL
+    FOR UPDATE OF s
 ), fresh AS (
     -- LATERAL with its own ORDER BY/LIMIT: an index range scan from the cursor that stops
     -- after $3 rows, however long the backlog behind it.
@@ -233,7 +259,7 @@ WITH s AS (
            CASE WHEN f.delayed THEN NULL ELSE gen_random_uuid() END,
            CASE WHEN f.delayed THEN 0 ELSE 1 END
     FROM s, fresh f
-    RETURNING msg_offset, attempts, lease_token, lease_until
+    RETURNING topic_id, msg_offset, attempts, lease_token, lease_until
 ), moved AS (
     UPDATE subscriptions u
     SET next_offset = (SELECT max(msg_offset) + 1 FROM fresh),
@@ -241,16 +267,12 @@ WITH s AS (
     FROM s
     WHERE u.topic_id = s.topic_id AND u.sub_id = s.sub_id AND EXISTS (SELECT 1 FROM fresh)
 )
-SELECT msg_offset, attempts, lease_token, lease_until FROM ins
-WHERE lease_token IS NOT NULL
-ORDER BY msg_offset
-"""
-
-# Payloads of freshly leased messages, read after the claim committed: the subscription
-# row lock, which serialises claims, is not held while 100 KB of values go over the wire.
-_PAYLOADS = """
-SELECT msg_offset, published_at, key, headers, value FROM messages
-WHERE topic_id = $1 AND msg_offset = ANY($2::bigint[])
+SELECT s.topic_id, s.sub_id, s.now, i.msg_offset, i.attempts, i.lease_token, i.lease_until,
+       m.published_at, m.key, m.headers, m.value
+FROM s
+JOIN ins i ON i.lease_token IS NOT NULL
+JOIN messages m ON m.topic_id = i.topic_id AND m.msg_offset = i.msg_offset
+ORDER BY i.msg_offset
 """
 
 
@@ -267,6 +289,30 @@ def _record(row: Mapping[str, Any]) -> Delivered:
     )
 
 
+async def _claim_fresh(
+    conn: asyncpg.Connection,
+    topic: str,
+    subscription: str,
+    max_messages: int,
+    ack_deadline_seconds: int | None,
+    skew: float,
+) -> ClaimResult | None:
+    """The one-statement claim when it applies and leases something, else None."""
+    rows = await conn.fetch(
+        _CLAIM_FRESH, topic, subscription, max_messages, ack_deadline_seconds, skew
+    )
+    if not rows:
+        return None
+    first = rows[0]
+    return ClaimResult(
+        found=True,
+        topic_id=first["topic_id"],
+        sub_id=first["sub_id"],
+        now=first["now"],
+        messages=[_record(row) for row in rows],
+    )
+
+
 async def claim(
     conn: asyncpg.Connection,
     topic: str,
@@ -275,6 +321,11 @@ async def claim(
     ack_deadline_seconds: int | None,
     skew: float,
 ) -> ClaimResult:
+    # Most pulls of a busy subscription are served by the one-statement claim; only when it
+    # does not apply (or found only delayed messages) does the claim look closer.
+    fresh = await _claim_fresh(conn, topic, subscription, max_messages, ack_deadline_seconds, skew)
+    if fresh is not None:
+        return fresh
     probe = await conn.fetchrow(_PROBE, topic, subscription, skew)
     if probe is None:
         return ClaimResult(found=False)
@@ -289,26 +340,14 @@ async def claim(
             found=True, topic_id=topic_id, sub_id=sub_id, now=now, next_due=due["next_due"]
         )
     if probe["unlimited"] and not probe["has_due"]:
-        leases = await conn.fetch(
-            _CLAIM_FRESH, topic_id, sub_id, max_messages, ack_deadline_seconds, skew
+        # Messages arrived since the first try, or a concurrent claim moved the cursor: one
+        # more try; if it still leases nothing (only delayed messages were there), the full
+        # claim below works out when to look again.
+        fresh = await _claim_fresh(
+            conn, topic, subscription, max_messages, ack_deadline_seconds, skew
         )
-        if leases:
-            payloads = await conn.fetch(_PAYLOADS, topic_id, [r["msg_offset"] for r in leases])
-            by_offset = {p["msg_offset"]: p for p in payloads}
-            return ClaimResult(
-                found=True,
-                topic_id=topic_id,
-                sub_id=sub_id,
-                now=now,
-                # A message removed by retention in between is skipped; its lease lapses.
-                messages=[
-                    _record({**lease, **by_offset[lease["msg_offset"]]})
-                    for lease in leases
-                    if lease["msg_offset"] in by_offset
-                ],
-            )
-        # Only delayed messages were there (or another claim took them): the full claim
-        # below works out when to look again.
+        if fresh is not None:
+            return fresh
     async with conn.transaction():
         # This path may dead-letter and publish copies to a dead-letter topic: commit it
         # durably even on the claim pool (whose sessions do not wait for the WAL flush).

@@ -98,11 +98,15 @@ async def subscriptions_with_expiring_leases(
     return await conn.fetch(
         """
         SELECT t.name AS topic, s.name FROM subscriptions s JOIN topics t USING (topic_id)
-        WHERE s.max_deliveries > 0 AND EXISTS (
-            SELECT 1 FROM deliveries d
+        CROSS JOIN (SELECT sluice_now($1) AS now) n
+        WHERE s.max_deliveries > 0 AND (
+            -- in due order with LIMIT 1: a walk of the due index up to now (see
+            -- delivery._first_due), never a scan of every subscription's rows
+            SELECT true FROM deliveries d
             WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-              AND d.state IN ('ready', 'leased') AND d.due_at <= sluice_now($1)
-              AND d.attempts >= s.max_deliveries)
+              AND d.state IN ('ready', 'leased') AND d.due_at <= n.now
+              AND d.attempts >= s.max_deliveries
+            ORDER BY d.due_at LIMIT 1)
         """,
         skew,
     )
