@@ -1,7 +1,8 @@
 """Receipts: opaque tokens naming one delivery attempt.
 
-A receipt is the message offset plus the lease's random 128-bit fencing token
-(gen_random_uuid() or uuid4, both from a cryptographic source). The token is checked in
+A receipt is the message offset plus the lease's 128-bit fencing token: gen_random_uuid()
+(a cryptographic source), or for fresh claims MD5 of a per-claim gen_random_uuid() secret
+and the offset (see storage.delivery._CLAIM_FRESH). The token is checked in
 the WHERE clause of every ack/nack/extend, so a receipt cannot be guessed and an old
 attempt's receipt can never act on a newer lease.
 """

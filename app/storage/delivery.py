@@ -230,7 +230,8 @@ WITH n AS (
 ), s AS (
     SELECT s.topic_id, s.sub_id, s.next_offset, s.max_deliveries, s.retry_min_seconds,
            s.retry_max_seconds,
-           coalesce($4::float8, s.ack_deadline_seconds::float8) AS deadline, n.now
+           coalesce($4::float8, s.ack_deadline_seconds::float8) AS deadline, n.now,
+           gen_random_uuid()::text AS secret
     FROM subscriptions s JOIN topics t USING (topic_id), n
     WHERE t.name = $1 AND s.name = $2 AND s.next_offset < t.next_offset
       AND s.rate_limit_per_second IS NULL AND s.max_in_flight IS NULL AND NOT s.ordered_by_key
@@ -256,7 +257,11 @@ WITH n AS (
                 ELSE s.now + make_interval(secs => s.deadline)
                      + make_interval(secs => {_BACKOFF_FRESH}) END,
            CASE WHEN f.delayed THEN NULL ELSE s.now + make_interval(secs => s.deadline) END,
-           CASE WHEN f.delayed THEN NULL ELSE gen_random_uuid() END,
+           -- The fencing token: MD5 of the claim's random secret and the offset. One random
+           -- draw per claim instead of per row (gen_random_uuid() was a quarter of the
+           -- claim's time), yet tokens stay distinct per row, which acks rely on, and
+           -- cannot be derived without the 128-bit secret, which never leaves Postgres.
+           CASE WHEN f.delayed THEN NULL ELSE md5(s.secret || f.msg_offset::text)::uuid END,
            CASE WHEN f.delayed THEN 0 ELSE 1 END
     FROM s, fresh f
     RETURNING topic_id, msg_offset, attempts, lease_token, lease_until
