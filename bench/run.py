@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -335,12 +336,23 @@ def vars_of(cfg: w.Config) -> dict[str, object]:
 
 async def main_async(args: argparse.Namespace, command: str) -> int:
     run = Run(args)
+    # SIGTERM (or Ctrl-C) stops the run the same way as the timeout: the server and the
+    # embedded Postgres this run started are stopped, and what was measured is reported.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, task.cancel)
     try:
         async with asyncio.timeout(args.timeout):
             await run.setup()
             await run.run_workloads()
     except TimeoutError:
         log(f"timed out after {args.timeout:.0f}s; reporting what was measured")
+    except asyncio.CancelledError:
+        task.uncancel()
+        log("stopped by a signal; reporting what was measured")
     finally:
         await run.teardown()
     print(run.report(command), flush=True)

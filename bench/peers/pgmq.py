@@ -132,4 +132,4 @@ class PgmqPeer(Peer):
 
     async def settle(self) -> None:
         assert self.pool is not None
-        await self.pool.execute("ANALYZE")
+        await self.pool.execute("VACUUM ANALYZE")

@@ -146,4 +146,4 @@ class RawPeer(Peer):
 
     async def settle(self) -> None:
         assert self.pool is not None
-        await self.pool.execute("ANALYZE")
+        await self.pool.execute("VACUUM ANALYZE")

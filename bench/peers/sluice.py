@@ -137,7 +137,7 @@ class SluicePeer(Peer):
     async def settle(self) -> None:
         conn = await asyncpg.connect(self._database_url)
         try:
-            await conn.execute("ANALYZE")
+            await conn.execute("VACUUM ANALYZE")
         finally:
             await conn.close()
 
