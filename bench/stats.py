@@ -71,6 +71,29 @@ def _cpu(result: Result) -> str:
     return " / ".join(parts) or "-"
 
 
+def keep_medians(results: list[Result]) -> list[Result]:
+    """One row per (workload, system): where a phase was repeated, the row with the median
+    msgs/s, noting every repetition's rate; rows keep their first position."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for row in results:
+        groups.setdefault((row.workload, row.system), []).append(row)
+    kept: list[Result] = []
+    for row in results:
+        group = groups.pop((row.workload, row.system), None)
+        if group is None:
+            continue
+        if len(group) == 1:
+            kept.append(row)
+            continue
+        ranked = sorted(group, key=lambda r: r.rate)
+        median = ranked[(len(ranked) - 1) // 2]
+        rates = ", ".join(f"{r.rate:,.0f}" for r in group)
+        median.notes.append(f"median of {len(group)} runs in rotated order ({rates})")
+        median.errors = sum(r.errors for r in group)
+        kept.append(median)
+    return kept
+
+
 def add_ratios(results: list[Result], baseline_of: dict[str, str]) -> None:
     """For each Sluice row, msgs/s divided by each peer's msgs/s on the same workload.
 

@@ -19,6 +19,7 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
         "--workloads", "publish,consume",
         "--seconds", "0.5", "--warmup", "0",
         "--prefill", "300", "--prefill-single", "200", "--consume-cap", "20",
+        "--repeat", "2",
         "--timeout", "150",
         "--json", str(out),
     ]  # fmt: skip
@@ -40,3 +41,6 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
             assert row["rate"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] > 0, row
     for workload in ("publish b100", "consume b100"):
         assert rows[(workload, "sluice")]["ratios"]["raw"] > 0
+        # repeated phases: one median row per system, naming every round's rate
+        for system in systems:
+            assert any("median of 2 runs" in note for note in rows[(workload, system)]["notes"])
