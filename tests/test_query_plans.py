@@ -33,6 +33,29 @@ HOT_STATEMENTS = {
     ),
     "in_flight": (delivery._IN_FLIGHT, "bigint, bigint, timestamptz", "{topic}, {sub}, now()"),
 }
+_RECEIPTS = "ARRAY[1, 2, 3]::bigint[], ARRAY[gen_random_uuid(), gen_random_uuid()]"
+SETTLE_STATEMENTS = {
+    "ack": (
+        delivery._ACK,
+        "text, text, bigint[], uuid[], float8",
+        f"'plans', 'idle', {_RECEIPTS}, 0",
+    ),
+    "ack_locked": (
+        delivery._ACK_LOCKED,
+        "bigint, bigint, bigint[], uuid[], timestamptz",
+        f"{{topic}}, {{sub}}, {_RECEIPTS}, now()",
+    ),
+    "nack_locked": (
+        delivery._NACK_LOCKED,
+        "bigint, bigint, bigint[], uuid[], timestamptz, int, float8, float8, float8",
+        f"{{topic}}, {{sub}}, {_RECEIPTS}, now(), 10, NULL, 1, 600",
+    ),
+    "extend": (
+        delivery._EXTEND,
+        "text, text, bigint[], uuid[], float8, float8",
+        f"'plans', 'idle', {_RECEIPTS}, 0, 30",
+    ),
+}
 
 
 @pytest.fixture
@@ -76,7 +99,7 @@ async def skewed_db(fresh_db_url: str) -> str:
 async def _explain(url: str, name: str, options: str = "") -> str:
     """The plan the server would run: prepared, with plan_cache_mode = force_generic_plan
     as in the server's sessions (app.storage.db)."""
-    sql, types, args = HOT_STATEMENTS[name]
+    sql, types, args = {**HOT_STATEMENTS, **SETTLE_STATEMENTS}[name]
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("SET plan_cache_mode = force_generic_plan")
@@ -105,6 +128,13 @@ async def test_due_lookups_walk_the_due_index(skewed_db: str, name: str) -> None
     assert "Seq Scan on deliveries" not in plan, plan
     assert "Anti Join" not in plan, plan
     assert "deliveries_due" in plan, plan
+
+
+@pytest.mark.parametrize("name", sorted(SETTLE_STATEMENTS))
+async def test_acks_look_up_receipts_by_primary_key(skewed_db: str, name: str) -> None:
+    plan = await _explain(skewed_db, name)
+    assert "Seq Scan on deliveries" not in plan, plan
+    assert "deliveries_pkey" in plan, plan
 
 
 @pytest.mark.parametrize("name", ["probe", "claim_fresh"])
