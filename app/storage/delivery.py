@@ -192,13 +192,13 @@ WHERE topic_id = $1 AND sub_id = $2 AND state IN ('ready', 'leased') AND due_at 
 
 _HAS_DUE = f"SELECT {_first_due('$1', '$2', '$3')} IS NOT NULL"
 
-# Lock-free look before a claim (one round trip), which picks the cheapest way to claim:
+# Lock-free look (one round trip) when the one-statement fresh claim (_CLAIM_FRESH, tried
+# first) leased nothing; it picks the way on:
 # - idle: nothing new in the log and nothing due, so nothing to lease. The claim skips the
 #   subscription row lock (which serialises claims) and writes nothing; re-checks of many
 #   idle long-polls stay cheap and parallel. Rate-limited subscriptions always take the full
 #   claim (it refills their token bucket).
-# - fresh: only new log messages to hand out, no flow control, no key ordering, nothing due
-#   for redelivery: one statement does the whole claim (_CLAIM_FRESH).
+# - fresh after all: messages arrived (or the cursor moved) since the first try: try again.
 # - otherwise the full claim transaction.
 _PROBE = f"""
 WITH n AS (SELECT sluice_now($3) AS now)
