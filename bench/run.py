@@ -21,12 +21,13 @@ from bench import workloads as w
 from bench.infra import ROOT, Postgres, SluiceServer
 from bench.peers import Peer, PeerUnavailable
 from bench.peers.pgmq import PgmqPeer
+from bench.peers.rabbitmq import RabbitPeer
 from bench.peers.raw import RawPeer
 from bench.peers.sluice import HTTP_CLIENTS, SluicePeer
 from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
-ALL_SYSTEMS = ("sluice", "raw", "pgmq")
+ALL_SYSTEMS = ("sluice", "raw", "pgmq", "rabbitmq")
 DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
 
 # --quick: a couple of minutes in total instead of ~10 (explicit flags still win).
@@ -185,6 +186,9 @@ class Run:
                     poll_interval_ms=self.args.pgmq_poll_ms,
                 )
             )
+        if "rabbitmq" in self.systems:
+            log("starting RabbitMQ (a reference point; skipped when not installed)")
+            await self.add_peer(RabbitPeer(self.tmp / "rabbitmq"))
 
     async def add_peer(self, peer: Peer) -> None:
         try:
@@ -336,7 +340,8 @@ class Run:
             "msgs/s in parentheses: fixed-rate or idle phases (not a throughput score). "
             "latency of: op = request round trip, e2e = publish start -> delivery, "
             "wake = publish start -> a waiting long-poll returns it. "
-            "cpu: % of one core (sluice server tree / all Postgres processes / this bench)."
+            "cpu: % of one core (the server's process tree: Sluice or the RabbitMQ broker / "
+            "all Postgres processes / this bench)."
         )
         return "\n".join(lines)
 

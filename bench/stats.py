@@ -64,7 +64,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def _cpu(result: Result) -> str:
     parts = []
-    for key, label in (("server", "sluice"), ("pg", "pg"), ("bench", "bench")):
+    # "server": the system's own server process tree (Sluice, or RabbitMQ's broker).
+    for key, label in (("server", result.system), ("pg", "pg"), ("bench", "bench")):
         value = result.cpu.get(key)
         if value is not None:
             parts.append(f"{label} {value:.0f}")
@@ -126,7 +127,7 @@ def format_table(results: list[Result]) -> str:
         "latency of",
         "vs raw",
         "vs pgmq",
-        "cpu % (sluice/pg/bench)",
+        "cpu % (server/pg/bench)",
         "errors",
         "notes",
     ]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.peers.rabbitmq import rabbitmq_server
 from bench.run import DEFAULT_PGMQ_SQL
 from tests.conftest import ROOT
 
@@ -16,6 +17,7 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "bench.run",
         "--database-url", pg_server,
+        "--systems", "sluice,raw,pgmq",
         "--workloads", "publish,consume",
         "--seconds", "0.5", "--warmup", "0",
         "--prefill", "300", "--prefill-single", "200", "--consume-cap", "20",
@@ -44,3 +46,36 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
         # repeated phases: one median row per system, naming every round's rate
         for system in systems:
             assert any("median of 2 runs" in note for note in rows[(workload, system)]["notes"])
+
+
+def test_bench_rabbitmq_reference(tmp_path: Path) -> None:
+    """The optional RabbitMQ peer: measured when Debian's rabbitmq-server is installed (the
+    bench starts and stops its own broker on 127.0.0.1), else skipped by the bench with a
+    message saying how to install it. Either way the run ends cleanly."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "bench.run",
+        "--systems", "rabbitmq", "--workloads", "publish,consume",
+        "--seconds", "0.5", "--warmup", "0", "--repeat", "1",
+        "--prefill", "300", "--prefill-single", "200", "--consume-cap", "20",
+        "--timeout", "150", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    if rabbitmq_server() is None:
+        assert "skipping rabbitmq: rabbitmq-server is not installed" in done.stderr, done.stderr
+        assert "apt install rabbitmq-server" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["workload"], r["system"]): r for r in json.loads(out.read_text())["results"]}
+    for workload in ("publish b100", "publish b1", "consume b100", "consume b1"):
+        row = rows[(workload, "rabbitmq")]
+        assert row["errors"] == 0 and row["rate"] > 0, row
+    # the broker and its epmd were stopped with the run
+    assert not [line for line in _processes() if "sluicebench" in line or "epmd -address" in line]
+
+
+def _processes() -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return listing.stdout.splitlines()
