@@ -85,22 +85,22 @@ class RabbitBroker:
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "ERL_EPMD_PORT": str(epmd_port),
         }
-        log = (self.directory / "broker.log").open("wb")
-        # Our own epmd in the foreground, so that it is our child and stops with us.
-        self._epmd = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [epmd, "-address", "127.0.0.1", "-port", str(epmd_port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self._server = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [str(script)],
-            env=env,
-            cwd=self.directory,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its process group is ours to stop
-        )
+        with (self.directory / "broker.log").open("wb") as log:
+            # Our own epmd in the foreground, so that it is our child and stops with us.
+            self._epmd = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                [epmd, "-address", "127.0.0.1", "-port", str(epmd_port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            self._server = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                [str(script)],
+                env=env,
+                cwd=self.directory,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its process group is ours to stop
+            )
         deadline = time.monotonic() + ready_within
         while time.monotonic() < deadline:
             if self._server.poll() is not None:
