@@ -135,6 +135,8 @@ class _Subscriber:
 
     def __init__(self) -> None:
         self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        # The consumer's channel, held for as long as the peer lives: its consumer feeds
+        # `buffer`, and the acks of the deliveries go back on it.
         self.channel: Any = None
 
 
