@@ -241,9 +241,13 @@ WITH n AS (
 ), fresh AS (
     -- LATERAL with its own ORDER BY/LIMIT: an index range scan from the cursor that stops
     -- after $3 rows, however long the backlog behind it.
-    SELECT m.msg_offset, coalesce(m.deliver_at > s.now, false) AS delayed, m.deliver_at
+    -- The payload is read here, in the same index scan, and handed back from this CTE:
+    -- joining `messages` again for it cost a second index look-up per message (a fifth of
+    -- the statement).
+    SELECT m.msg_offset, coalesce(m.deliver_at > s.now, false) AS delayed, m.deliver_at,
+           m.published_at, m.key, m.headers, m.value
     FROM s CROSS JOIN LATERAL (
-        SELECT msg_offset, deliver_at FROM messages
+        SELECT msg_offset, deliver_at, published_at, key, headers, value FROM messages
         WHERE topic_id = s.topic_id AND msg_offset >= s.next_offset
         ORDER BY msg_offset LIMIT $3
     ) m
@@ -273,10 +277,10 @@ WITH n AS (
     WHERE u.topic_id = s.topic_id AND u.sub_id = s.sub_id AND EXISTS (SELECT 1 FROM fresh)
 )
 SELECT s.topic_id, s.sub_id, s.now, i.msg_offset, i.attempts, i.lease_token, i.lease_until,
-       m.published_at, m.key, m.headers, m.value
+       f.published_at, f.key, f.headers, f.value
 FROM s
 JOIN ins i ON i.lease_token IS NOT NULL
-JOIN messages m ON m.topic_id = i.topic_id AND m.msg_offset = i.msg_offset
+JOIN fresh f ON f.msg_offset = i.msg_offset
 ORDER BY i.msg_offset
 """
 
