@@ -12,6 +12,8 @@ class SluiceError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}
+        # Extension members of the problem document (RFC 9457 section 3.2).
+        self.extra: dict[str, object] = {}
 
 
 class NotFound(SluiceError):

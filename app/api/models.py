@@ -122,6 +122,12 @@ class Problem(BaseModel):
     detail: str = Field(examples=["topic 'orders' does not exist"])
     instance: str | None = Field(default=None, examples=["/v1/topics/orders"])
     errors: list[dict[str, Any]] | None = None
+    acked: int | None = Field(
+        default=None, description="a pull that carried `ack`: receipts applied all the same"
+    )
+    stale: list[str] | None = Field(
+        default=None, description="a pull that carried `ack`: receipts not applied"
+    )
 
 
 # ---- topics --------------------------------------------------------------------------------
@@ -339,14 +345,36 @@ class SubscriptionList(BaseModel):
     next_after: str | None
 
 
+Receipt = Annotated[str, Field(max_length=64)]
+ReceiptList = Annotated[list[Receipt], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 class PullRequest(Strict):
     max_messages: int = Field(default=1, ge=1, le=MAX_BATCH)
     wait_seconds: float = Field(default=0, ge=0, le=20)
     ack_deadline_seconds: int | None = Field(default=None, ge=1, le=43200)
+    ack: list[Receipt] | None = Field(
+        default=None,
+        max_length=MAX_BATCH,
+        description=(
+            "receipts to acknowledge before pulling (typically the previous batch): the ack "
+            "and the next pull in one round trip. Applied even when the pull then waits, "
+            "finds nothing or is rate limited; the answer reports them under `acked`/`stale`."
+        ),
+    )
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"max_messages": 100, "wait_seconds": 20}]},
+        json_schema_extra={
+            "examples": [
+                {"max_messages": 100, "wait_seconds": 20},
+                {
+                    "max_messages": 100,
+                    "wait_seconds": 20,
+                    "ack": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"],
+                },
+            ]
+        },
     )
 
 
@@ -363,11 +391,13 @@ class DeliveredMessage(BaseModel):
 
 class PullResponse(BaseModel):
     messages: list[DeliveredMessage]
-
-
-ReceiptList = Annotated[
-    list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=MAX_BATCH)
-]
+    acked: int | None = Field(
+        default=None, description="present when the request carried `ack`: receipts applied"
+    )
+    stale: list[str] | None = Field(
+        default=None,
+        description="present when the request carried `ack`: receipts not applied (see ack)",
+    )
 
 
 class AckRequest(Strict):

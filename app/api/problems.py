@@ -86,6 +86,7 @@ def install_problem_handlers(app: FastAPI) -> None:
             title=exc.title,
             headers=exc.headers,
             instance=request.url.path,
+            extra=exc.extra,
         )
 
     @app.exception_handler(RequestValidationError)

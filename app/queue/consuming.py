@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from app.errors import RateLimited
+from app.errors import RateLimited, SluiceError
 from app.queue import receipts
 from app.queue.context import QueueContext
 from app.queue.topics import subscription_missing
@@ -25,16 +25,17 @@ _DUE_SLACK_SECONDS = 0.005
 
 
 @dataclass(slots=True)
-class PullOutcome:
-    messages: list[Delivered]
-    rate_headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
 class SettleOutcome:
     applied: int
     stale: list[str]
     lease_until: object | None = None
+
+
+@dataclass(slots=True)
+class PullOutcome:
+    messages: list[Delivered]
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    acked: SettleOutcome | None = None  # the receipts the pull acknowledged first, if any
 
 
 async def _claim(
@@ -71,6 +72,35 @@ def _rate_headers(result: ClaimResult, limit: float | None) -> dict[str, str]:
 
 
 async def pull(
+    ctx: QueueContext,
+    topic: str,
+    sub: str,
+    max_messages: int,
+    wait_seconds: float,
+    ack_deadline: int | None,
+    ack_first: list[str] | None = None,
+) -> PullOutcome:
+    """Lease up to `max_messages`, waiting up to `wait_seconds` for some. With `ack_first`,
+    those receipts are acknowledged (durably) before anything is claimed: a consumer acks
+    its previous batch and asks for the next one in one round trip."""
+    if not ack_first:
+        outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
+        if ack_first is not None:
+            outcome.acked = SettleOutcome(0, [])
+        return outcome
+    acked = await ack(ctx, topic, sub, ack_first)
+    try:
+        outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
+    except SluiceError as exc:
+        # The acks are committed whatever the pull answers: say so in the problem, so that
+        # a client does not retry them and read "stale" as "not acknowledged".
+        exc.extra = {"acked": acked.applied, "stale": acked.stale}
+        raise
+    outcome.acked = acked
+    return outcome
+
+
+async def _pull(
     ctx: QueueContext,
     topic: str,
     sub: str,

@@ -40,7 +40,12 @@ async def pull(
 ) -> Response:
     """Returns as soon as at least one message is deliverable, or empty after
     `wait_seconds`. Each message must be acked (or nacked/extended) with its `receipt`
-    before `ack_deadline`, or it is delivered again after a backoff."""
+    before `ack_deadline`, or it is delivered again after a backoff.
+
+    `ack` acknowledges receipts first (as `/ack` does, durably), then pulls: a consumer
+    acks its previous batch in the same round trip as it asks for the next one. The
+    answer then also carries `acked` and `stale`; a problem answer (e.g. 429) carries them
+    too, as the acks were applied anyway."""
     outcome = await consuming.pull(
         ctx_of(request),
         topic,
@@ -48,6 +53,7 @@ async def pull(
         body.max_messages,
         body.wait_seconds,
         body.ack_deadline_seconds,
+        ack_first=body.ack,
     )
     messages: list[dict[str, Any]] = [
         {
@@ -62,7 +68,11 @@ async def pull(
         }
         for m in outcome.messages
     ]
-    return JSONBody({"messages": messages}, headers=outcome.rate_headers)
+    answer: dict[str, Any] = {"messages": messages}
+    if outcome.acked is not None:
+        answer["acked"] = outcome.acked.applied
+        answer["stale"] = outcome.acked.stale
+    return JSONBody(answer, headers=outcome.rate_headers)
 
 
 @router.post(
