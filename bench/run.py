@@ -26,6 +26,7 @@ from bench.peers.raw import RawPeer
 from bench.peers.sluice import HTTP_CLIENTS, SluicePeer
 from bench.stats import Result, add_ratios, format_table, keep_medians
 
+ACK_IN_PULL = "ack-in-pull"
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
 ALL_SYSTEMS = ("sluice", "raw", "pgmq", "rabbitmq")
 DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
@@ -275,6 +276,13 @@ class Run:
                 for round_, peer in self.rounds(batch == cfg.batch):
                     topic = f"con{batch}r{round_}"
                     await self.phase(label, peer, w.consume(ctx, peer, topic, batch, count, drain))
+                    if peer.name == "sluice" and batch == cfg.batch:
+                        # The same work with Sluice's one-request-per-batch consumer.
+                        variant = f"{label} {ACK_IN_PULL}"
+                        job = w.consume(
+                            ctx, peer, f"{topic}a", batch, count, drain, variant, ack_in_pull=True
+                        )
+                        await self.phase(variant, peer, job)
         if "mixed" in self.workloads:
             for peer in list(self.peers.values()):
                 await self.phase("mixed e2e", peer, w.mixed(ctx, peer, "mixed"))
@@ -320,6 +328,10 @@ class Run:
             for i in range(len(peers))
         ]
 
+    def same_work(self) -> dict[str, str]:
+        """Sluice-only variants of a workload, compared with the peers' rows of that one."""
+        return {f"consume b{self.cfg.batch} {ACK_IN_PULL}": f"consume b{self.cfg.batch}"}
+
     def references(self) -> dict[str, str]:
         cfg, tag = self.cfg, f"({self.args.workers} workers)"
         return {
@@ -330,7 +342,7 @@ class Run:
 
     def report(self, command: str) -> str:
         self.results = keep_medians(self.results)
-        add_ratios(self.results, self.references())
+        add_ratios(self.results, self.references(), self.same_work())
         lines = ["", "Sluice benchmark", f"command: {command}"]
         lines += [f"{k}: {v}" for k, v in self.info.items()]
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in vars_of(self.cfg).items()))

@@ -95,18 +95,23 @@ def keep_medians(results: list[Result]) -> list[Result]:
     return kept
 
 
-def add_ratios(results: list[Result], baseline_of: dict[str, str]) -> None:
+def add_ratios(
+    results: list[Result], baseline_of: dict[str, str], same_work: dict[str, str] | None = None
+) -> None:
     """For each Sluice row, msgs/s divided by each peer's msgs/s on the same workload.
 
     `baseline_of` maps a workload to another workload whose Sluice row is the reference
     (e.g. "publish b100 (2 workers)" -> "publish b100"), reported as "vs 1w"/"vs 1 sub".
+    `same_work` maps a Sluice-only variant to the workload whose peer rows it is compared
+    with (e.g. "consume b100 ack-in-pull" -> "consume b100").
     """
+    same_work = same_work or {}
     by_key = {(r.workload, r.system): r for r in results}
     for row in results:
         if row.system != "sluice":
             continue
         for peer in ("raw", "pgmq"):
-            other = by_key.get((row.workload, peer))
+            other = by_key.get((same_work.get(row.workload, row.workload), peer))
             if other is not None and other.rate > 0 and row.throughput:
                 row.ratios[peer] = row.rate / other.rate
     for workload, reference in baseline_of.items():

@@ -205,17 +205,33 @@ async def prefill(ctx: Context, peer: Peer, queue: str, count: int) -> float:
 
 
 async def consume(
-    ctx: Context, peer: Peer, queue: str, batch: int, count: int, drain: bool, workload: str = ""
+    ctx: Context,
+    peer: Peer,
+    queue: str,
+    batch: int,
+    count: int,
+    drain: bool,
+    workload: str = "",
+    ack_in_pull: bool = False,
 ) -> Result:
     """Prefill `count`, then consumers pull+ack batches. drain: run until empty (bounded
-    by consume_cap) with no warm-up; else a normal timed window."""
+    by consume_cap) with no warm-up; else a normal timed window. ack_in_pull (Sluice only):
+    each pull acknowledges the consumer's previous batch, one request per batch."""
     cfg = ctx.cfg
     await peer.create_queue(queue)
     loaded = await prefill(ctx, peer, queue, count)
     await peer.settle()
     await ctx.postgres.checkpoint()
+    unacked: dict[int, list[Any]] = {}  # ack_in_pull: each consumer's batch to ack next
 
-    async def op(_: int) -> int:
+    async def op(consumer: int) -> int:
+        if ack_in_pull:
+            assert isinstance(peer, SluicePeer)
+            # Counted when pulled: every batch is acked by the consumer's next request, the
+            # last one by the request that finds the queue empty and ends the loop.
+            deliveries = await peer.pull_acking(queue, batch, unacked.pop(consumer, []))
+            unacked[consumer] = [d.handle for d in deliveries]
+            return len(deliveries)
         deliveries = await peer.pull(queue, batch)
         if not deliveries:
             return 0
@@ -232,6 +248,11 @@ async def consume(
     )
     result = _result(workload or f"consume b{batch}", peer, outcome)
     result.notes.append(f"{cfg.consumers} consumers, prefill {count:,} at {loaded:,.0f}/s")
+    if ack_in_pull:
+        result.notes.append("each pull acks the previous batch (one request per batch)")
+        for handles in unacked.values():  # a timed window leaves the last ones unacked
+            if handles:
+                await peer.ack(queue, handles)
     if drain and outcome.messages < count and outcome.seconds >= cfg.consume_cap - 0.5:
         result.notes.append(f"cap {cfg.consume_cap:.0f}s hit before the drain")
     await peer.drop_queue(queue)

@@ -41,12 +41,32 @@ class PullOutcome:
 async def _claim(
     ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
 ) -> ClaimResult:
+    """Lease what is deliverable now (possibly nothing)."""
     async with ctx.claim_pool.acquire() as conn:
         result = await delivery_sql.claim(
             conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
         )
         if not result.found:
             raise await subscription_missing(conn, topic, sub)
+    _count_claim(ctx, topic, sub, result)
+    return result
+
+
+async def _claim_fresh(
+    ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
+) -> ClaimResult | None:
+    """Only the one-statement claim of fresh log messages: None when it does not apply to
+    the subscription (or to its state now) or leases nothing."""
+    async with ctx.claim_pool.acquire() as conn:
+        result = await delivery_sql.claim_fresh(
+            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
+        )
+    if result is not None:
+        _count_claim(ctx, topic, sub, result)
+    return result
+
+
+def _count_claim(ctx: QueueContext, topic: str, sub: str, result: ClaimResult) -> None:
     assert result.topic_id is not None and result.sub_id is not None
     ctx.rates.record(
         result.topic_id,
@@ -57,7 +77,6 @@ async def _claim(
         expired=result.expired,
         dead_lettered=result.dead_lettered,
     )
-    return result
 
 
 def _rate_headers(result: ClaimResult, limit: float | None) -> dict[str, str]:
@@ -88,9 +107,27 @@ async def pull(
         if ack_first is not None:
             outcome.acked = SettleOutcome(0, [])
         return outcome
-    acked = await ack(ctx, topic, sub, ack_first)
+    # The ack and the one-statement claim of fresh messages run side by side (two
+    # connections): that claim applies only to subscriptions without max_in_flight and key
+    # ordering, where what an ack frees cannot change what is deliverable. For the others
+    # it leases nothing, and the pull below runs after the ack has committed.
+    acked, fresh = await asyncio.gather(
+        ack(ctx, topic, sub, ack_first),
+        _claim_fresh(ctx, topic, sub, max_messages, ack_deadline),
+        return_exceptions=True,
+    )
+    if isinstance(acked, BaseException):
+        raise acked
     try:
-        outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
+        if isinstance(fresh, BaseException):
+            raise fresh
+        if fresh is not None and fresh.messages:
+            assert fresh.topic_id is not None
+            if len(fresh.messages) == max_messages:
+                ctx.hub.wake_next(fresh.topic_id, sub)  # there may be more for the next one
+            outcome = PullOutcome(fresh.messages)
+        else:
+            outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
     except SluiceError as exc:
         # The acks are committed whatever the pull answers: say so in the problem, so that
         # a client does not retry them and read "stale" as "not acknowledged".

@@ -298,7 +298,7 @@ def _record(row: Mapping[str, Any]) -> Delivered:
     )
 
 
-async def _claim_fresh(
+async def claim_fresh(
     conn: asyncpg.Connection,
     topic: str,
     subscription: str,
@@ -332,7 +332,7 @@ async def claim(
 ) -> ClaimResult:
     # Most pulls of a busy subscription are served by the one-statement claim; only when it
     # does not apply (or found only delayed messages) does the claim look closer.
-    fresh = await _claim_fresh(conn, topic, subscription, max_messages, ack_deadline_seconds, skew)
+    fresh = await claim_fresh(conn, topic, subscription, max_messages, ack_deadline_seconds, skew)
     if fresh is not None:
         return fresh
     probe = await conn.fetchrow(_PROBE, topic, subscription, skew)
@@ -352,7 +352,7 @@ async def claim(
         # Messages arrived since the first try, or a concurrent claim moved the cursor: one
         # more try; if it still leases nothing (only delayed messages were there), the full
         # claim below works out when to look again.
-        fresh = await _claim_fresh(
+        fresh = await claim_fresh(
             conn, topic, subscription, max_messages, ack_deadline_seconds, skew
         )
         if fresh is not None:

@@ -124,6 +124,19 @@ class SluicePeer(Peer):
             Delivery(m["receipt"], m["value"]) for m in orjson.loads(response.content)["messages"]
         ]
 
+    async def pull_acking(
+        self, queue: str, max_messages: int, handles: list[Any], subscriber: int = 0
+    ) -> list[Delivery]:
+        """Acknowledge `handles` and pull the next batch in one request (`ack` in the pull)."""
+        body = orjson.dumps({"max_messages": max_messages, "ack": handles})
+        response = await self._send(
+            "POST", f"/v1/topics/{queue}/subscriptions/s{subscriber}/pull", body
+        )
+        answer = orjson.loads(response.content)
+        if answer["acked"] != len(handles):
+            raise RuntimeError(f"acked {answer['acked']} of {len(handles)}: {answer['stale']}")
+        return [Delivery(m["receipt"], m["value"]) for m in answer["messages"]]
+
     async def ack(self, queue: str, handles: list[Any], subscriber: int = 0) -> int:
         if not handles:
             return 0
