@@ -128,3 +128,30 @@ async def test_a_waiting_pull_has_applied_its_acks_before_it_waits(client):
     await publish(client, topic, "b")
     answer = await asyncio.wait_for(waiting, 5)
     assert answer["acked"] == 1 and [x["value"] for x in answer["messages"]] == ["b"]
+
+
+async def test_competing_consumers_acking_in_their_pulls_get_each_message_once(client):
+    topic = await topic_with_subscription(client, ack_deadline_seconds=600)
+    offsets: list[int] = []
+    for start in range(0, 600, 200):
+        offsets += await publish(client, topic, *range(start, start + 200))
+    seen: list[int] = []
+    acked = 0
+
+    async def consumer() -> None:
+        nonlocal acked
+        previous: list[str] = []
+        while True:
+            answer = await pull_acking(client, topic, previous, 25)
+            assert answer["stale"] == []
+            acked += answer["acked"]
+            seen.extend(m["offset"] for m in answer["messages"])
+            previous = [m["receipt"] for m in answer["messages"]]
+            if not previous:
+                return
+
+    await asyncio.gather(*(consumer() for _ in range(6)))
+    assert sorted(seen) == offsets  # every message once: no lease handed out twice
+    assert acked == len(offsets)
+    after = await stats(client, topic, "s")
+    assert after["in_flight"] == 0 and after["lag"] == 0
