@@ -103,6 +103,35 @@ class Postgres:
             finally:
                 await conn.close()
 
+    async def quiesce(self, within: float = 60.0) -> None:
+        """Before a measured phase, leave nothing for autovacuum in any bench database:
+        the systems share one Postgres, and the previous phases' loads and churn would
+        otherwise be vacuumed (in whichever database) while the next system is measured.
+        VACUUM ANALYZE every database this run created, wait (bounded) for autovacuum
+        workers still running, then CHECKPOINT."""
+        with contextlib.suppress(Exception):
+            for name in self.created:
+                conn = await asyncpg.connect(database_url(self.url, name))
+                try:
+                    await conn.execute("VACUUM ANALYZE")
+                finally:
+                    await conn.close()
+            conn = await asyncpg.connect(self.url)
+            try:
+                deadline = time.monotonic() + within
+                while time.monotonic() < deadline:
+                    running = await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                        "'autovacuum worker' AND datname = ANY($1::text[])",
+                        self.created,
+                    )
+                    if not running:
+                        break
+                    await asyncio.sleep(0.2)
+            finally:
+                await conn.close()
+        await self.checkpoint()
+
     async def drop_created(self) -> None:
         if self._given is None or not self.created:
             return  # the whole temp server goes away

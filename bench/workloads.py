@@ -164,7 +164,7 @@ async def publish(
         await peer.publish(queue, prepared)
         return batch
 
-    await ctx.postgres.checkpoint()
+    await ctx.postgres.quiesce()
     outcome = await run_loop(
         cfg.producers,
         op,
@@ -220,8 +220,7 @@ async def consume(
     cfg = ctx.cfg
     await peer.create_queue(queue)
     loaded = await prefill(ctx, peer, queue, count)
-    await peer.settle()
-    await ctx.postgres.checkpoint()
+    await ctx.postgres.quiesce()
     unacked: dict[int, list[Any]] = {}  # ack_in_pull: each consumer's batch to ack next
 
     async def op(consumer: int) -> int:
@@ -265,7 +264,7 @@ async def consume(
 async def mixed(ctx: Context, peer: Peer, queue: str) -> Result:
     cfg = ctx.cfg
     await peer.create_queue(queue)
-    await ctx.postgres.checkpoint()
+    await ctx.postgres.quiesce()
     t_measure = clock() + cfg.warmup
     t_stop_producing = t_measure + cfg.mixed_seconds
     sent_measured = 0

@@ -58,8 +58,3 @@ class Peer:
 
     async def ack(self, queue: str, handles: list[Any], subscriber: int = 0) -> int:
         raise NotImplementedError
-
-    async def settle(self) -> None:
-        """After a bulk load: VACUUM ANALYZE the system's database, so that the planner knows
-        the table sizes and the measured window that follows does not pay for the autovacuum
-        the load triggered (Sluice, always measured first, otherwise did)."""

@@ -129,7 +129,3 @@ class PgmqPeer(Peer):
                 handles,
             )
         )
-
-    async def settle(self) -> None:
-        assert self.pool is not None
-        await self.pool.execute("VACUUM ANALYZE")

@@ -143,7 +143,3 @@ class RawPeer(Peer):
             f"DELETE FROM {_table(queue, subscriber)} WHERE id = ANY($1::bigint[])", handles
         )
         return int(status.split()[-1])
-
-    async def settle(self) -> None:
-        assert self.pool is not None
-        await self.pool.execute("VACUUM ANALYZE")

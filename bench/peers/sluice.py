@@ -147,13 +147,6 @@ class SluicePeer(Peer):
         )
         return int(orjson.loads(response.content)["acked"])
 
-    async def settle(self) -> None:
-        conn = await asyncpg.connect(self._database_url)
-        try:
-            await conn.execute("VACUUM ANALYZE")
-        finally:
-            await conn.close()
-
     async def database_connections(self) -> int:
         """Connections the server holds to its database now (SPEC: pool <= 20)."""
         conn = await asyncpg.connect(self._database_url)
