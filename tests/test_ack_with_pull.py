@@ -155,3 +155,23 @@ async def test_competing_consumers_acking_in_their_pulls_get_each_message_once(c
     assert acked == len(offsets)
     after = await stats(client, topic, "s")
     assert after["in_flight"] == 0 and after["lag"] == 0
+
+
+async def test_claims_of_a_subscription_take_turns_in_a_process(harness):
+    """Pulls of one subscription queue at its claim gate in the process (not at the row lock
+    in Postgres); other subscriptions are not held up, and unused gates go away."""
+    client, ctx = harness.client, harness.ctx
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, "a")
+    gate = ctx.claim_gate(topic, "s")
+    assert ctx.claim_gate(topic, "s") is gate
+    async with gate:
+        blocked = asyncio.create_task(pull(client, topic, "s", 1))
+        other = await topic_with_subscription(client)
+        await publish(client, other, "b")
+        assert [m["value"] for m in await pull(client, other, "s", 1)] == ["b"]
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # waits for the gate, holding no connection
+    assert [m["value"] for m in await asyncio.wait_for(blocked, 5)] == ["a"]
+    del gate
+    assert (topic, "s") not in ctx.claim_gates

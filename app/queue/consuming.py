@@ -42,7 +42,7 @@ async def _claim(
     ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
 ) -> ClaimResult:
     """Lease what is deliverable now (possibly nothing)."""
-    async with ctx.claim_pool.acquire() as conn:
+    async with ctx.claim_gate(topic, sub), ctx.claim_pool.acquire() as conn:
         result = await delivery_sql.claim(
             conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
         )
@@ -57,7 +57,7 @@ async def _claim_fresh(
 ) -> ClaimResult | None:
     """Only the one-statement claim of fresh log messages: None when it does not apply to
     the subscription (or to its state now) or leases nothing."""
-    async with ctx.claim_pool.acquire() as conn:
+    async with ctx.claim_gate(topic, sub), ctx.claim_pool.acquire() as conn:
         result = await delivery_sql.claim_fresh(
             conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import weakref
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -28,3 +30,17 @@ class QueueContext:
     hub: WaiterHub
     publisher: Publisher
     rates: RateRecorder
+    # One claim per subscription at a time from this process. Claims of a subscription
+    # serialise on its row lock anyway; queueing them here instead of in Postgres keeps
+    # several backends from waiting on that lock, where a preempted holder (2 cores shared
+    # with the API and the clients) stalls them all and each wake-up re-checks the row.
+    # An optimisation only: other processes' claims still meet at the row lock.
+    claim_gates: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+
+    def claim_gate(self, topic: str, subscription: str) -> asyncio.Lock:
+        gate = self.claim_gates.get((topic, subscription))
+        if gate is None:
+            gate = self.claim_gates[(topic, subscription)] = asyncio.Lock()
+        return gate
