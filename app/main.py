@@ -23,7 +23,7 @@ from app.api.routes import metrics as metrics_route
 from app.auth import install_auth, start_auth
 from app.queue.clock import Clock
 from app.queue.context import QueueContext
-from app.queue.maintenance import maintenance_loop
+from app.queue.maintenance import maintenance_loop, subscription_vacuum_loop
 from app.queue.publisher import Publisher
 from app.queue.rates import RateRecorder
 from app.queue.waiters import WaiterHub
@@ -110,13 +110,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.wait_for(listener.connected.wait(), 10)
     maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
     rate_flusher = asyncio.create_task(ctx.rates.run(pool, lambda: clock.skew), name="sluice-rates")
+    sub_vacuum = asyncio.create_task(
+        subscription_vacuum_loop(ctx), name="sluice-subscription-vacuum"
+    )
     _chain_sigterm(hub)
     _settle_garbage_collector()
     try:
         yield
     finally:
         hub.close()
-        for task in (maintenance, rate_flusher):
+        for task in (maintenance, rate_flusher, sub_vacuum):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

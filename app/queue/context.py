@@ -38,6 +38,8 @@ class QueueContext:
     claim_gates: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    # Claims this process made since it last vacuumed `subscriptions` (maintenance.py).
+    claims_since_vacuum: int = 0
 
     def claim_gate(self, topic: str, subscription: str) -> asyncio.Lock:
         gate = self.claim_gates.get((topic, subscription))

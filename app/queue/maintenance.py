@@ -67,6 +67,23 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
     return done
 
 
+async def subscription_vacuum_loop(ctx: QueueContext) -> None:
+    """Vacuum `subscriptions` every few hundred milliseconds while this process claims
+    (see Settings.subscription_vacuum_seconds); nothing while it does not."""
+    while True:
+        await asyncio.sleep(ctx.settings.subscription_vacuum_seconds)
+        if not ctx.claims_since_vacuum:
+            continue
+        ctx.claims_since_vacuum = 0
+        try:
+            async with ctx.pool.acquire() as conn:
+                await sql.vacuum_subscriptions(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("vacuum of subscriptions failed")
+
+
 async def maintenance_loop(ctx: QueueContext) -> None:
     while True:
         await asyncio.sleep(ctx.settings.maintenance_interval_seconds)
