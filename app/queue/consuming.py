@@ -91,6 +91,14 @@ def _rate_headers(result: ClaimResult, limit: float | None) -> dict[str, str]:
     }
 
 
+def _delivered(ctx: QueueContext, sub: str, max_messages: int, result: ClaimResult) -> PullOutcome:
+    """The answer of a pull whose claim leased messages."""
+    if len(result.messages) == max_messages:
+        assert result.topic_id is not None
+        ctx.hub.wake_next(result.topic_id, sub)  # there may be more for the next waiter
+    return PullOutcome(result.messages, _rate_headers(result, result.rate_limit))
+
+
 async def pull(
     ctx: QueueContext,
     topic: str,
@@ -123,10 +131,7 @@ async def pull(
         if isinstance(fresh, BaseException):
             raise fresh
         if fresh is not None and fresh.messages:
-            assert fresh.topic_id is not None
-            if len(fresh.messages) == max_messages:
-                ctx.hub.wake_next(fresh.topic_id, sub)  # there may be more for the next one
-            outcome = PullOutcome(fresh.messages)
+            outcome = _delivered(ctx, sub, max_messages, fresh)
         else:
             outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
     except SluiceError as exc:
@@ -157,9 +162,7 @@ async def _pull(
     async with hub.waiting(topic_id, sub, max_messages) as waiter:
         while True:
             if result.messages:
-                if len(result.messages) == max_messages:
-                    hub.wake_next(topic_id, sub)  # there may be more for the next waiter
-                return PullOutcome(result.messages, _rate_headers(result, result.rate_limit))
+                return _delivered(ctx, sub, max_messages, result)
             remaining = deadline - loop.time()
             token_wait = result.token_wait
             if token_wait is not None and result.messages_available and token_wait > remaining:

@@ -77,7 +77,7 @@ async def subscription_vacuum_loop(ctx: QueueContext) -> None:
         ctx.claims_since_vacuum = 0
         try:
             async with ctx.pool.acquire() as conn:
-                await sql.vacuum_subscriptions(conn)
+                await sql.vacuum_hot_tables(conn, ("subscriptions",))
         except asyncio.CancelledError:
             raise
         except Exception:

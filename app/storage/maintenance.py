@@ -119,10 +119,6 @@ async def subscriptions_with_expiring_leases(
 HOT_TABLES = ("deliveries", "subscriptions")
 
 
-async def vacuum_hot_tables(conn: asyncpg.Connection) -> None:
+async def vacuum_hot_tables(conn: asyncpg.Connection, tables: tuple[str, ...] = HOT_TABLES) -> None:
     # Not inside a transaction (VACUUM cannot be); SKIP_LOCKED never waits on a lock.
-    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(HOT_TABLES)}")
-
-
-async def vacuum_subscriptions(conn: asyncpg.Connection) -> None:
-    await conn.execute("VACUUM (SKIP_LOCKED) subscriptions")
+    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(tables)}")
