@@ -21,7 +21,8 @@ class Settings(BaseSettings):
 
     # HTTP limits (PITFALLS: Starlette has no body limit; deep JSON exhausts recursion).
     max_body_bytes: int = 10 * 1024 * 1024
-    max_json_depth: int = 64
+    # Bounded so that checking a document's depth can never exhaust Python's recursion.
+    max_json_depth: int = Field(default=64, ge=1, le=500)
 
     # How often a waiting long-poll re-checks the database even without a notification:
     # a safety net for lost notifications, not the normal wake-up path.

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from pydantic_core import from_json
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -97,22 +98,6 @@ class LimitBodyMiddleware:
         await response(scope, receive, send)
 
 
-def json_depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative, so a hostile document cannot exhaust the stack here either. Only
-    containers are pushed: scalars cannot deepen the document."""
-    if not isinstance(value, dict | list):
-        return False
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in item.values() if type(item) is dict else item:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -125,26 +110,78 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def strict_loads(body: bytes) -> Any:
+    """The reference parser (the standard library's): no NaN/Infinity, no number that
+    overflows to infinity. Every refusal is a JSONDecodeError naming the problem."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise json.JSONDecodeError("nesting too deep", "", 0) from exc
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            raise
+        raise json.JSONDecodeError(str(exc), "", 0) from exc
+
+
+FITS, TOO_DEEP, NOT_FINITE = 0, 1, 2
+
+
+def inspect_json(value: Any, max_depth: int) -> int:
+    """FITS, TOO_DEEP (containers nested more than `max_depth` levels) or NOT_FINITE (an
+    infinite float: a number that overflowed). One pass; the recursion stops at
+    `max_depth`, however deep the document."""
+    if type(value) is dict:
+        children: Any = value.values()
+    elif type(value) is list:
+        children = value
+    elif type(value) is float:
+        return NOT_FINITE if value - value != 0.0 else FITS
+    else:
+        return FITS
+    if max_depth <= 0:
+        return TOO_DEEP
+    for child in children:
+        kind = type(child)
+        if kind is dict or kind is list:
+            verdict = inspect_json(child, max_depth - 1)
+            if verdict:
+                return verdict
+        elif kind is float and child - child != 0.0:
+            return NOT_FINITE
+    return FITS
+
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """Parse a request body strictly (what strict_loads accepts, nested at most
+    `max_depth` levels), fast.
+
+    pydantic-core's parser builds the objects about 2.5x faster than the standard library
+    (publish bodies: 27 vs 67 us per 100 KiB), which matters on the publish path. It refuses
+    some documents the reference accepts (a lone surrogate escape such as "\\ud800", nesting
+    beyond 200, UTF-16 text) and takes numbers that overflow as infinity; any refusal or
+    infinity hands the body to strict_loads, so what is accepted, and every error message,
+    is exactly the reference's.
+    """
+    try:
+        parsed = from_json(body, allow_inf_nan=False)
+    except ValueError:
+        parsed = strict_loads(body)
+    if inspect_json(parsed, max_depth) == FITS:
+        return parsed
+    # Refused. The reference says why: an overflowing number anywhere comes first.
+    parsed = strict_loads(body)
+    if inspect_json(parsed, max_depth) == TOO_DEEP:
+        raise json.JSONDecodeError(f"nesting deeper than {max_depth} levels", "", 0)
+    return parsed
+
+
 class StrictJSONRequest(Request):
     """Parses JSON strictly (no NaN/Infinity) and refuses documents nested too deep."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            max_depth = self.app.state.settings.max_json_depth
             body = await self.body()
-            try:
-                parsed = json.loads(
-                    body, parse_constant=_reject_constant, parse_float=_finite_float
-                )
-            except RecursionError as exc:
-                raise json.JSONDecodeError("nesting too deep", "", 0) from exc
-            except ValueError as exc:
-                if isinstance(exc, json.JSONDecodeError):
-                    raise
-                raise json.JSONDecodeError(str(exc), "", 0) from exc
-            if json_depth_exceeds(parsed, max_depth):
-                raise json.JSONDecodeError(f"nesting deeper than {max_depth} levels", "", 0)
-            self._json = parsed
+            self._json = parse_json(body, self.app.state.settings.max_json_depth)
         return self._json
 
 

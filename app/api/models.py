@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -66,51 +65,28 @@ def _check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
-def _wants_int(annotation: Any) -> bool:
-    """int, int | None, list[int], Annotated[int, ...] (not Any, float or str)."""
-    if annotation is int:
-        return True
-    origin = get_origin(annotation)
-    if origin in (Annotated, Union, UnionType, list):
-        return any(_wants_int(arg) for arg in get_args(annotation))
-    return False
-
-
 def _integral(value: Any) -> Any:
+    # JSON Schema counts 30.0 as an integer, so integer fields take it as 30 (strict mode
+    # alone would refuse it); 30.5 is still refused.
     if type(value) is float and value.is_integer():
         return int(value)
-    if type(value) is list:
-        return [_integral(item) for item in value]
     return value
+
+
+# Integer request fields take INTEGRAL: a field-level hook (not a model-level one), so it
+# runs only for fields that are present and the messages of a publish pay nothing for it.
+# In a union or a list, bounds go before it (`Annotated[int, Field(ge=1), INTEGRAL]`): put
+# after, they would reach the OpenAPI document as "ge"/"le" instead of minimum/maximum.
+INTEGRAL = BeforeValidator(_integral)
+Integral = Annotated[int, INTEGRAL]
 
 
 class Strict(BaseModel):
     # Unknown fields are rejected so that typos never pass silently, and values are not
     # coerced: `false` is not the number 0, `1` is not `true`, "5" is not 5 (the OpenAPI
     # document promises those types). Subclasses' model_config merges with this one.
+    # Integer fields are declared `Integral`.
     model_config = ConfigDict(extra="forbid", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _integral_floats(cls, data: Any) -> Any:
-        # JSON Schema counts 30.0 as an integer, so integer fields take it as 30 (strict
-        # mode alone would refuse it); 30.5 is still refused.
-        if not isinstance(data, dict):
-            return data
-        names = _int_fields(cls)
-        # The common case (no float where an integer goes) returns the input untouched:
-        # this runs for every message of a publish, so the test is one set intersection.
-        present = names & data.keys()
-        if not present or not any(type(data[name]) in (float, list) for name in present):
-            return data
-        return {name: _integral(value) if name in names else value for name, value in data.items()}
-
-
-@functools.cache
-def _int_fields(model: type[BaseModel]) -> frozenset[str]:
-    return frozenset(
-        name for name, field in model.model_fields.items() if _wants_int(field.annotation)
-    )
 
 
 class Problem(BaseModel):
@@ -140,21 +116,21 @@ def _omit_default(schema: dict[str, Any]) -> None:
 
 
 class TopicConfig(Strict):
-    retention_seconds: int = Field(
+    retention_seconds: Integral = Field(
         default=None,
         ge=60,
         le=90 * 24 * 3600,
         description="default 604800 (7 days)",
         json_schema_extra=_omit_default,
     )
-    dedup_window_seconds: int = Field(
+    dedup_window_seconds: Integral = Field(
         default=None,
         ge=0,
         le=7 * 24 * 3600,
         description="default 300",
         json_schema_extra=_omit_default,
     )
-    max_message_bytes: int = Field(
+    max_message_bytes: Integral = Field(
         default=None,
         ge=1,
         le=10 * 1024 * 1024,
@@ -193,21 +169,15 @@ class TopicList(BaseModel):
 
 
 class PublishMessage(Strict):
+    # Required (no default); JSON null is a value.
     value: Any = Field(description="any JSON value, null included; required")
     key: Annotated[CleanStr, Field(max_length=256)] | None = None
     headers: (
         Annotated[dict[str, str], WithJsonSchema(HEADERS_SCHEMA), AfterValidator(_check_headers)]
         | None
     ) = None
-    delay_seconds: int = Field(default=0, ge=0, le=900)
+    delay_seconds: Integral = Field(default=0, ge=0, le=900)
     dedup_id: Annotated[CleanStr, Field(min_length=1, max_length=128)] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _value_required(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "value" not in data:
-            raise ValueError("'value' is required (JSON null is a value)")
-        return data
 
 
 class PublishRequest(Strict):
@@ -261,10 +231,10 @@ class BrowseResponse(BaseModel):
 
 class SubscriptionConfig(Strict):
     # Not nullable: leaving a field out keeps its value; an explicit null is refused (422).
-    ack_deadline_seconds: int = Field(
+    ack_deadline_seconds: Integral = Field(
         default=None, ge=1, le=43200, description="default 30", json_schema_extra=_omit_default
     )
-    max_deliveries: int = Field(
+    max_deliveries: Integral = Field(
         default=None,
         ge=0,
         le=1000,
@@ -282,8 +252,8 @@ class SubscriptionConfig(Strict):
         default=None, description="default false", json_schema_extra=_omit_default
     )
     rate_limit_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
-    rate_limit_burst: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000)
+    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
+    max_in_flight: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
     start: Literal["latest", "earliest"] = Field(
         default="latest", description="where a new subscription starts; ignored on update"
     )
@@ -350,9 +320,9 @@ ReceiptList = Annotated[list[Receipt], Field(min_length=1, max_length=MAX_BATCH)
 
 
 class PullRequest(Strict):
-    max_messages: int = Field(default=1, ge=1, le=MAX_BATCH)
+    max_messages: Integral = Field(default=1, ge=1, le=MAX_BATCH)
     wait_seconds: float = Field(default=0, ge=0, le=20)
-    ack_deadline_seconds: int | None = Field(default=None, ge=1, le=43200)
+    ack_deadline_seconds: Annotated[int, Field(ge=1, le=43200), INTEGRAL] | None = None
     ack: list[Receipt] | None = Field(
         default=None,
         max_length=MAX_BATCH,
@@ -435,7 +405,7 @@ class NackResponse(BaseModel):
 
 class ExtendRequest(Strict):
     receipts: ReceiptList
-    ack_deadline_seconds: int = Field(ge=1, le=43200)
+    ack_deadline_seconds: Integral = Field(ge=1, le=43200)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -453,7 +423,7 @@ class ExtendResponse(BaseModel):
 
 
 class SeekRequest(Strict):
-    offset: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    offset: Annotated[int, Field(ge=0, le=2**63 - 1), INTEGRAL] | None = None
     # JSON has no datetime type: the RFC 3339 string is parsed (strict mode would refuse it).
     time: datetime | None = Field(default=None, strict=False, description="RFC 3339 with offset")
     to: Literal["earliest", "latest"] | None = None
@@ -509,7 +479,7 @@ class DeadLetterList(BaseModel):
 
 
 class RedriveRequest(Strict):
-    offsets: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] | None = Field(
+    offsets: list[Annotated[int, Field(ge=0, le=2**63 - 1), INTEGRAL]] | None = Field(
         default=None, max_length=MAX_BATCH, description="default: every parked message"
     )
 
