@@ -169,7 +169,10 @@ class Run:
         log("starting Postgres" + ("" if self.args.database_url else " (embedded, temp dir)"))
         await asyncio.to_thread(self.postgres.start)
         await self.postgres.locate_postmaster()
+        configured = await self.postgres.configure()
         self.info = machine_info(await self.postgres.version())
+        if configured:
+            self.info["postgres settings"] = ", ".join(f"{k}={v}" for k, v in configured.items())
         self.info["load generator for sluice"] = self.args.http_client
         if "sluice" in self.systems:
             self.sluice_url = await self.postgres.create_database("bench_sluice")
