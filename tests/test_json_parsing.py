@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from app.api.limits import FITS, NOT_FINITE, TOO_DEEP, inspect_json, parse_json, strict_loads
+from app.settings import Settings
 
 LIMIT = 64
 
@@ -160,3 +162,11 @@ def test_damaged_documents_are_refused_or_taken_as_the_reference_does(
         at = position % (len(body) + 1)
         body = body[:at] + token + body[at:]
     assert_same(body)
+
+
+def test_depth_setting_is_bounded_below_the_recursion_limit() -> None:
+    assert Settings(max_json_depth=500).max_json_depth == 500
+    with pytest.raises(ValidationError):
+        Settings(max_json_depth=501)
+    with pytest.raises(ValidationError):
+        Settings(max_json_depth=0)
