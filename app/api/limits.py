@@ -165,12 +165,15 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     try:
         parsed = from_json(body, allow_inf_nan=False)
     except ValueError:
+        parsed, by_reference = strict_loads(body), True
+    else:
+        by_reference = False
+    verdict = inspect_json(parsed, max_depth)
+    if verdict != FITS and not by_reference:
+        # Refused. The reference says why: an overflowing number anywhere comes first.
         parsed = strict_loads(body)
-    if inspect_json(parsed, max_depth) == FITS:
-        return parsed
-    # Refused. The reference says why: an overflowing number anywhere comes first.
-    parsed = strict_loads(body)
-    if inspect_json(parsed, max_depth) == TOO_DEEP:
+        verdict = inspect_json(parsed, max_depth)
+    if verdict == TOO_DEEP:
         raise json.JSONDecodeError(f"nesting deeper than {max_depth} levels", "", 0)
     return parsed
 
