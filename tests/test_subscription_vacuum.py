@@ -43,4 +43,10 @@ async def test_claims_trigger_a_vacuum_of_subscriptions_and_idleness_does_not(db
         # No claim since: the loop keeps still.
         await asyncio.sleep(0.5)
         assert await _vacuums(db_url) == after
-        assert harness.ctx.claims_since_vacuum == 0
+        assert harness.ctx.subscription_writes == 0
+        # Claims that find nothing (an idle consumer polling) write nothing: no vacuum.
+        for _ in range(5):
+            assert await pull(client, topic, "s", 5) == []
+        assert harness.ctx.subscription_writes == 0
+        await asyncio.sleep(0.5)
+        assert await _vacuums(db_url) == after

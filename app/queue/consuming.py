@@ -94,7 +94,8 @@ async def _claim_fresh(
 
 def _count_claim(ctx: QueueContext, topic: str, sub: str, result: ClaimResult) -> None:
     assert result.topic_id is not None and result.sub_id is not None
-    ctx.claims_since_vacuum += 1
+    if result.wrote_subscription:
+        ctx.subscription_writes += 1
     ctx.rates.record(
         result.topic_id,
         result.sub_id,

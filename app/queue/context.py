@@ -38,8 +38,10 @@ class QueueContext:
     claim_gates: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
-    # Claims this process made since it last vacuumed `subscriptions` (maintenance.py).
-    claims_since_vacuum: int = 0
+    # Claims of this process that updated a subscription row since it last vacuumed
+    # `subscriptions` (maintenance.py). Claims that found nothing to do wrote nothing, so
+    # idle long-polls re-checking do not make the loop vacuum.
+    subscription_writes: int = 0
 
     def claim_gate(self, topic: str, subscription: str) -> asyncio.Lock:
         gate = self.claim_gates.get((topic, subscription))

@@ -69,12 +69,12 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
 
 async def subscription_vacuum_loop(ctx: QueueContext) -> None:
     """Vacuum `subscriptions` every few hundred milliseconds while this process claims
-    (see Settings.subscription_vacuum_seconds); nothing while it does not."""
+    (see Settings.subscription_vacuum_seconds); nothing while its claims write nothing."""
     while True:
         await asyncio.sleep(ctx.settings.subscription_vacuum_seconds)
-        if not ctx.claims_since_vacuum:
+        if not ctx.subscription_writes:
             continue
-        ctx.claims_since_vacuum = 0
+        ctx.subscription_writes = 0
         try:
             async with ctx.pool.acquire() as conn:
                 await sql.vacuum_hot_tables(conn, ("subscriptions",))

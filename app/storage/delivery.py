@@ -63,6 +63,9 @@ class ClaimResult:
     sub_id: int | None = None
     expired: int = 0  # leases found expired (redelivered or dead-lettered) by this claim
     dead_lettered: int = 0
+    # Whether the claim updated the subscription row (cursor, token bucket): such updates
+    # leave dead row versions behind that the subscription vacuum loop clears.
+    wrote_subscription: bool = False
 
 
 def _backoff_sql(min_param: str, max_param: str, attempt: str) -> str:
@@ -319,6 +322,7 @@ async def claim_fresh(
         sub_id=first["sub_id"],
         now=first["now"],
         messages=[_record(row) for row in rows],
+        wrote_subscription=True,
     )
 
 
@@ -426,6 +430,7 @@ async def claim(
                 now if tokens is not None else sub["tokens_at"],
                 len(delivered),
             )
+            result.wrote_subscription = True
         result.messages = delivered
         if not delivered:
             more_log = cursor < sub["log_end"]
