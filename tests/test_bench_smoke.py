@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.peers.rabbitmq import rabbitmq_server
-from bench.run import DEFAULT_PGMQ_SQL
+from bench.run import DEFAULT_PGMQ_SQL, QUICK_REPEAT, REPEAT, parse_args
 from tests.conftest import ROOT
 
 
@@ -84,3 +86,11 @@ def test_bench_rabbitmq_reference(tmp_path: Path) -> None:
 def _processes() -> list[str]:
     listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     return listing.stdout.splitlines()
+
+
+def test_bench_rounds_default_to_five_three_when_quick_and_at_least_one() -> None:
+    assert parse_args([]).repeat == REPEAT == 5
+    assert parse_args(["--quick"]).repeat == QUICK_REPEAT == 3
+    assert parse_args(["--quick", "--repeat", "2"]).repeat == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
