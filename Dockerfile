@@ -7,6 +7,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY migrations ./migrations
 RUN pip wheel --wheel-dir /wheels .
 
 # ---- runtime ------------------------------------------------------------------------------
@@ -16,18 +17,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --system --gid 10001 sluice \
- && useradd --system --uid 10001 --gid sluice --home-dir /app --no-create-home \
+ && useradd --system --uid 10001 --gid sluice --home-dir /var/lib/sluice --no-create-home \
         --shell /usr/sbin/nologin sluice
 COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links /wheels sluice-mq && rm -rf /wheels
 
-WORKDIR /app
-# Alembic migrations are a top-level directory, not part of the wheel.
-COPY migrations ./migrations
+WORKDIR /var/lib/sluice
+# The Alembic migrations ship inside the wheel (package sluice.migrations).
 # Only used when DATABASE_URL is unset (the embedded Postgres keeps its data there).
 RUN mkdir -p /var/lib/sluice && chown sluice:sluice /var/lib/sluice
-ENV SLUICE_MIGRATIONS_DIR=/app/migrations \
-    SLUICE_DATA_DIR=/var/lib/sluice
+ENV SLUICE_DATA_DIR=/var/lib/sluice
 
 USER 10001:10001
 EXPOSE 8000

@@ -32,8 +32,8 @@ import asyncpg
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.problems import PROBLEM_MEDIA_TYPE, problem
-from app.storage import keys as keys_sql
+from sluice.api.problems import PROBLEM_MEDIA_TYPE, problem
+from sluice.storage import keys as keys_sql
 
 log = logging.getLogger("sluice.auth")
 

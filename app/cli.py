@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from app.logs import configure_logging
-from app.settings import get_settings
+from sluice.logs import configure_logging
+from sluice.settings import get_settings
 
 log = logging.getLogger("sluice.cli")
 
@@ -25,7 +25,7 @@ def _database_url(start_embedded: bool) -> tuple[str, object | None]:
         return settings.database_url, None
     if not start_embedded:
         raise SystemExit("DATABASE_URL is not set")
-    from app.embedded import start_embedded as start
+    from sluice.embedded import start_embedded as start
 
     url, server = start(settings.data_dir)
     # Workers (and anything we start) use the same server instead of starting their own.
@@ -37,7 +37,7 @@ def _database_url(start_embedded: bool) -> tuple[str, object | None]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.storage import migrate
+    from sluice.storage import migrate
 
     settings = get_settings()
     configure_logging(settings.log_level)
@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: None)
         log.info("starting", extra={"host": args.host, "port": args.port, "workers": args.workers})
         uvicorn.run(
-            "app.main:create_app",
+            "sluice.main:create_app",
             factory=True,
             host=args.host,
             port=args.port,
@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     finally:
         if server is not None:
-            from app.embedded import stop_embedded
+            from sluice.embedded import stop_embedded
 
             stop_embedded(server)
         if metrics_dir is not None:
@@ -88,7 +88,7 @@ def _log_config(level: str) -> dict[str, object]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "app.logs.JSONFormatter"}},
+        "formatters": {"json": {"()": "sluice.logs.JSONFormatter"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
@@ -123,7 +123,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from app.storage import migrate
+    from sluice.storage import migrate
 
     configure_logging(get_settings().log_level)
     url, server = _database_url(start_embedded=True)
@@ -138,7 +138,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 1
     finally:
         if server is not None:
-            from app.embedded import stop_embedded
+            from sluice.embedded import stop_embedded
 
             stop_embedded(server)
     print(f"schema at {args.revision}")
@@ -146,7 +146,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def openapi_document() -> dict[str, object]:
-    from app.main import create_app
+    from sluice.main import create_app
 
     return create_app().openapi()
 
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--output", default="openapi/openapi.json")
     spec.set_defaults(func=cmd_openapi)
 
-    from app.keys_cli import add_keys_parser
+    from sluice.keys_cli import add_keys_parser
 
     add_keys_parser(sub)
     return parser

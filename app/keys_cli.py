@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from app.auth import issue_key, parse_scope
-from app.storage import keys as keys_sql
-from app.storage.db import plain_url
+from sluice.auth import issue_key, parse_scope
+from sluice.storage import keys as keys_sql
+from sluice.storage.db import plain_url
 
 T = TypeVar("T")
 MAX_NAME_LENGTH = 200
@@ -25,10 +25,10 @@ MAX_NAME_LENGTH = 200
 
 def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Bring the schema to head, then run `job` on one connection."""
-    from app.cli import _database_url
-    from app.logs import configure_logging
-    from app.settings import get_settings
-    from app.storage import migrate
+    from sluice.cli import _database_url
+    from sluice.logs import configure_logging
+    from sluice.settings import get_settings
+    from sluice.storage import migrate
 
     configure_logging(get_settings().log_level)
     url, server = _database_url(start_embedded=True)
@@ -45,7 +45,7 @@ def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         return asyncio.run(main())
     finally:
         if server is not None:
-            from app.embedded import stop_embedded
+            from sluice.embedded import stop_embedded
 
             stop_embedded(server)
 

@@ -13,24 +13,24 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app import metrics
-from app.api.limits import LimitBodyMiddleware
-from app.api.observability import ObservabilityMiddleware
-from app.api.problems import install_problem_handlers
-from app.api.responses import JSONBody
-from app.api.routes import consuming, health, subscriptions, topics, ui
-from app.api.routes import metrics as metrics_route
-from app.auth import install_auth, start_auth
-from app.queue.clock import Clock
-from app.queue.context import QueueContext
-from app.queue.maintenance import maintenance_loop, subscription_vacuum_loop
-from app.queue.publisher import Publisher
-from app.queue.rates import RateRecorder
-from app.queue.waiters import WaiterHub
-from app.settings import Settings, get_settings
-from app.storage import migrate
-from app.storage.db import create_pool, split_pool_size
-from app.storage.listener import Listener
+from sluice import metrics
+from sluice.api.limits import LimitBodyMiddleware
+from sluice.api.observability import ObservabilityMiddleware
+from sluice.api.problems import install_problem_handlers
+from sluice.api.responses import JSONBody
+from sluice.api.routes import consuming, health, subscriptions, topics, ui
+from sluice.api.routes import metrics as metrics_route
+from sluice.auth import install_auth, start_auth
+from sluice.queue.clock import Clock
+from sluice.queue.context import QueueContext
+from sluice.queue.maintenance import maintenance_loop, subscription_vacuum_loop
+from sluice.queue.publisher import Publisher
+from sluice.queue.rates import RateRecorder
+from sluice.queue.waiters import WaiterHub
+from sluice.settings import Settings, get_settings
+from sluice.storage import migrate
+from sluice.storage.db import create_pool, split_pool_size
+from sluice.storage.listener import Listener
 
 log = logging.getLogger("sluice")
 
@@ -81,7 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     embedded = None
     url = settings.database_url
     if url is None:
-        from app.embedded import start_embedded
+        from sluice.embedded import start_embedded
 
         url, embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
     await migrate.upgrade(url)
@@ -128,7 +128,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pool.close()
         metrics.process_exit()
         if embedded is not None:
-            from app.embedded import stop_embedded
+            from sluice.embedded import stop_embedded
 
             await asyncio.to_thread(stop_embedded, embedded)
 

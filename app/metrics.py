@@ -23,12 +23,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from app.queue.stats import delivery_counts
-from app.storage import subscriptions as subs_sql
+from sluice.queue.stats import delivery_counts
+from sluice.storage import subscriptions as subs_sql
 
 if TYPE_CHECKING:
-    from app.queue.context import QueueContext
-    from app.queue.publisher import Published
+    from sluice.queue.context import QueueContext
+    from sluice.queue.publisher import Published
 
 log = logging.getLogger("sluice.metrics")
 

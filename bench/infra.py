@@ -293,11 +293,11 @@ class SluiceServer:
         if self._profile is not None:
             # cProfile of the event loop thread; written when the server exits on SIGTERM.
             profiler = ["-m", "cProfile", "-o", str(self._profile)]
-            return [sys.executable, *profiler, "-m", "app.cli", *args]
+            return [sys.executable, *profiler, "-m", "sluice.cli", *args]
         script = Path(sys.executable).with_name("sluice")
         if script.exists():
             return [str(script), *args]
-        return [sys.executable, "-m", "app.cli", *args]
+        return [sys.executable, "-m", "sluice.cli", *args]
 
     @property
     def pid(self) -> int | None:

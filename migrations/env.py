@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncpg
 from alembic import context
@@ -11,6 +12,27 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 config = context.config
+if config.config_file_name is not None and config.attributes.get("plain_url") is None:
+    # Run by the `alembic` command with alembic.ini (not by `sluice migrate`): its logging.
+    from logging.config import fileConfig
+
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _plain_url() -> str:
+    """The URL `sluice migrate` hands over, else DATABASE_URL (the `alembic` command)."""
+    given = config.attributes.get("plain_url")
+    if given:
+        return given
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit(
+            "DATABASE_URL is not set: point it at the database (postgresql://user@host/db), "
+            "or run `sluice migrate`, which starts the embedded Postgres when it is unset"
+        )
+    from sluice.storage.db import plain_url
+
+    return plain_url(url)
 
 
 def _run(connection: Connection) -> None:
@@ -23,7 +45,7 @@ async def _run_async() -> None:
     # Connect with asyncpg ourselves: it understands every libpq-style URL parameter
     # (host=/socket/dir, sslmode, application_name, ...), which SQLAlchemy would otherwise
     # pass to asyncpg.connect() as keyword arguments it does not accept.
-    plain = config.attributes.get("plain_url") or config.get_main_option("plain_url")
+    plain = _plain_url()
 
     async def connect() -> asyncpg.Connection:
         return await asyncpg.connect(plain)

@@ -21,10 +21,10 @@ import asyncpg
 import httpx
 import pytest
 
-from app.embedded import start_embedded
-from app.main import create_app
-from app.queue.clock import Clock
-from app.settings import Settings
+from sluice.embedded import start_embedded
+from sluice.main import create_app
+from sluice.queue.clock import Clock
+from sluice.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ async def create_database(server_url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 async def db_url(pg_server: str) -> str:
     """A database migrated to head, shared by the suite (tests use unique topic names)."""
-    from app.storage import migrate
+    from sluice.storage import migrate
 
     url = await create_database(pg_server, "sluice_test")
     await migrate.upgrade(url)
@@ -153,7 +153,7 @@ class ServerProcess:
             [
                 sys.executable,
                 "-m",
-                "app.cli",
+                "sluice.cli",
                 "serve",
                 "--port",
                 str(self.port),

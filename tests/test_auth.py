@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app.auth import (
+from sluice.auth import (
     ADMIN,
     CACHE_SECONDS,
     Requirement,
@@ -32,9 +32,9 @@ from app.auth import (
     requirement_for,
     satisfies,
 )
-from app.storage import migrate
-from app.storage.db import plain_url
-from app.storage.keys import revoke_key
+from sluice.storage import migrate
+from sluice.storage.db import plain_url
+from sluice.storage.keys import revoke_key
 from tests.conftest import ROOT, Harness, create_database, run_app, unique, wait_until
 from tests.helpers import assert_problem, sub_path, topic_path
 
@@ -112,7 +112,7 @@ def test_operations_without_a_rule_need_admin(method: str, path: str) -> None:
 
 
 def test_secrets_are_random_and_only_their_hash_is_derived() -> None:
-    from app.auth import new_secret
+    from sluice.auth import new_secret
 
     a, b = new_secret(), new_secret()
     assert a != b and a.startswith("sk_") and len(a) >= 40
@@ -241,7 +241,7 @@ OPS = [
 
 
 def test_the_table_covers_every_v1_operation_of_the_api() -> None:
-    from app.cli import openapi_document
+    from sluice.cli import openapi_document
 
     documented = {
         (method.upper(), path)
@@ -394,7 +394,7 @@ async def _equals(probe: Any, expected: int) -> bool:
 
 
 async def test_openapi_documents_the_bearer_scheme_and_scopes() -> None:
-    from app.cli import openapi_document
+    from sluice.cli import openapi_document
 
     doc = openapi_document()
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
@@ -449,7 +449,7 @@ async def test_api_is_open_without_keys_and_closes_once_one_exists(
 def sluice(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url, "SLUICE_LOG_LEVEL": "WARNING"}
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "sluice.cli", *args],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,  # it must never prompt
@@ -556,7 +556,7 @@ async def test_keys_take_effect_on_a_running_server_within_10_seconds(
 
 
 async def test_keys_that_cannot_be_read_fail_closed_with_503(auth_db: str) -> None:
-    from app.auth import KeyCache
+    from sluice.auth import KeyCache
 
     broken = await asyncpg.create_pool(plain_url(auth_db), min_size=1, max_size=1)
     await broken.close()  # every query on it now fails

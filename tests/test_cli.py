@@ -22,7 +22,7 @@ def _serve_embedded(data_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["SLUICE_DATA_DIR"] = str(data_dir)
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "sluice.cli", "serve", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -87,7 +87,7 @@ def test_serve_without_database_url_runs_embedded_postgres_and_keeps_data():
 def test_openapi_command_writes_the_served_document(tmp_path):
     out = tmp_path / "openapi.json"
     subprocess.run(
-        [sys.executable, "-m", "app.cli", "openapi", "--output", str(out)], cwd=ROOT, check=True
+        [sys.executable, "-m", "sluice.cli", "openapi", "--output", str(out)], cwd=ROOT, check=True
     )
     document = json.loads(out.read_text())
     assert document["info"]["title"] == "Sluice"

@@ -41,9 +41,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.main import create_app
-from app.queue.clock import Clock
-from app.queue.receipts import encode
+from sluice.main import create_app
+from sluice.queue.clock import Clock
+from sluice.queue.receipts import encode
 from tests.conftest import create_database, make_settings
 
 ACK_DEADLINE = 600

@@ -42,11 +42,11 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from app.auth import hash_secret, new_secret
-from app.main import create_app
-from app.queue.clock import Clock
-from app.storage import keys as keys_sql
-from app.storage import migrate
+from sluice.auth import hash_secret, new_secret
+from sluice.main import create_app
+from sluice.queue.clock import Clock
+from sluice.storage import keys as keys_sql
+from sluice.storage import migrate
 from tests.conftest import create_database, make_settings
 
 TOPIC = "orders"

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.api.limits import FITS, NOT_FINITE, TOO_DEEP, inspect_json, parse_json, strict_loads
-from app.settings import Settings
+from sluice.api.limits import FITS, NOT_FINITE, TOO_DEEP, inspect_json, parse_json, strict_loads
+from sluice.settings import Settings
 
 LIMIT = 64
 

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from app.logs import JSONFormatter
+from sluice.logs import JSONFormatter
 from tests.conftest import unique
 from tests.helpers import create_subscription, create_topic, pull, topic_path
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.storage import subscriptions as subs_sql
+from sluice.storage import subscriptions as subs_sql
 from tests.conftest import run_app, unique
 from tests.helpers import (
     ack,
@@ -251,7 +251,7 @@ async def test_metrics_survive_a_database_failure(client, monkeypatch):
 
 
 def test_metrics_is_documented_as_text(client_free=None):
-    from app.cli import openapi_document
+    from sluice.cli import openapi_document
 
     operation = openapi_document()["paths"]["/metrics"]["get"]
     assert "text/plain" in operation["responses"]["200"]["content"]

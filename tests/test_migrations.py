@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 from alembic.script import ScriptDirectory
 
-from app.storage import migrate
-from app.storage.db import plain_url
+from sluice.storage import migrate
+from sluice.storage.db import plain_url
 from tests.conftest import ROOT, database_url, run_app, unique
 from tests.helpers import create_topic, publish
 
@@ -132,7 +132,7 @@ async def test_concurrent_upgrades_are_serialised(fresh_db_url):
 
 def sluice_command() -> list[str]:
     script = Path(sys.executable).with_name("sluice")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sluice.cli"]
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -194,7 +194,7 @@ async def test_sluice_migrate_cli_unknown_revision_fails_cleanly(fresh_db_url):
 
 
 async def test_database_url_with_libpq_parameters_migrates(fresh_db_url):
-    from app.storage import migrate
+    from sluice.storage import migrate
 
     separator = "&" if "?" in fresh_db_url else "?"
     url = fresh_db_url + separator + "application_name=sluice-migrate-test"
@@ -206,3 +206,30 @@ async def test_database_url_with_libpq_parameters_migrates(fresh_db_url):
         )
     finally:
         await conn.close()
+
+
+def run_alembic(url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    if url is not None:
+        env["DATABASE_URL"] = url
+    alembic = Path(sys.executable).with_name("alembic")
+    return subprocess.run(
+        [str(alembic), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+async def test_alembic_command_works_from_the_checkout(fresh_db_url):
+    # People who know Alembic run it as they always do: alembic.ini, URL from DATABASE_URL.
+    result = run_alembic(fresh_db_url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert (await schema(fresh_db_url))["version"] == {migrate.head_revision()}
+    current = run_alembic(fresh_db_url, "current")
+    assert current.returncode == 0, current.stderr
+    assert migrate.head_revision() in current.stdout
+    history = run_alembic(None, "history")
+    assert history.returncode == 0, history.stderr
+    assert "0001" in history.stdout
+    missing = run_alembic(None, "upgrade", "head")
+    assert missing.returncode != 0
+    assert "DATABASE_URL" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -2,7 +2,7 @@
 
 import json
 
-from app.cli import openapi_document
+from sluice.cli import openapi_document
 from tests.conftest import ROOT
 
 PROBLEM = "application/problem+json"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from app.storage import delivery, migrate
+from sluice.storage import delivery, migrate
 
 BUSY_LEASES = 30_000
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from app.queue.maintenance import run_pass
-from app.storage.db import plain_url
+from sluice.queue.maintenance import run_pass
+from sluice.storage.db import plain_url
 from tests.conftest import run_app, unique
 from tests.helpers import (
     ack,

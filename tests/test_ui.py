@@ -15,9 +15,9 @@ import asyncpg
 import httpx
 import pytest
 
-from app.api.routes.ui import _ASSETS
-from app.auth import issue_key
-from app.storage import migrate
+from sluice.api.routes.ui import _ASSETS
+from sluice.auth import issue_key
+from sluice.storage import migrate
 from tests.conftest import ROOT
 from tests.helpers import assert_problem
 
@@ -56,7 +56,7 @@ def test_ui_loads_nothing_from_elsewhere():
 
 
 def test_ui_is_in_the_openapi_document_as_html():
-    from app.cli import openapi_document
+    from sluice.cli import openapi_document
 
     paths = openapi_document()["paths"]
     assert "text/html" in paths["/ui"]["get"]["responses"]["200"]["content"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
-from app.queue.waiters import WaiterHub
+from sluice.queue.waiters import WaiterHub
 
 
 async def _park(hub: WaiterHub, stack: AsyncExitStack, capacities: list[int]) -> list:

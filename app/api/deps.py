@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import Path, Request
 
-from app.api.models import NAME_PATTERN, Problem
-from app.api.problems import PROBLEM_MEDIA_TYPE
-from app.queue.context import QueueContext
+from sluice.api.models import NAME_PATTERN, Problem
+from sluice.api.problems import PROBLEM_MEDIA_TYPE
+from sluice.queue.context import QueueContext
 
 TopicName = Annotated[
     str, Path(pattern=NAME_PATTERN, description="[A-Za-z0-9_-]{1,80}", examples=["orders"])

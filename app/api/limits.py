@@ -18,7 +18,7 @@ from pydantic_core import from_json
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import problem
+from sluice.api.problems import problem
 
 
 class BodyTooLarge(Exception):

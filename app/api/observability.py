@@ -17,7 +17,7 @@ from typing import Any
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import metrics
+from sluice import metrics
 
 log = logging.getLogger("sluice.access")
 

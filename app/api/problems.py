@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.api.responses import JSONBody
-from app.errors import SluiceError
+from sluice.api.responses import JSONBody
+from sluice.errors import SluiceError
 
 log = logging.getLogger("sluice.api")
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from app.errors import RateLimited, SluiceError
-from app.queue import receipts
-from app.queue.context import QueueContext
-from app.queue.topics import subscription_missing
-from app.storage import delivery as delivery_sql
-from app.storage.delivery import ClaimResult, Delivered
+from sluice.errors import RateLimited, SluiceError
+from sluice.queue import receipts
+from sluice.queue.context import QueueContext
+from sluice.queue.topics import subscription_missing
+from sluice.storage import delivery as delivery_sql
+from sluice.storage.delivery import ClaimResult, Delivered
 
 # Waking a little after a due time avoids a claim that lands a microsecond too early.
 _DUE_SLACK_SECONDS = 0.005

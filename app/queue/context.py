@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from app.queue.clock import Clock
-from app.queue.publisher import Publisher
-from app.queue.rates import RateRecorder
-from app.queue.waiters import WaiterHub
-from app.settings import Settings
+from sluice.queue.clock import Clock
+from sluice.queue.publisher import Publisher
+from sluice.queue.rates import RateRecorder
+from sluice.queue.waiters import WaiterHub
+from sluice.settings import Settings
 
 
 @dataclass

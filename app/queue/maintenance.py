@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from app.queue.context import QueueContext
-from app.queue.rates import KEEP_SECONDS
-from app.storage import delivery as delivery_sql
-from app.storage import maintenance as sql
-from app.storage import subscriptions as subs_sql
+from sluice.queue.context import QueueContext
+from sluice.queue.rates import KEEP_SECONDS
+from sluice.storage import delivery as delivery_sql
+from sluice.storage import maintenance as sql
+from sluice.storage import subscriptions as subs_sql
 
 log = logging.getLogger("sluice.maintenance")
 

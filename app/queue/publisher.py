@@ -19,10 +19,10 @@ from typing import Protocol
 
 import asyncpg
 
-from app.errors import PayloadTooLarge, topic_not_found
-from app.storage import log as log_sql
-from app.storage import topics as topics_sql
-from app.storage.log import NewMessage
+from sluice.errors import PayloadTooLarge, topic_not_found
+from sluice.storage import log as log_sql
+from sluice.storage import topics as topics_sql
+from sluice.storage.log import NewMessage
 
 log = logging.getLogger("sluice.publish")
 

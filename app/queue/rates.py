@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from app.storage import subscriptions as subs_sql
-from app.storage.subscriptions import RATE_KINDS
+from sluice.storage import subscriptions as subs_sql
+from sluice.storage.subscriptions import RATE_KINDS
 
 log = logging.getLogger("sluice.rates")
 

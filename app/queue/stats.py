@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.storage.delivery import seconds_between
+from sluice.storage.delivery import seconds_between
 
 
 @dataclass(slots=True)

@@ -8,15 +8,15 @@ from typing import Any, Literal
 
 import asyncpg
 
-from app.errors import InvalidInput, subscription_not_found
-from app.queue.context import QueueContext
-from app.queue.rates import RATE_WINDOW_SECONDS
-from app.queue.stats import DeliveryCounts, delivery_counts
-from app.queue.topics import require_topic, subscription_missing
-from app.storage import delivery as delivery_sql
-from app.storage import log as log_sql
-from app.storage import subscriptions as subs_sql
-from app.storage import topics as topics_sql
+from sluice.errors import InvalidInput, subscription_not_found
+from sluice.queue.context import QueueContext
+from sluice.queue.rates import RATE_WINDOW_SECONDS
+from sluice.queue.stats import DeliveryCounts, delivery_counts
+from sluice.queue.topics import require_topic, subscription_missing
+from sluice.storage import delivery as delivery_sql
+from sluice.storage import log as log_sql
+from sluice.storage import subscriptions as subs_sql
+from sluice.storage import topics as topics_sql
 
 SUBSCRIPTION_DEFAULTS: dict[str, Any] = {
     "ack_deadline_seconds": 30,

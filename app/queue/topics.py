@@ -7,13 +7,13 @@ from typing import Any
 
 import asyncpg
 
-from app.errors import NotFound, subscription_not_found, topic_not_found
-from app.metrics import observe_published
-from app.queue.context import QueueContext
-from app.queue.publisher import Published
-from app.storage import log as log_sql
-from app.storage import topics as topics_sql
-from app.storage.log import NewMessage
+from sluice.errors import NotFound, subscription_not_found, topic_not_found
+from sluice.metrics import observe_published
+from sluice.queue.context import QueueContext
+from sluice.queue.publisher import Published
+from sluice.storage import log as log_sql
+from sluice.storage import topics as topics_sql
+from sluice.storage.log import NewMessage
 
 TOPIC_DEFAULTS: dict[str, Any] = {
     "retention_seconds": 7 * 24 * 3600,

@@ -18,9 +18,9 @@ from typing import Any
 
 import asyncpg
 
-from app.storage import log as log_sql
-from app.storage.log import NOTIFY_CHANNEL, NewMessage
-from app.storage.subscriptions import bucket_capacity
+from sluice.storage import log as log_sql
+from sluice.storage.log import NOTIFY_CHANNEL, NewMessage
+from sluice.storage.subscriptions import bucket_capacity
 
 # Exponential backoff with jitter, clamped to [retry_min, retry_max]. `n` is the number of
 # the attempt that failed; the exponent is capped so power() cannot overflow.

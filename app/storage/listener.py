@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from app.storage.db import plain_url
-from app.storage.log import NOTIFY_CHANNEL
+from sluice.storage.db import plain_url
+from sluice.storage.log import NOTIFY_CHANNEL
 
 log = logging.getLogger("sluice.listener")
 

@@ -10,24 +10,24 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from app.settings import get_settings
-from app.storage.db import plain_url, sqlalchemy_url
+from sluice.settings import get_settings
+from sluice.storage.db import plain_url, sqlalchemy_url
 
 # Serialises concurrent `upgrade` calls (several workers starting at once).
 _MIGRATION_LOCK_KEY = 0x51C3_0001
 
 
 def migrations_dir() -> Path:
+    """The Alembic scripts: shipped inside the package (`sluice.migrations`, the top-level
+    migrations/ folder of the source tree), unless SLUICE_MIGRATIONS_DIR names others."""
     configured = get_settings().migrations_dir
-    candidates = [
-        configured,
-        Path(__file__).resolve().parents[2] / "migrations",
-        Path.cwd() / "migrations",
-    ]
-    for candidate in candidates:
-        if candidate is not None and (candidate / "env.py").exists():
-            return candidate
-    raise RuntimeError("Alembic migrations not found; set SLUICE_MIGRATIONS_DIR")
+    if configured is not None:
+        if not (configured / "env.py").exists():
+            raise RuntimeError(f"SLUICE_MIGRATIONS_DIR={configured} holds no Alembic env.py")
+        return configured
+    import sluice.migrations
+
+    return Path(sluice.migrations.__file__).resolve().parent
 
 
 def alembic_config(url: str) -> Config:

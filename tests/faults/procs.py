@@ -17,12 +17,12 @@ from typing import Any
 
 import httpx
 
-from app.embedded import start_embedded
+from sluice.embedded import start_embedded
 from tests.conftest import ROOT, create_database, free_port
 
 
 class SluiceServer:
-    """A `python -m app.cli serve` process that can be killed and started again on its port."""
+    """A `python -m sluice.cli serve` process that can be killed and started again on its port."""
 
     def __init__(self, url: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.url = url
@@ -52,7 +52,7 @@ class SluiceServer:
             log.write(f"--- start #{self.starts} on port {self.port}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "sluice.cli", "serve", "--port", str(self.port)],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,

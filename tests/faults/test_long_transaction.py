@@ -11,7 +11,7 @@ import time
 import asyncpg
 import pytest
 
-from app.storage.db import plain_url
+from sluice.storage.db import plain_url
 from tests.conftest import unique
 from tests.faults.checker import QueueChecker
 

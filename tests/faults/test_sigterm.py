@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app.storage.db import plain_url
+from sluice.storage.db import plain_url
 from tests.conftest import unique
 
 LONG_POLLS = 20

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import WITH_BODY, SubscriptionName, TopicName, ctx_of, errors
-from app.api.limits import StrictJSONRoute
-from app.api.models import (
+from sluice.api.deps import WITH_BODY, SubscriptionName, TopicName, ctx_of, errors
+from sluice.api.limits import StrictJSONRoute
+from sluice.api.models import (
     AckRequest,
     AckResponse,
     ExtendRequest,
@@ -18,9 +18,9 @@ from app.api.models import (
     PullRequest,
     PullResponse,
 )
-from app.api.responses import JSONBody, raw_json
-from app.queue import consuming
-from app.queue.receipts import encode
+from sluice.api.responses import JSONBody, raw_json
+from sluice.queue import consuming
+from sluice.queue.receipts import encode
 
 router = APIRouter(
     prefix="/v1/topics/{topic}/subscriptions/{subscription}",

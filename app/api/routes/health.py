@@ -6,10 +6,10 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import errors
-from app.api.problems import problem
-from app.api.responses import JSONBody
-from app.storage.migrate import current_revision
+from sluice.api.deps import errors
+from sluice.api.problems import problem
+from sluice.api.responses import JSONBody
+from sluice.storage.migrate import current_revision
 
 router = APIRouter(tags=["health"])
 

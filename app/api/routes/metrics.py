@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app import metrics
-from app.api.deps import ctx_of
+from sluice import metrics
+from sluice.api.deps import ctx_of
 
 router = APIRouter(tags=["observability"])
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import (
+from sluice.api.deps import (
     COMMON,
     MAX_OFFSET,
     WITH_BODY,
@@ -16,8 +16,8 @@ from app.api.deps import (
     ctx_of,
     errors,
 )
-from app.api.limits import StrictJSONRoute
-from app.api.models import (
+from sluice.api.limits import StrictJSONRoute
+from sluice.api.models import (
     NAME_PATTERN,
     DeadLetterList,
     RedriveRequest,
@@ -28,9 +28,9 @@ from app.api.models import (
     SubscriptionConfig,
     SubscriptionList,
 )
-from app.api.responses import JSONBody, raw_json
-from app.queue import subscriptions as sub_ops
-from app.storage.subscriptions import SUB_CONFIG_COLUMNS
+from sluice.api.responses import JSONBody, raw_json
+from sluice.queue import subscriptions as sub_ops
+from sluice.storage.subscriptions import SUB_CONFIG_COLUMNS
 
 router = APIRouter(
     prefix="/v1/topics/{topic}/subscriptions", tags=["subscriptions"], route_class=StrictJSONRoute

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
-from app.api.limits import StrictJSONRoute
-from app.api.models import (
+from sluice.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
+from sluice.api.limits import StrictJSONRoute
+from sluice.api.models import (
     NAME_PATTERN,
     BrowseResponse,
     PublishRequest,
@@ -19,10 +19,10 @@ from app.api.models import (
     TopicDetails,
     TopicList,
 )
-from app.api.responses import JSONBody, raw_json
-from app.auth import may_read
-from app.queue import topics as topic_ops
-from app.storage.log import NewMessage
+from sluice.api.responses import JSONBody, raw_json
+from sluice.auth import may_read
+from sluice.queue import topics as topic_ops
+from sluice.storage.log import NewMessage
 
 router = APIRouter(prefix="/v1/topics", tags=["topics"], route_class=StrictJSONRoute)
 

@@ -11,7 +11,7 @@ from importlib import resources
 
 from fastapi import APIRouter, Response
 
-from app.api.problems import problem
+from sluice.api.problems import problem
 
 router = APIRouter(tags=["observability"])
 
