@@ -382,10 +382,14 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def may_read(request: Request, topic: str) -> bool:
-    """Whether the request's key may read `topic` (always, while the API is open)."""
+def readable_topics(request: Request) -> Callable[[str], bool] | None:
+    """Which topics the request's key may read: None for all of them (the API is open, or
+    the key has `admin` or `read:*`), else a test of a topic name."""
     principal: Principal | None = getattr(request.state, "principal", None)
-    return principal is None or satisfies(principal.scopes, Requirement("read", "topic", topic))
+    if principal is None or satisfies(principal.scopes, Requirement("read", "all")):
+        return None
+    scopes = principal.scopes
+    return lambda topic: satisfies(scopes, Requirement("read", "topic", topic))
 
 
 # ---- wiring -------------------------------------------------------------------------------

@@ -296,6 +296,50 @@ async def test_a_reader_lists_only_the_topics_its_globs_match(secured: Secured) 
     assert {secured.topic, other} <= {t["name"] for t in r.json()["topics"]}
 
 
+async def _walk_topics(client: httpx.AsyncClient, headers: dict[str, str], limit: int) -> Any:
+    """Every page of GET /v1/topics: (names listed, cursors handed out, pages)."""
+    names: list[str] = []
+    cursors: list[str] = []
+    after: str | None = None
+    for pages in range(1, 1000):
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        r = await client.get("/v1/topics", params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        names += [t["name"] for t in r.json()["topics"]]
+        after = r.json()["next_after"]
+        if after is None:
+            return names, cursors, pages
+        cursors.append(after)
+    raise AssertionError("paging did not end")
+
+
+@pytest.mark.parametrize("batch", [2, 1000], ids=["many-batches", "one-batch"])
+async def test_a_scoped_key_learns_no_topic_outside_its_globs_even_from_the_cursor(
+    secured: Secured, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluice.queue import topics as topic_ops
+
+    monkeypatch.setattr(topic_ops, "VISIBLE_SCAN_BATCH", batch)
+    client, admin = secured.h.client, secured.as_("admin")
+    # Unreadable names on both sides of the readable ones, so pages would end on them.
+    mark = uuid.uuid4().hex[:6]
+    created = [f"{p}-{mark}" for p in ("aaa", "orders", "orders-a", "ordersz", "zzz")]
+    created += [f"orders-{mark}-{i}" for i in range(3)]
+    for name in created:
+        assert (await client.put(topic_path(name), json={}, headers=admin)).status_code == 201
+    everything, _, _ = await _walk_topics(client, admin, 1000)
+    readable = [n for n in everything if n.startswith("orders-")]
+    assert len(readable) >= 5 and len(readable) < len(everything)
+
+    for limit in (1, 2, 1000):
+        names, cursors, pages = await _walk_topics(client, secured.as_("reader"), limit)
+        assert names == readable, limit  # every readable topic, in order, once
+        leaked = [c for c in cursors if not c.startswith("orders-")]
+        assert not leaked, f"limit={limit}: the cursor named {leaked}"
+        # Pages are full until the last: unreadable topics are skipped, not handed out.
+        assert pages == len(readable) // limit + 1
+
+
 async def test_globs_decide_per_topic(secured: Secured) -> None:
     client = secured.h.client
     admin = secured.as_("admin")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +66,44 @@ async def get_topic(ctx: QueueContext, name: str) -> TopicStats:
     return TopicStats(row, head, oldest, count, round(rate, 3))
 
 
-async def list_topics(ctx: QueueContext, after: str | None, limit: int) -> list[asyncpg.Record]:
+@dataclass(slots=True)
+class TopicPage:
+    rows: list[asyncpg.Record]
+    next_after: str | None  # the last name of a full page; None once the listing ends
+
+
+# A listing filtered by the caller's access reads the topic table in batches this large.
+VISIBLE_SCAN_BATCH = 1000
+
+
+async def list_topics(
+    ctx: QueueContext,
+    after: str | None,
+    limit: int,
+    visible: Callable[[str], bool] | None = None,
+) -> TopicPage:
+    """Up to `limit` topics in name order after `after`.
+
+    With `visible` (the topics an API key may read), only those are listed, and the table
+    is read on past the others so that a page runs short only at the end. The cursor is
+    always the last topic listed: a name the caller may not see is never handed out,
+    neither as an item nor as `next_after`."""
     async with ctx.pool.acquire() as conn:
-        return await topics_sql.list_topics(conn, after, limit)
+        if visible is None:
+            rows = await topics_sql.list_topics(conn, after, limit)
+            return TopicPage(rows, rows[-1]["name"] if len(rows) == limit else None)
+        listed: list[asyncpg.Record] = []
+        batch = max(limit, VISIBLE_SCAN_BATCH)
+        while True:
+            scanned = await topics_sql.list_topics(conn, after, batch)
+            for row in scanned:
+                if visible(row["name"]):
+                    listed.append(row)
+                    if len(listed) == limit:
+                        return TopicPage(listed, row["name"])
+            if len(scanned) < batch:
+                return TopicPage(listed, None)
+            after = scanned[-1]["name"]
 
 
 async def delete_topic(ctx: QueueContext, name: str) -> None:

@@ -20,7 +20,7 @@ from sluice.api.models import (
     TopicList,
 )
 from sluice.api.responses import JSONBody, raw_json
-from sluice.auth import may_read
+from sluice.auth import readable_topics
 from sluice.queue import topics as topic_ops
 from sluice.storage.log import NewMessage
 
@@ -89,11 +89,9 @@ async def list_topics(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    rows = await topic_ops.list_topics(ctx_of(request), after, limit)
-    next_after = rows[-1]["name"] if len(rows) == limit else None
-    # A key with read:<glob> scopes sees the topics its globs match (pages may run short).
-    rows = [r for r in rows if may_read(request, r["name"])]
-    return JSONBody({"topics": [_topic(r) for r in rows], "next_after": next_after})
+    # A key with read:<glob> scopes sees the topics its globs match, and only those.
+    page = await topic_ops.list_topics(ctx_of(request), after, limit, readable_topics(request))
+    return JSONBody({"topics": [_topic(r) for r in page.rows], "next_after": page.next_after})
 
 
 @router.get(
