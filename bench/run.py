@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -17,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import held_xmin
 from bench import workloads as w
+from bench.chart import held_xmin_svg
 from bench.infra import ROOT, Postgres, SluiceServer
 from bench.peers import Peer, PeerUnavailable
 from bench.peers.pgmq import PgmqPeer
@@ -28,6 +31,9 @@ from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ACK_IN_PULL = "ack-in-pull"
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
+# Run only when named in --workloads: held-xmin takes ~5 minutes per system by default.
+OPTIONAL_WORKLOADS = ("held-xmin",)
+HELD_XMIN_SYSTEMS = ("sluice", "raw", "pgmq")
 ALL_SYSTEMS = ("sluice", "raw", "pgmq", "rabbitmq")
 DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
 
@@ -50,6 +56,9 @@ QUICK = {
     "idle_seconds": 6.0,
     "idle_ramp": 2.0,
     "idle_wakeups": 3,
+    "held_xmin_block_seconds": 5.0,
+    "held_xmin_hold_seconds": 20.0,
+    "held_xmin_messages": 20_000,
 }
 
 
@@ -75,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--systems", default=",".join(ALL_SYSTEMS), help="comma list (default: %(default)s)"
     )
     p.add_argument(
-        "--workloads", default=",".join(ALL_WORKLOADS), help="comma list (default: %(default)s)"
+        "--workloads",
+        default=",".join(ALL_WORKLOADS),
+        help="comma list (default: %(default)s); also "
+        + ", ".join(OPTIONAL_WORKLOADS)
+        + " (only when named: the long-transaction workload, bench/held_xmin.py)",
     )
     p.add_argument("--quick", action="store_true", help="short phases and small prefills")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -102,7 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="run the (1-worker) Sluice server under cProfile and write the stats here",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    p.add_argument(
+        "--held-xmin-chart",
+        type=Path,
+        help="SVG chart of the held-xmin workload (default: beside --json, else in the temp dir)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="give up after this many seconds (default 1800, plus the held-xmin workload's "
+        "expected length when it runs)",
+    )
     knobs = p.add_argument_group("workload parameters")
     for name in w.Config.__dataclass_fields__:
         value = getattr(defaults, name)
@@ -110,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}",
             type=type(value),
             default=None,
+            choices=held_xmin.MODES if name == "held_xmin_mode" else None,
             help=f"default {value}" + (f" ({QUICK[name]} with --quick)" if name in QUICK else ""),
         )
     return p
@@ -153,8 +177,9 @@ class Run:
         self.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         self.workloads = [s.strip() for s in args.workloads.split(",") if s.strip()]
         for name in self.workloads:
-            if name not in ALL_WORKLOADS:
-                raise SystemExit(f"unknown workload {name!r}; known: {', '.join(ALL_WORKLOADS)}")
+            if name not in ALL_WORKLOADS + OPTIONAL_WORKLOADS:
+                known = ", ".join(ALL_WORKLOADS + OPTIONAL_WORKLOADS)
+                raise SystemExit(f"unknown workload {name!r}; known: {known}")
         for name in self.systems:
             if name not in ALL_SYSTEMS:
                 raise SystemExit(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
@@ -167,6 +192,8 @@ class Run:
         self.results: list[Result] = []
         self.skipped: list[str] = []
         self.info: dict[str, str] = {}
+        self.held: list[held_xmin.Outcome] = []
+        self.held_chart: Path | None = None
 
     # ---- set-up / tear-down ------------------------------------------------------------------
 
@@ -326,6 +353,77 @@ class Run:
                 w.consume(ctx, peer, "wcon", cfg.batch, cfg.prefill, True, workload=label),
             )
 
+        if "held-xmin" in self.workloads:
+            await self.run_held_xmin()
+
+    async def run_held_xmin(self) -> None:
+        """Each system in turn on a fresh database of its own (Sluice: a fresh server)."""
+        settings = held_settings(self.cfg)
+        label = f"held-xmin {settings.mode}"
+        for name in HELD_XMIN_SYSTEMS:
+            if name not in self.peers:
+                continue
+            log(f"{label}: {name}")
+            peer: Peer | None = None
+            try:
+                url = await self.postgres.create_database(f"bench_held_{name}")
+                if name == "sluice":
+                    self.sluice_url = url
+                    await self.start_sluice(1)
+                    peer = self.peers["sluice"]
+                elif name == "raw":
+                    peer = RawPeer(url, self.args.peer_pool_size)
+                    await peer.start()
+                else:
+                    peer = PgmqPeer(
+                        url,
+                        self.args.pgmq_sql.resolve(),
+                        self.args.peer_pool_size,
+                        poll_interval_ms=self.args.pgmq_poll_ms,
+                    )
+                    await peer.start()
+                outcome = await held_xmin.run(
+                    peer, url, settings, self.ctx.meter(peer), log, self.postgres.quiesce
+                )
+            except Exception as exc:
+                failed = Result(workload=f"{label} publish", system=name, errors=1)
+                failed.notes.append(f"failed: {type(exc).__name__}: {exc}"[:300])
+                self.results.append(failed)
+                log(f"  failed: {type(exc).__name__}: {exc}")
+                if self.server is not None and name == "sluice":
+                    log(f"server log tail:\n{self.server.log_tail(1500)}")
+                continue
+            finally:
+                if peer is not None and name != "sluice":
+                    await peer.close()
+            self.held.append(outcome)
+            self.results += held_xmin.results(outcome, label)
+            s = outcome.summary()
+            log(
+                f"  -> publish held median {s['publish']['held_median_ratio'] or 0:.2f}x, "
+                f"drain {s['drain']['held_median_ratio'] or 0:.2f}x of before; dead row "
+                f"versions +{s['dead_growth'] or 0:,}; lock waits > 1 s: "
+                f"{s['lock_waits_over_1s']}"
+            )
+        if self.held:
+            path = self.held_chart_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(held_xmin_svg(self.held))
+            except OSError as exc:
+                log(f"held-xmin chart not written: {exc}")
+            else:
+                self.held_chart = path
+                log(f"held-xmin chart: {path}")
+
+    def held_chart_path(self) -> Path:
+        if self.args.held_xmin_chart is not None:
+            return Path(self.args.held_xmin_chart)
+        if self.args.json is not None:
+            return self.args.json.with_name(self.args.json.stem + "-held-xmin.svg")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path(tempfile.gettempdir()) / f"sluice-bench-held-xmin-{stamp}.svg"
+
     def rounds(self, repeated: bool) -> list[tuple[int, Peer]]:
         """(round, system) in the order to run: `--repeat` rounds, each one rotated."""
         peers = list(self.peers.values())
@@ -363,6 +461,13 @@ class Run:
             "cpu: % of one core (the server's process tree: Sluice or the RabbitMQ broker / "
             "all Postgres processes / this bench)."
         )
+        if self.held:
+            lines.append(
+                "held-xmin rows: msgs/s is the median of the blocks run while the long "
+                "transaction was open; latency and cpu are of that window."
+            )
+            chart = None if self.held_chart is None else str(self.held_chart)
+            lines.append(held_xmin.report(self.held, chart))
         return "\n".join(lines)
 
     def write_json(self, path: Path, command: str) -> None:
@@ -373,11 +478,38 @@ class Run:
             "skipped": self.skipped,
             "results": [r.as_dict() for r in self.results],
         }
+        if self.held:
+            data["held_xmin"] = {
+                "chart": None if self.held_chart is None else str(self.held_chart),
+                "systems": [o.as_dict() for o in self.held],
+            }
         path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def vars_of(cfg: w.Config) -> dict[str, object]:
     return {name: getattr(cfg, name) for name in w.Config.__dataclass_fields__}
+
+
+def held_settings(cfg: w.Config) -> held_xmin.Settings:
+    return held_xmin.Settings(
+        block_seconds=cfg.held_xmin_block_seconds,
+        blocks_before=cfg.held_xmin_blocks_before,
+        hold_seconds=cfg.held_xmin_hold_seconds,
+        blocks_after=cfg.held_xmin_blocks_after,
+        messages=cfg.held_xmin_messages,
+        mode=cfg.held_xmin_mode,
+        producers=cfg.held_xmin_producers,
+        consumers=cfg.held_xmin_consumers,
+        batch=cfg.batch,
+        size=cfg.held_xmin_size,
+    )
+
+
+def held_xmin_estimate(cfg: w.Config, systems: int) -> float:
+    """Expected seconds of the held-xmin workload (blocks, hold, settling, server start)."""
+    blocks = cfg.held_xmin_blocks_before + cfg.held_xmin_blocks_after + 1
+    held = math.ceil(cfg.held_xmin_hold_seconds / cfg.held_xmin_block_seconds)
+    return systems * ((blocks + held) * cfg.held_xmin_block_seconds + 120)
 
 
 async def main_async(args: argparse.Namespace, command: str) -> int:
@@ -414,6 +546,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.repeat = QUICK_REPEAT if args.quick else REPEAT
     elif args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    cfg = config_from(args)
+    if cfg.held_xmin_blocks_before < 1 or cfg.held_xmin_blocks_after < 1:
+        parser.error("held-xmin needs at least one block before and one after the hold")
+    if cfg.held_xmin_block_seconds <= 0 or cfg.held_xmin_hold_seconds <= 0:
+        parser.error("held-xmin block and hold seconds must be positive")
+    if cfg.held_xmin_messages < 1 or cfg.held_xmin_producers < 1 or cfg.held_xmin_consumers < 1:
+        parser.error("held-xmin needs messages, producers and consumers")
+    if args.timeout is None:
+        args.timeout = 1800.0
+        if "held-xmin" in args.workloads.split(","):
+            args.timeout += held_xmin_estimate(cfg, len(HELD_XMIN_SYSTEMS))
     return args
 
 

@@ -32,9 +32,13 @@ class Result:
     latency_kind: str = "op"
     ratios: dict[str, float] = field(default_factory=dict)
     throughput: bool = True  # False: a fixed-rate or idle phase, where msgs/s is no score
+    # msgs/s when it is not messages / seconds (held-xmin: the median of the held blocks)
+    fixed_rate: float | None = None
 
     @property
     def rate(self) -> float:
+        if self.fixed_rate is not None:
+            return self.fixed_rate
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
     @property

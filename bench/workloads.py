@@ -52,6 +52,16 @@ class Config:
     rate_burst: int = 50
     rate_consumers: int = 8
     max_errors: int = 200  # a phase stops early after this many failed requests
+    # held-xmin (bench/held_xmin.py): traffic in blocks, a long transaction in the middle
+    held_xmin_block_seconds: float = 25.0
+    held_xmin_blocks_before: int = 2
+    held_xmin_hold_seconds: float = 180.0
+    held_xmin_blocks_after: int = 2
+    held_xmin_messages: int = 100_000  # per block, all producers together
+    held_xmin_mode: str = "snapshot"  # or pgdump: the transaction also locks every table
+    held_xmin_producers: int = 2
+    held_xmin_consumers: int = 2
+    held_xmin_size: int = 200  # bytes of each value
 
 
 @dataclass(slots=True)
