@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import httpx
 
+from sluice.queue import receipts
 from tests.helpers import (
     ack,
     assert_problem,
@@ -142,12 +143,14 @@ async def test_delayed_message_is_not_delivered_before_its_time(harness):
     [later] = await publish(client, topic, "later", delay_seconds=30)
     now = await publish(client, topic, "now")
     # A delayed message does not hold back the ones after it.
-    assert offsets_of(await pull(client, topic, "s", 10)) == now
-    clock.advance(29)
+    got = await pull(client, topic, "s", 10)
+    assert offsets_of(got) == now
+    await ack(client, topic, "s", [got[0]["receipt"]])
+    clock.advance(27)  # 3 s before the delay ends
     assert await pull(client, topic, "s", 10) == []
     s = await stats(client, topic, "s")
     assert (s["delayed"], s["backlog"]) == (1, 0)
-    clock.advance(1.5)
+    clock.advance(6)  # 3 s after
     got = await pull(client, topic, "s", 10)
     assert offsets_of(got) == [later]
     assert got[0]["delivery_attempt"] == 1
@@ -163,14 +166,14 @@ async def test_expired_lease_is_redelivered_and_old_receipt_is_stale(harness):
     [first] = await pull(client, topic, "s")
     assert first["delivery_attempt"] == 1
 
-    clock.advance(10.5)  # lease over, backoff of 5 s still running
+    clock.advance(12)  # lease over, 3 s of its backoff of 5 s still to run
     assert await pull(client, topic, "s") == []
     # The expired lease cannot be acked any more, even before it is redelivered.
     assert await ack(client, topic, "s", [first["receipt"]]) == {
         "acked": 0,
         "stale": [first["receipt"]],
     }
-    clock.advance(5)
+    clock.advance(6)  # 3 s after the backoff
     [second] = await pull(client, topic, "s")
     assert (second["offset"], second["delivery_attempt"]) == (offset, 2)
     assert second["receipt"] != first["receipt"]
@@ -195,7 +198,7 @@ async def test_new_receipt_works_for_nack_and_extend_after_redelivery(harness):
     topic = await setup(client, ack_deadline_seconds=5, retry_min_seconds=1, retry_max_seconds=1)
     await publish(client, topic, "m")
     [first] = await pull(client, topic, "s")
-    clock.advance(6.5)
+    clock.advance(9)  # lease (5 s) and backoff (1 s) over
     [second] = await pull(client, topic, "s")
     assert second["delivery_attempt"] == 2
     assert await extend(client, topic, "s", [second["receipt"]], 100) == {
@@ -277,15 +280,94 @@ async def test_garbage_and_forged_receipts_are_stale_never_applied(harness):
         body = r.json()
         assert sorted(body["stale"]) == sorted(garbage), action
         assert next(v for k, v in body.items() if k != "stale") == 0
-    # Nothing was applied: both leases are intact and expire as usual.
+    # Nothing was applied: both leases are intact (no ack, no nack)...
     assert (await stats(client, topic, "s"))["in_flight"] == 2
-    clock.advance(9)
-    assert await pull(client, topic, "s", 2) == []  # extend was not applied either
+    # ...and expire as usual, 10 s after the pull and 1 s of backoff: the extend by 60 s
+    # was not applied either (3 s of margin on each side).
+    clock.advance(14)
+    again = await pull(client, topic, "s", 2)
+    assert [(m["offset"], m["delivery_attempt"]) for m in again] == [(o, 2) for o in offsets]
     # A mix of good and bad receipts applies the good ones.
-    mixed = [got[0]["receipt"], "garbage", got[1]["receipt"]]
+    mixed = [again[0]["receipt"], "garbage", again[1]["receipt"]]
     assert await ack(client, topic, "s", mixed) == {"acked": 2, "stale": ["garbage"]}
     # The other subscription's lease was untouched by all of this.
     assert await ack(client, topic, "other", [theirs["receipt"]]) == {"acked": 1, "stale": []}
+
+
+async def test_receipts_of_the_right_length_that_are_not_receipts_are_stale(client):
+    """32 characters is a receipt's length, but not every such string is one: the batch
+    decoder's fast path must refuse them like the one-by-one path (stale, never a 500)."""
+    topic = await setup(client)
+    await publish(client, topic, "a")
+    [m] = await pull(client, topic, "s")
+    garbage = [
+        "!" * 32,
+        "=" * 32,
+        "é" * 32,
+        " " * 32,
+        "A" * 31 + "=",
+        "+" * 32,  # the standard base64 alphabet, not the URL-safe one
+        "/" * 32,
+        "A" * 30 + "\n\n",
+        m["receipt"][:31] + ".",
+        "\uff10" * 32,  # fullwidth digit zero: \d would take it
+    ]
+    assert all(len(receipt) == 32 for receipt in garbage)
+    for action, extra in (("ack", {}), ("nack", {}), ("extend", {"ack_deadline_seconds": 60})):
+        r = await client.post(
+            sub_path(topic, "s") + f"/{action}", json={"receipts": garbage, **extra}
+        )
+        assert r.status_code == 200, (action, r.text)
+        body = r.json()
+        assert body["stale"] == garbage, action
+        assert next(v for k, v in body.items() if k != "stale") == 0
+    r = await client.post(sub_path(topic, "s") + "/pull", json={"ack": garbage})
+    assert r.status_code == 200, r.text
+    assert (r.json()["acked"], r.json()["stale"]) == (0, garbage)
+    # The one real lease was not disturbed.
+    assert await ack(client, topic, "s", [m["receipt"]]) == {"acked": 1, "stale": []}
+
+
+def test_batch_receipt_decoding_equals_one_by_one():
+    """decode_all's fast path (one base64 decode of the whole batch) decodes exactly what
+    decode() does receipt by receipt."""
+    real = [receipts.encode(o, uuid.uuid4()) for o in (0, 1, 2**40, 2**63 - 1)]
+    batches = [
+        real,
+        [*real, "!" * 32],
+        ["é" * 32] * 3,
+        ["A" * 31 + "="],
+        ["+" * 32, "/" * 32],
+        [*real[:1], " " * 32],
+        ["A" * 32],
+    ]
+    for batch in batches:
+        assert receipts.decode_all(batch) == [receipts.decode(r) for r in batch], batch
+    assert receipts.decode_all(real) == [receipts.decode(r) for r in real]
+    assert all(key is not None for key in receipts.decode_all(real))
+    assert receipts.decode_all(["!" * 32, "=" * 32]) == [None, None]
+
+
+async def test_extend_with_a_stale_or_forged_receipt_leaves_the_current_lease_alone(harness):
+    client, clock = harness.client, harness.clock
+    topic = await setup(client, ack_deadline_seconds=10, retry_min_seconds=1, retry_max_seconds=1)
+    a, b = await publish(client, topic, "a", "b")
+    [a1] = await pull(client, topic, "s", 1)
+    clock.advance(15)  # a's lease (10 s) and its backoff (1 s) are over
+    got = await pull(client, topic, "s", 2)
+    assert [(m["offset"], m["delivery_attempt"]) for m in got] == [(a, 2), (b, 1)]
+    # An older attempt's receipt, and receipts with a right offset and a guessed token, for a
+    # redelivered lease and for a first one.
+    bad = [a1["receipt"], _forged(a), _forged(b)]
+    assert await extend(client, topic, "s", bad, 3600) == {"extended": 0, "stale": bad}
+    # The current leases still end 10 s after the pull (+1 s of backoff), not in an hour.
+    clock.advance(6)
+    assert await pull(client, topic, "s", 2) == []
+    clock.advance(9)  # 15 s after the pull
+    again = await pull(client, topic, "s", 2)
+    assert [(m["offset"], m["delivery_attempt"]) for m in again] == [(a, 3), (b, 2)]
+    receipts_now = [m["receipt"] for m in again]
+    assert await ack(client, topic, "s", receipts_now) == {"acked": 2, "stale": []}
 
 
 # ---- extend and nack ---------------------------------------------------------------------------
@@ -302,11 +384,11 @@ async def test_extend_moves_the_deadline(harness):
     assert await pull(client, topic, "s") == []
     s = await stats(client, topic, "s")
     assert (s["in_flight"], s["backlog"]) == (1, 0)
-    clock.advance(40)  # 58 s after the extend: still leased
+    clock.advance(40)  # 50 s after the extend to 60 s: still leased
     assert await pull(client, topic, "s") == []
     # The receipt stays valid across an extend.
     assert await extend(client, topic, "s", [m["receipt"]], 5) == {"extended": 1, "stale": []}
-    clock.advance(5 + 1.5)
+    clock.advance(5 + 1 + 3)  # the shortened lease, its backoff and 3 s
     [again] = await pull(client, topic, "s")
     assert again["delivery_attempt"] == 2
     assert await ack(client, topic, "s", [m["receipt"]]) == {"acked": 0, "stale": [m["receipt"]]}
@@ -318,13 +400,13 @@ async def test_extend_can_shorten_and_cannot_revive_an_expired_lease(harness):
     await publish(client, topic, "a", "b")
     a, b = await pull(client, topic, "s", 2)
     assert (await extend(client, topic, "s", [a["receipt"]], 2))["extended"] == 1
-    clock.advance(2.5)
+    clock.advance(3)
     # a's lease is over: extending it now is stale.
     assert await extend(client, topic, "s", [a["receipt"]], 600) == {
         "extended": 0,
         "stale": [a["receipt"]],
     }
-    clock.advance(1)
+    clock.advance(3)  # past its backoff (1 s)
     assert offsets_of(await pull(client, topic, "s", 2)) == [a["offset"]]
     assert (await ack(client, topic, "s", [b["receipt"]]))["acked"] == 1
 
@@ -342,9 +424,9 @@ async def test_nack_with_delay(harness):
     assert await ack(client, topic, "s", [m["receipt"]]) == {"acked": 0, "stale": [m["receipt"]]}
     s = await stats(client, topic, "s")
     assert (s["delayed"], s["in_flight"], s["backlog"]) == (1, 1, 0)
-    clock.advance(29)
+    clock.advance(27)  # 3 s before the delay ends
     assert await pull(client, topic, "s") == []
-    clock.advance(1.5)
+    clock.advance(6)
     [again] = await pull(client, topic, "s")
     assert (again["offset"], again["delivery_attempt"]) == (offset, 2)
     # delay 0: deliverable at once.
@@ -356,8 +438,11 @@ async def test_nack_with_delay(harness):
 
 
 async def test_nack_default_backoff_is_exponential_with_jitter_and_capped(harness):
+    """Backoff after attempt n: clamp(min * 2^(n-1) * U(0.8, 1.2), min, max). Every check
+    stands 3 s of injected time away from the edge of the range it tells apart, so time spent
+    between the steps never decides the outcome."""
     client, clock = harness.client, harness.clock
-    topic = await setup(client, retry_min_seconds=10, retry_max_seconds=35, max_deliveries=0)
+    topic = await setup(client, retry_min_seconds=10, retry_max_seconds=28, max_deliveries=0)
     n = 40
     await publish(client, topic, *range(n))
 
@@ -369,55 +454,63 @@ async def test_nack_default_backoff_is_exponential_with_jitter_and_capped(harnes
         assert result == {"nacked": n, "stale": []}
         return got
 
-    # attempt 1 failed: backoff min * 2^0 * (0.8..1.2), at least retry_min -> [10, 12]
+    async def backlog() -> int:
+        return (await stats(client, topic, "s"))["backlog"]
+
+    # attempt 1 failed: 10 * 2^0 * (0.8..1.2), at least retry_min -> [10, 12]
     await round_trip(1)
-    clock.advance(9.8)
-    assert (await stats(client, topic, "s"))["backlog"] == 0
+    clock.advance(7)
+    assert await backlog() == 0
     assert await pull(client, topic, "s", n) == []
-    clock.advance(2.4)  # 12.2
-    assert (await stats(client, topic, "s"))["backlog"] == n
+    clock.advance(8)  # 15
+    assert await backlog() == n
 
     # attempt 2 failed: 10 * 2 * (0.8..1.2) -> [16, 24], spread by the jitter
     await round_trip(2)
-    clock.advance(15.8)
-    assert (await stats(client, topic, "s"))["backlog"] == 0
-    clock.advance(4.2)  # 20: with 40 random draws, some are due and some not yet
-    midway = (await stats(client, topic, "s"))["backlog"]
+    clock.advance(13)  # beyond attempt 1's longest backoff (12): it grew
+    assert await backlog() == 0
+    clock.advance(7)  # 20: with 40 uniform draws over [16, 24], some are due, some not
+    midway = await backlog()
     assert 0 < midway < n, midway
-    clock.advance(4.2)  # 24.2
-    assert (await stats(client, topic, "s"))["backlog"] == n
+    clock.advance(7)  # 27
+    assert await backlog() == n
 
-    # attempt 3 failed: 10 * 4 * (0.8..1.2) = [32, 48], capped at retry_max = 35
+    # attempt 3 failed: 10 * 4 * (0.8..1.2) = [32, 48], capped at retry_max = 28
     await round_trip(3)
-    clock.advance(31.5)
-    assert (await stats(client, topic, "s"))["backlog"] == 0
-    clock.advance(3.7)  # 35.2
-    assert (await stats(client, topic, "s"))["backlog"] == n
+    clock.advance(25)
+    assert await backlog() == 0
+    clock.advance(4)  # 29: past the cap, 3 s before the shortest uncapped backoff
+    assert await backlog() == n
 
     # attempt 4..: still capped (the exponent never overflows)
     for attempt in range(4, 40):
         got = await pull(client, topic, "s", n)
         assert {m["delivery_attempt"] for m in got} == {attempt}
         await nack(client, topic, "s", [m["receipt"] for m in got])
-        clock.advance(35.2)
+        clock.advance(29)
     assert len(await pull(client, topic, "s", n)) == n
 
 
 async def test_expiry_backoff_grows_with_attempts(harness):
+    """As above, for leases that expire: every check is 3 s of injected time away from the
+    edge of the jitter range it tells apart."""
     client, clock = harness.client, harness.clock
-    topic = await setup(client, ack_deadline_seconds=10, retry_min_seconds=4, retry_max_seconds=100)
+    topic = await setup(
+        client, ack_deadline_seconds=10, retry_min_seconds=10, retry_max_seconds=100
+    )
     await publish(client, topic, "m")
     await pull(client, topic, "s")
-    # attempt 1 expires at 10, then backoff [4, 4.8]
-    clock.advance(13.9)
+    # attempt 1 expires at 10, then its backoff 10 * (0.8..1.2), at least 10 -> due [20, 22]
+    clock.advance(17)
     assert await pull(client, topic, "s") == []
-    clock.advance(1)
+    clock.advance(8)  # 25
     [m] = await pull(client, topic, "s")
     assert m["delivery_attempt"] == 2
-    # attempt 2 expires at +10, then backoff 8 * (0.8..1.2) = [6.4, 9.6]
-    clock.advance(16.3)
+    # attempt 2 expires at +10, then 20 * (0.8..1.2) = [16, 24] -> due [26, 34]; at +23 it
+    # would be due had the backoff not grown (at most 22)
+    clock.advance(23)
     assert await pull(client, topic, "s") == []
-    clock.advance(3.5)
+    clock.advance(14)  # +37
     [m] = await pull(client, topic, "s")
     assert m["delivery_attempt"] == 3
 
