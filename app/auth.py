@@ -6,8 +6,10 @@ key by hash). Each process caches the unrevoked keys (hash -> scopes) for at mos
 CACHE_SECONDS, so a key created or revoked with `sluice keys` takes effect everywhere
 within a few seconds while the hot path stays one SHA-256 and one dict lookup.
 
-While no unrevoked key exists the API is open (a warning is logged at start); once one
-exists every /v1 request and /metrics need `Authorization: Bearer <key>`.
+While no key has ever been created the API is open (a warning is logged at start); once
+one has been, revoked or not, every /v1 request and /metrics need `Authorization: Bearer
+<key>`. Revoking every key leaves the API closed to everyone; only `sluice keys open`,
+which deletes every key, opens it again.
 
 Scopes: `admin` (everything), `publish:<glob>`, `consume:<glob>`, `read:<glob>`, with
 shell-style globs over topic names (`orders-*`). RULES maps each operation to the scope
@@ -222,12 +224,14 @@ class Principal:
 
 @dataclass(frozen=True)
 class KeySnapshot:
-    by_hash: Mapping[str, Principal]
+    by_hash: Mapping[str, Principal]  # the active (unrevoked) keys
+    any_key: bool  # whether a key was ever created (revoked keys count)
     loaded_at: float  # time.monotonic() when the query started
 
     @property
     def open(self) -> bool:
-        return not self.by_hash
+        """The API is open only while no key has ever been created."""
+        return not self.any_key
 
     def authenticate(self, token: str) -> Principal | None:
         digest = hash_secret(token)
@@ -239,7 +243,7 @@ class KeySnapshot:
         return principal
 
 
-def _snapshot(rows: Iterable[asyncpg.Record], loaded_at: float) -> KeySnapshot:
+def _snapshot(rows: Iterable[asyncpg.Record], any_key: bool, loaded_at: float) -> KeySnapshot:
     by_hash: dict[str, Principal] = {}
     for row in rows:
         scopes: list[KeyScope] = []
@@ -249,7 +253,7 @@ def _snapshot(rows: Iterable[asyncpg.Record], loaded_at: float) -> KeySnapshot:
             except ValueError:
                 log.warning("ignoring an invalid scope of an API key", extra={"key_id": row["id"]})
         by_hash[row["secret_hash"]] = Principal(row["id"], row["secret_hash"], tuple(scopes))
-    return KeySnapshot(by_hash, loaded_at)
+    return KeySnapshot(by_hash, any_key or bool(by_hash), loaded_at)
 
 
 class KeyCache:
@@ -287,18 +291,38 @@ class KeyCache:
             started = self._now()
             async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS), self._pool.acquire() as conn:
                 rows = await keys_sql.active_keys(conn)
-            snap = _snapshot(rows, started)
+                any_key = bool(rows) or await keys_sql.any_key_exists(conn)
+            snap = _snapshot(rows, any_key, started)
             previous, self._snapshot = self._snapshot, snap
-            if previous is not None and previous.open != snap.open:
-                if snap.open:
-                    log.warning("no API keys remain: the API is open to anyone")
-                else:
-                    log.info("API keys exist: every /v1 request now needs a key")
+            if previous is not None and _state(previous) != _state(snap):
+                _log_state(snap)
             return snap
 
     def invalidate(self) -> None:
         """Re-read the keys on the next request."""
         self._snapshot = None
+
+
+def _state(snapshot: KeySnapshot) -> str:
+    if snapshot.open:
+        return "open"
+    return "keys" if snapshot.by_hash else "locked"
+
+
+def _log_state(snapshot: KeySnapshot) -> None:
+    state = _state(snapshot)
+    if state == "open":
+        log.warning(
+            "no API keys exist: the API is open to anyone; "
+            "create one with `sluice keys create --scope admin`"
+        )
+    elif state == "locked":
+        log.warning(
+            "every API key is revoked: every /v1 request and /metrics are refused (401) "
+            "until a key is created with `sluice keys create`"
+        )
+    else:
+        log.info("API keys exist: every /v1 request needs a key")
 
 
 # ---- the check in front of the routes ----------------------------------------------------
@@ -318,7 +342,8 @@ def _bearer_token(scope: Scope) -> str | None:
 
 
 class AuthMiddleware:
-    """401 without a valid key, 403 with a key lacking the scope; open while no key exists.
+    """401 without a valid key, 403 with a key lacking the scope; open while no key was ever
+    created.
 
     Runs before the body is read, so unauthenticated requests cost no parsing. The
     authenticated key is left in request.state.principal (None while the API is open).
@@ -396,14 +421,12 @@ def readable_topics(request: Request) -> Callable[[str], bool] | None:
 
 
 async def start_auth(app: FastAPI, pool: asyncpg.Pool) -> None:
-    """At startup: load the keys, and warn when there are none (the API is open)."""
+    """At startup: load the keys, and warn when the API is open or nobody can get in."""
     cache = KeyCache(pool)
     app.state.keys = cache
-    if (await cache.current()).open:
-        log.warning(
-            "no API keys exist: the API is open to anyone; "
-            "create one with `sluice keys create --scope admin`"
-        )
+    snapshot = await cache.current()
+    if _state(snapshot) != "keys":
+        _log_state(snapshot)
 
 
 def install_auth(app: FastAPI) -> None:
@@ -442,7 +465,8 @@ def _document_security(schema: dict[str, Any]) -> None:
         "scheme": "bearer",
         "description": (
             "An API key from `sluice keys create`. Required on every /v1 operation and "
-            "/metrics once any key exists; the API is open while none does."
+            "/metrics once a key has been created (revoked or not); the API is open only "
+            "while none ever was."
         ),
     }
     problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}

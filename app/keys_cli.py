@@ -1,7 +1,9 @@
-"""`sluice keys create | list | revoke`: manage API keys. Never prompts (scriptable).
+"""`sluice keys create | list | revoke | open`: manage API keys. Never prompts (scriptable).
 
 `create` prints the secret, alone, on stdout (so `KEY=$(sluice keys create ...)` works)
 and everything else on stderr; the secret is shown only then, the database keeps its hash.
+Revoking every key leaves the API closed; `open --yes-i-mean-it` deletes every key, the one
+way to make the API open to anyone again.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,6 +21,8 @@ import asyncpg
 from sluice.auth import issue_key, parse_scope
 from sluice.storage import keys as keys_sql
 from sluice.storage.db import plain_url
+
+log = logging.getLogger("sluice.keys")
 
 T = TypeVar("T")
 MAX_NAME_LENGTH = 200
@@ -113,9 +118,42 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     )
     if remaining == 0:
         print(
-            "warning: no active API keys remain, so the API is open to anyone again",
+            "warning: no active API keys remain: every /v1 request and /metrics are refused "
+            "(401) until you create one with `sluice keys create --scope admin`",
             file=sys.stderr,
         )
+    return 0
+
+
+CONFIRM_OPEN = "--yes-i-mean-it"
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    if not args.yes_i_mean_it:
+        print(
+            "sluice keys open: this deletes every API key, revoked ones included, and lets "
+            f"anyone use the API without a key; run `sluice keys open {CONFIRM_OPEN}` to do it",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def delete_all(conn: asyncpg.Connection) -> tuple[int, int]:
+        async with conn.transaction():
+            return await keys_sql.delete_all_keys(conn)
+
+    deleted, active = _run(delete_all)
+    if deleted == 0:
+        print("the API is already open: no API key exists", file=sys.stderr)
+        return 0
+    log.warning(
+        "deleted every API key: the API is open to anyone",
+        extra={"keys_deleted": deleted, "active_keys_deleted": active},
+    )
+    print(
+        f"WARNING: deleted {deleted} API key{'s' if deleted != 1 else ''} ({active} active): "
+        "the API is open to anyone on every server within 10 s, until a key is created",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -145,6 +183,23 @@ def add_keys_parser(sub: Any) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
 
-    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke = actions.add_parser(
+        "revoke",
+        help="revoke a key by id",
+        description="A revoked key is refused within 10 s. Revoking every key leaves the API "
+        "closed to everyone (not open): create a new key to get in.",
+    )
     revoke.add_argument("id", type=int)
     revoke.set_defaults(func=cmd_revoke)
+
+    opening = actions.add_parser(
+        "open",
+        help="delete every key: the API is open to anyone again",
+        description="Deletes every API key, revoked ones included, so that no key has ever "
+        "existed as far as the service knows: every server lets anyone in within 10 s. "
+        f"Refused without {CONFIRM_OPEN}.",
+    )
+    opening.add_argument(
+        CONFIRM_OPEN, action="store_true", help="confirm: delete every key and open the API"
+    )
+    opening.set_defaults(func=cmd_open)

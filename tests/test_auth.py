@@ -487,6 +487,34 @@ async def test_api_is_open_without_keys_and_closes_once_one_exists(
     assert secret not in caplog.text
 
 
+async def test_revoking_every_key_keeps_the_api_closed(
+    fresh_db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await migrate.upgrade(fresh_db_url)
+    key_id, secret = await _issue(fresh_db_url, "admin")
+    with caplog.at_level(logging.INFO, logger="sluice.auth"):
+        async with run_app(fresh_db_url) as h:
+            assert (await h.client.get("/v1/topics", headers=bearer(secret))).status_code == 200
+            await _revoke(fresh_db_url, key_id)  # the only key: a compromised admin key
+            h.app.state.keys.invalidate()
+            for headers in ({}, bearer(secret)):
+                for method, path in (("GET", "/v1/topics"), ("PUT", "/v1/topics/x"),
+                                     ("GET", "/metrics")):  # fmt: skip
+                    r = await h.client.request(method, path, headers=headers, json={})
+                    assert_problem(r, 401)
+            assert not any("open to anyone" in r.getMessage() for r in caplog.records)
+        # A server started now, with revoked keys only, is closed too (and says so).
+        caplog.clear()
+        async with run_app(fresh_db_url) as h:
+            assert_problem(await h.client.get("/v1/topics"), 401)
+            assert (await h.client.get("/healthz")).status_code == 200
+        assert not any("open to anyone" in r.getMessage() for r in caplog.records)
+        assert any(
+            "every API key is revoked" in r.getMessage() and r.levelno == logging.WARNING
+            for r in caplog.records
+        )
+
+
 # ---- the CLI and a real server process ------------------------------------------------------
 
 
@@ -537,7 +565,10 @@ async def test_cli_creates_lists_and_revokes_keys(fresh_db_url: str) -> None:
 
     revoked = sluice(fresh_db_url, "keys", "revoke", str(row["id"]))
     assert revoked.returncode == 0, revoked.stderr
-    assert "open to anyone" in revoked.stderr  # it was the last active key
+    # It was the last active key: the API stays closed, and the CLI says how to get in.
+    assert "open to anyone" not in revoked.stderr
+    assert "no active API keys remain" in revoked.stderr
+    assert "sluice keys create" in revoked.stderr
 
     as_json = sluice(fresh_db_url, "keys", "list", "--json")
     [entry] = json.loads(as_json.stdout)
@@ -546,6 +577,30 @@ async def test_cli_creates_lists_and_revokes_keys(fresh_db_url: str) -> None:
 
     missing = sluice(fresh_db_url, "keys", "revoke", str(row["id"] + 1000))
     assert missing.returncode == 1 and "no API key" in missing.stderr
+
+
+async def test_cli_opens_the_api_again_only_when_told_explicitly(fresh_db_url: str) -> None:
+    created = sluice(fresh_db_url, "keys", "create", "--scope", "admin", "--name", "ops")
+    assert created.returncode == 0, created.stderr
+    [row] = await _stored_keys(fresh_db_url)
+    assert sluice(fresh_db_url, "keys", "revoke", str(row["id"])).returncode == 0
+
+    refused = sluice(fresh_db_url, "keys", "open")
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    assert "--yes-i-mean-it" in refused.stderr and refused.stdout == ""
+    assert len(await _stored_keys(fresh_db_url)) == 1  # nothing changed
+
+    opened = sluice(fresh_db_url, "keys", "open", "--yes-i-mean-it")
+    assert opened.returncode == 0, opened.stderr
+    assert "deleted 1 API key" in opened.stderr and "open to anyone" in opened.stderr
+    assert await _stored_keys(fresh_db_url) == []
+    async with run_app(fresh_db_url) as h:
+        assert (await h.client.get("/v1/topics")).status_code == 200  # open again
+
+    # Opening an API that is already open changes nothing and says so.
+    again = sluice(fresh_db_url, "keys", "open", "--yes-i-mean-it")
+    assert again.returncode == 0, again.stderr
+    assert "already open" in again.stderr
 
 
 async def test_cli_refuses_bad_scopes_and_stores_nothing(fresh_db_url: str) -> None:

@@ -40,6 +40,24 @@ async def revoke_key(conn: asyncpg.Connection, key_id: int) -> asyncpg.Record | 
     )
 
 
+async def any_key_exists(conn: asyncpg.Connection) -> bool:
+    """Whether a key has ever been created. Revoked keys keep their row, so once the table
+    has a row the API stays closed, however many keys are revoked."""
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM api_keys)"))
+
+
+async def delete_all_keys(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Delete every key, revoked ones included (`sluice keys open`): the one way to make the
+    API open again. Returns (keys deleted, of which active)."""
+    row = await conn.fetchrow(
+        "WITH deleted AS (DELETE FROM api_keys RETURNING revoked_at) "
+        "SELECT count(*) AS keys, count(*) FILTER (WHERE revoked_at IS NULL) AS active "
+        "FROM deleted"
+    )
+    assert row is not None
+    return row["keys"], row["active"]
+
+
 async def active_keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """id, secret_hash and scopes of every unrevoked key: what each API process caches."""
     return await conn.fetch("SELECT id, secret_hash, scopes FROM api_keys WHERE revoked_at IS NULL")
