@@ -110,7 +110,8 @@ async def test_acks_of_a_rate_limited_pull_are_applied_and_reported_in_the_probl
     )
     body = assert_problem(r, 429)
     assert body["acked"] == 2 and body["stale"] == []
-    assert int(r.headers["Retry-After"]) >= 1
+    # The next token comes 5 s after the burst was taken (4 after a stall of a second).
+    assert r.headers["Retry-After"] in ("4", "5"), r.headers
     assert (await stats(client, topic, "s"))["in_flight"] == 0
 
 
