@@ -18,7 +18,7 @@ from sluice.api.limits import LimitBodyMiddleware
 from sluice.api.observability import ObservabilityMiddleware
 from sluice.api.problems import install_problem_handlers
 from sluice.api.responses import JSONBody
-from sluice.api.routes import consuming, health, subscriptions, topics, ui
+from sluice.api.routes import consuming, docs, health, subscriptions, topics, ui
 from sluice.api.routes import metrics as metrics_route
 from sluice.auth import install_auth, start_auth
 from sluice.queue.clock import Clock
@@ -141,11 +141,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         description=DESCRIPTION,
         lifespan=lifespan,
         default_response_class=JSONBody,
+        # FastAPI's own /docs and /redoc load their assets from a CDN: ours serve them.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.clock = clock or Clock()
     install_problem_handlers(app)
-    for module in (health, topics, subscriptions, consuming, metrics_route, ui):
+    for module in (health, topics, subscriptions, consuming, metrics_route, ui, docs):
         app.include_router(module.router)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
     install_auth(app)  # outermost: unauthenticated requests are refused before parsing
