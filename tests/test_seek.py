@@ -7,9 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from sluice.queue.maintenance import run_pass
 from tests.helpers import (
     ack,
     assert_problem,
+    create_topic,
     drain,
     extend,
     nack,
@@ -19,6 +21,7 @@ from tests.helpers import (
     seek,
     stats,
     sub_path,
+    topic_path,
     topic_with_subscription,
 )
 
@@ -101,6 +104,27 @@ async def test_seek_past_the_head_never_skips_future_messages(client):
     assert await pull(client, topic, "s", 10) == []
     later = await publish(client, topic, *range(3))
     assert offsets_of(await drain(client, topic, "s")) == later
+
+
+async def test_seek_below_the_oldest_retained_message_starts_at_the_oldest(harness):
+    client, clock = harness.client, harness.clock
+    topic = await setup(client)
+    await create_topic(client, topic, retention_seconds=60)  # the shortest allowed
+    await publish(client, topic, *range(3))
+    clock.advance(40)
+    kept = await publish(client, topic, *range(3, 6))
+    clock.advance(40)  # the first three are 80 s old, 20 s past retention; the rest 40 s
+    assert len(await drain(client, topic, "s")) == 6
+    await run_pass(harness.ctx)
+    r = await client.get(topic_path(topic))
+    assert (r.json()["oldest_offset"], r.json()["message_count"]) == (kept[0], 3)
+
+    assert await seek(client, topic, "s", offset=0) == {"committed_offset": kept[0]}
+    s = await stats(client, topic, "s")
+    assert (s["committed_offset"], s["backlog"], s["lag"]) == (kept[0], 3, 3)
+    replay = await drain(client, topic, "s")
+    assert offsets_of(replay) == kept
+    assert [m["value"] for m in replay] == [3, 4, 5]
 
 
 async def test_seek_on_an_empty_topic(client):
