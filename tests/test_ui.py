@@ -3,9 +3,7 @@ headless Chromium against a real server, it renders the queue's numbers and foll
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import threading
 from html.parser import HTMLParser
@@ -18,12 +16,12 @@ import pytest
 from sluice.api.routes.ui import _ASSETS
 from sluice.auth import issue_key
 from sluice.storage import migrate
+from tests.browser import REQUIRE_ENV, require_chromium
 from tests.conftest import ROOT
 from tests.helpers import assert_problem
 
 STATIC = ROOT / "app" / "static"
 ARTIFACTS = ROOT / "artifacts"
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 # ---- served as static files, self-contained -------------------------------------------------
@@ -68,13 +66,30 @@ def test_ui_is_in_the_openapi_document_as_html():
 
 @pytest.fixture
 def chromium() -> str:
-    for name in BROWSERS:
-        found = shutil.which(name)
-        if found:
-            return found
-    if os.environ.get("CI"):
-        pytest.fail("CI is set but no Chromium is installed: the live view must be tested in CI")
-    pytest.skip("Chromium is not installed (apt-get install chromium); in CI this fails")
+    return require_chromium()
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_without_a_browser_the_browser_tests_skip_unless_required(monkeypatch, tmp_path, ci):
+    """CI=true alone (what GitHub-style runners set) does not demand a browser: only
+    SLUICE_REQUIRE_BROWSER=1, which .ci/run exports after installing Chromium, does."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser to be found
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium on PATH"):
+        require_chromium()
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="SLUICE_REQUIRE_BROWSER is set"):
+        require_chromium()
+
+
+def test_ci_script_requires_the_browser_it_installs():
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install" in script and "chromium" in script
+    assert f"export {REQUIRE_ENV}=1" in script
 
 
 class Page(HTMLParser):
