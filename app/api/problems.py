@@ -157,7 +157,18 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette answers with this handler from its outermost middleware, outside the
+        # one that echoes the request id: the answer carries the id itself, so that a
+        # client's report can be matched with the logged traceback. The exception's text
+        # stays in the log (it may hold anything: SQL, values, paths).
+        request_id = (request.scope.get("state") or {}).get("request_id")
         if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
-            return await unavailable(request, exc)
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return problem(500, "an unexpected error occurred", instance=request.url.path)
+            response = await unavailable(request, exc)
+        else:
+            log.exception(
+                "unhandled error", extra={"path": request.url.path, "request_id": request_id}
+            )
+            response = problem(500, "an unexpected error occurred", instance=request.url.path)
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        return response
