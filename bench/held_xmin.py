@@ -38,7 +38,8 @@ Per block (see `Block`):
 
 Lock waits: every 0.25 s, pg_locks of the system's database are sampled for backends
 waiting on a lock (`waitstart` says since when); a wait seen lasting over 1 s is counted,
-with whether the long transaction was among its blockers (pg_blocking_pids). A wait of
+with whether the long transaction blocked it (pg_blocking_pids), directly or through a
+waiter queued ahead of it (a query behind a TRUNCATE that waits for the dump). A wait of
 1-1.25 s can be missed between two samples.
 """
 
@@ -104,7 +105,7 @@ SIZE_SQL = "SELECT coalesce(sum(pg_total_relation_size(t::regclass)), 0) FROM un
 LOCK_WAITS_SQL = """
 SELECT l.pid, l.waitstart, extract(epoch FROM now() - l.waitstart)::float8 AS waited,
        l.locktype, l.mode, l.relation::regclass::text AS relation,
-       left(a.query, 120) AS query, $1::int = ANY(pg_blocking_pids(l.pid)) AS by_held
+       left(a.query, 120) AS query, pg_blocking_pids(l.pid) AS blockers
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE NOT l.granted AND l.waitstart IS NOT NULL AND a.datname = current_database()
 """
@@ -232,7 +233,21 @@ class LockWait:
     mode: str
     relation: str | None
     query: str
-    by_held: bool
+    by_held: bool  # the long transaction among its blockers, directly or down a queue
+
+
+def _behind(held: int, blockers: dict[int, list[int]]) -> set[int]:
+    """The waiting pids that `held` blocks, directly or through other waiters (a query
+    queued behind an ACCESS EXCLUSIVE request that waits for the long transaction)."""
+    found: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for pid, by in blockers.items():
+            if pid not in found and any(b == held or b in found for b in by):
+                found.add(pid)
+                changed = True
+    return found
 
 
 class LockWatch:
@@ -250,7 +265,9 @@ class LockWatch:
         conn = await asyncpg.connect(self._url)
         try:
             while True:
-                for r in await conn.fetch(LOCK_WAITS_SQL, self.held_pid):
+                rows = await conn.fetch(LOCK_WAITS_SQL)
+                behind = _behind(self.held_pid, {r["pid"]: r["blockers"] for r in rows})
+                for r in rows:
                     key = (int(r["pid"]), r["waitstart"].timestamp())
                     wait = self.waits.get(key)
                     if wait is None:
@@ -265,7 +282,7 @@ class LockWatch:
                             by_held=False,
                         )
                     wait.waited = max(wait.waited, float(r["waited"]))
-                    wait.by_held = wait.by_held or bool(r["by_held"])
+                    wait.by_held = wait.by_held or key[0] in behind
                 self.samples += 1
                 await asyncio.sleep(LOCK_SAMPLE_SECONDS)
         finally:
@@ -899,6 +916,8 @@ def summary_table(outcomes: list[Outcome]) -> str:
         "hold s",
         "msgs acked in hold",
         "requests in hold",
+        "dead at hold start",
+        "before commit",
         "dead row versions +",
         "per 100k msgs",
         "per request",
@@ -916,6 +935,8 @@ def summary_table(outcomes: list[Outcome]) -> str:
                 f"{s['hold_seconds']:.1f}",
                 f"{s['held_messages']:,}",
                 f"{s['held_requests']:,}",
+                "-" if o.dead_at_open is None else f"{o.dead_at_open.total:,}",
+                "-" if o.dead_at_close is None else f"{o.dead_at_close.total:,}",
                 "-" if growth is None else f"{growth:,}",
                 "-"
                 if s["dead_per_100k_messages"] is None
@@ -962,7 +983,8 @@ def report(outcomes: list[Outcome], chart: str | None) -> str:
         "block if cut); drain msgs/s: acked in the block / the time until the queue was "
         "drained (whole block if not). dead: pgstattuple's dead_tuple_count where available "
         "(else n_dead_tup), after the block's traffic; 'dead row versions +': from the hold's "
-        "start to just before its commit."
+        "start to just before its commit (vacuum may still remove those left from before the "
+        "hold, so it can undercount by up to 'dead at hold start')."
     )
     if chart:
         lines.append(f"chart: {chart}")

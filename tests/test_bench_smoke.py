@@ -55,6 +55,56 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
             assert any("median of 2 runs" in note for note in rows[(workload, system)]["notes"])
 
 
+def test_bench_held_xmin_smoke(pg_server: str, tmp_path: Path) -> None:
+    """The held-xmin workload end to end in its pg_dump form, seconds instead of minutes:
+    per system a block before, the long transaction, a block after; rates, ratios, dead
+    row versions, lock waits and the chart are all reported."""
+    out = tmp_path / "bench.json"
+    chart = tmp_path / "held.svg"
+    command = [
+        sys.executable, "-m", "bench.run",
+        "--database-url", pg_server,
+        "--systems", "sluice,raw,pgmq",
+        "--workloads", "held-xmin",
+        "--held-xmin-mode", "pgdump",
+        "--held-xmin-block-seconds", "2", "--held-xmin-hold-seconds", "2",
+        "--held-xmin-blocks-before", "1", "--held-xmin-blocks-after", "1",
+        "--held-xmin-messages", "2000",
+        "--held-xmin-chart", str(chart),
+        "--timeout", "120",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Held xmin horizon (pgdump)" in done.stdout, done.stdout
+
+    report = json.loads(out.read_text())
+    systems = {"sluice", "raw"} | ({"pgmq"} if DEFAULT_PGMQ_SQL.is_file() else set())
+    held = {s["system"]: s for s in report["held_xmin"]["systems"]}
+    assert set(held) == systems, done.stdout
+    for system, data in held.items():
+        phases = [b["phase"] for b in data["blocks"]]
+        assert phases[0] == "before" and "held" in phases and phases[-1] == "after", phases
+        for block in data["blocks"]:
+            assert block["errors"] == 0, (system, block)
+            assert block["published"] == 2000 and block["publish_rate"] > 0, (system, block)
+            assert block["drain_rate"] > 0, (system, block)
+        summary = data["summary"]
+        for what in ("publish", "drain"):
+            assert summary[what]["held_median_ratio"] > 0, (system, summary)
+            assert summary[what]["first_after_ratio"] > 0, (system, summary)
+        assert summary["held_messages"] > 0 and summary["dead_growth"] is not None, summary
+        assert summary["lock_waits_over_1s"] >= 0
+        assert data["hold"]["locked_tables"], data["hold"]  # pgdump locked the tables
+    # raw deletes every message it acks, so the hold leaves a dead version of each behind
+    assert held["raw"]["summary"]["dead_per_100k_messages"] >= 50_000, held["raw"]["summary"]
+    rows = {(r["workload"], r["system"]): r for r in report["results"]}
+    assert rows[("held-xmin pgdump drain", "sluice")]["ratios"]["raw"] > 0
+    assert chart.read_text().startswith("<svg") and report["held_xmin"]["chart"] == str(chart)
+
+
 def test_bench_rabbitmq_reference(tmp_path: Path) -> None:
     """The optional RabbitMQ peer: measured when Debian's rabbitmq-server is installed (the
     bench starts and stops its own broker on 127.0.0.1), else skipped by the bench with a
