@@ -11,10 +11,13 @@ or without its database). At the end every id is classified:
 - redelivered after ack: delivered by a pull sent after an ack of that id had succeeded
   (must be 0)
 - stale accepted: a receipt that could not be current any more was applied (must be 0).
-  Probes: acking again a receipt whose ack succeeded; acking the receipt of an earlier
-  attempt once a later attempt of the same message was delivered (the earlier lease
-  expired or its pull answer was lost); and, for a fraction `overrun_rate` of the pulled
-  batches, a consumer that works past the ack deadline and acks only then.
+  Probes: acking again a receipt whose ack succeeded (a fraction `double_ack_probe_rate`
+  of them); acking the receipt of an earlier attempt once a later attempt of the same
+  message was delivered (the earlier lease expired or its pull answer was lost); and, for
+  a fraction `overrun_rate` of the pulled batches, a consumer that works past the ack
+  deadline and acks only then. Every probe queued is sent (the drain sends what is left);
+  one that cannot be sent fails the run like any other request, and with a non-zero
+  `double_ack_probe_rate` at least one double-ack probe must have run.
 
 An ack whose answer was lost (connection dropped after the request left, or a 5xx) and whose
 retry then said "stale" is *uncertain*: it may have been applied. Such an id counts as
@@ -42,6 +45,11 @@ class GaveUp(AssertionError):
     """A request kept failing past the checker's patience."""
 
 
+# Kinds of stale-receipt probes.
+DOUBLE_ACK = "double_ack"
+EARLIER_ATTEMPT = "earlier_attempt"
+
+
 @dataclass(slots=True)
 class Delivery:
     offset: int
@@ -64,7 +72,9 @@ class Figures:
     redelivered_after_ack: int = 0
     stored_twice: int = 0
     late_ack_stale: int = 0
-    stale_probes: int = 0
+    double_ack_probes: int = 0
+    earlier_attempt_probes: int = 0
+    stale_probes: int = 0  # both kinds above
     expired_probes: int = 0
     stale_accepted: int = 0
     final_lag: int | None = None
@@ -79,7 +89,9 @@ class Figures:
             f"lost={self.lost} unexpected={self.unexpected} duplicated={self.duplicated} "
             f"redelivered_after_ack={self.redelivered_after_ack} "
             f"stored_twice={self.stored_twice} late_ack_stale={self.late_ack_stale} "
-            f"stale_probes={self.stale_probes} expired_probes={self.expired_probes} "
+            f"double_ack_probes={self.double_ack_probes} "
+            f"earlier_attempt_probes={self.earlier_attempt_probes} "
+            f"expired_probes={self.expired_probes} "
             f"stale_accepted={self.stale_accepted} "
             f"final_lag={self.final_lag}"
         )
@@ -134,8 +146,9 @@ class QueueChecker:
         self.redelivered_after_ack: list[tuple[str, int, int]] = []
         self.stored_twice: list[tuple[str, list[int]]] = []
         self.late_ack_stale = 0
-        self.probes: list[str] = []
-        self.stale_probes = 0
+        # (kind, receipt) still to send; kinds: DOUBLE_ACK, EARLIER_ATTEMPT
+        self.probes: list[tuple[str, str]] = []
+        self.probes_run: Counter[str] = Counter()
         self.expired_probes = 0
         self.stale_accepted: list[str] = []
         self.retried: Counter[str] = Counter()
@@ -230,7 +243,7 @@ class QueueChecker:
             self.redelivered_after_ack.append((cid, message["offset"], message["delivery_attempt"]))
         if earlier and earlier[-1].receipt != message["receipt"]:
             # The earlier attempt's lease is over for good: its receipt must be stale now.
-            self.probes.append(earlier[-1].receipt)
+            self.probes.append((EARLIER_ATTEMPT, earlier[-1].receipt))
         earlier.append(
             Delivery(
                 message["offset"], message["delivery_attempt"], message["receipt"], pull_sent_at
@@ -248,23 +261,24 @@ class QueueChecker:
             if receipt not in stale:
                 self.acked_at.setdefault(cid, answered_at)
                 if self.rng.random() < self.double_ack_probe_rate:
-                    self.probes.append(receipt)
+                    self.probes.append((DOUBLE_ACK, receipt))
             elif not clean:
                 self.uncertain.add(cid)
             else:
                 self.late_ack_stale += 1
 
     async def _probe(self) -> None:
+        """Ack receipts that must be stale. A probe that cannot be sent is not skipped: the
+        GaveUp fails the consumer, hence the run (a checker that silently stopped probing
+        would pass while checking nothing)."""
         if not self.probes:
             return
         batch, self.probes = self.probes[:100], self.probes[100:]
-        try:
-            response, _ = await self.send("POST", self.sub_path + "/ack", {"receipts": batch})
-        except GaveUp:
-            return
+        receipts = [receipt for _, receipt in batch]
+        response, _ = await self.send("POST", self.sub_path + "/ack", {"receipts": receipts})
         stale = set(response.json()["stale"])
-        self.stale_probes += len(batch)
-        self.stale_accepted.extend(r for r in batch if r not in stale)
+        self.probes_run.update(kind for kind, _ in batch)
+        self.stale_accepted.extend(r for r in receipts if r not in stale)
 
     async def _overrun(self, messages: list[dict[str, Any]], receipts: list[str]) -> None:
         """Work past the ack deadline, then ack: every receipt must come back stale (the
@@ -348,6 +362,8 @@ class QueueChecker:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        while self.probes:  # queued by the last rounds of the consumers
+            await self._probe()
         self.final_lag = await self.lag()
         return self.figures()
 
@@ -383,7 +399,9 @@ class QueueChecker:
             redelivered_after_ack=len(self.redelivered_after_ack),
             stored_twice=len(stored_twice),
             late_ack_stale=self.late_ack_stale,
-            stale_probes=self.stale_probes,
+            double_ack_probes=self.probes_run[DOUBLE_ACK],
+            earlier_attempt_probes=self.probes_run[EARLIER_ATTEMPT],
+            stale_probes=sum(self.probes_run.values()),
             expired_probes=self.expired_probes,
             stale_accepted=len(self.stale_accepted),
             final_lag=self.final_lag,
@@ -410,4 +428,8 @@ class QueueChecker:
         assert figures.redelivered_after_ack == 0, report
         assert figures.stale_accepted == 0, report
         assert figures.final_lag == 0, report
+        # The double-ack probe ran (it is random: a rate of 0.02 over hundreds of acks).
+        if self.double_ack_probe_rate > 0:
+            assert figures.double_ack_probes > 0, report
+        assert not self.probes, report  # every probe queued was sent
         return figures
