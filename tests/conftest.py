@@ -197,19 +197,51 @@ class ServerProcess:
         return self.proc.returncode
 
 
+# ---- server logs: shown when a test fails, deleted when its servers stop -----------------
+
+SERVER_LOGS = pytest.StashKey[list[Path]]()
+LOG_TAIL_CHARS = 4000
+
+
+def report_log_on_failure(item: pytest.Item, log_path: Path) -> None:
+    """Have a failing report of `item` show the tail of this server log (the file itself is
+    deleted when the test's servers stop)."""
+    item.stash.setdefault(SERVER_LOGS, []).append(log_path)
+
+
+def remove_log(log_path: Path) -> None:
+    log_path.unlink(missing_ok=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    report = yield
+    # Setup and call reports are made while the servers still run and their logs exist.
+    if report.failed and report.when in ("setup", "call"):
+        for log_path in item.stash.get(SERVER_LOGS, []):
+            try:
+                tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            except OSError as exc:
+                tail = f"(unreadable: {exc})"
+            report.sections.append((f"server log {log_path.name} (tail)", tail or "(empty)"))
+    return report
+
+
 @pytest.fixture
-def server_factory(db_url: str) -> Iterator:
+def server_factory(db_url: str, request: pytest.FixtureRequest) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(workers: int = 1, env: dict[str, str] | None = None, url: str | None = None):
         server = ServerProcess(url or db_url, workers=workers, env=env)
         started.append(server)
+        report_log_on_failure(request.node, server.log_path)
         server.wait_ready()
         return server
 
     yield start
     for server in started:
         server.stop()
+        remove_log(server.log_path)
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):

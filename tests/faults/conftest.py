@@ -9,17 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import remove_log, report_log_on_failure
 from tests.faults.procs import OwnPostgres, SluiceServer
 
 
 @pytest.fixture
-def sluice_servers(tmp_path: Path) -> Iterator[Callable[..., SluiceServer]]:
-    """start(url, env=None) -> a ready SluiceServer; every one is stopped at the end."""
+def sluice_servers(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., SluiceServer]]:
+    """start(url, env=None) -> a ready SluiceServer; every one is stopped at the end, and
+    its log deleted (a failing test's report shows the log's tail)."""
     started: list[SluiceServer] = []
 
     def start(url: str, env: dict[str, str] | None = None) -> SluiceServer:
         server = SluiceServer(url, tmp_path, env)
         started.append(server)
+        report_log_on_failure(request.node, server.log_path)
         server.start_ready()
         return server
 
@@ -27,6 +32,7 @@ def sluice_servers(tmp_path: Path) -> Iterator[Callable[..., SluiceServer]]:
     for server in started:
         if server.running():
             server.kill9()
+        remove_log(server.log_path)
 
 
 @pytest.fixture
