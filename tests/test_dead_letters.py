@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
+
 from tests.conftest import unique
 from tests.helpers import (
     ack,
@@ -85,7 +87,8 @@ async def test_parked_after_max_deliveries_of_nacks(harness):
     assert listing["next_offset"] == bad + 1
 
     await harness.ctx.rates.flush(harness.ctx.pool, clock.skew)
-    assert (await stats(client, topic, "s"))["rates_per_second"]["dead_lettered"] > 0
+    rates = (await stats(client, topic, "s"))["rates_per_second"]
+    assert rates["dead_lettered"] == pytest.approx(1 / 60, abs=0.002)  # one in the last minute
 
 
 async def test_parked_after_max_deliveries_of_expired_leases(harness):

@@ -26,14 +26,8 @@ from tests.helpers import (
 
 
 async def ordered(client, **config) -> str:
-    return await topic_with_subscription(
-        client,
-        ordered_by_key=True,
-        retry_min_seconds=1,
-        retry_max_seconds=1,
-        ack_deadline_seconds=60,
-        **config,
-    )
+    defaults = {"retry_min_seconds": 1, "retry_max_seconds": 1, "ack_deadline_seconds": 60}
+    return await topic_with_subscription(client, ordered_by_key=True, **{**defaults, **config})
 
 
 async def publish_keyed(client, topic, *keys, **fields) -> list[int]:
@@ -71,22 +65,22 @@ async def test_one_in_flight_per_key_in_offset_order(client):
 
 async def test_next_of_key_waits_while_earlier_is_backing_off_after_nack(harness):
     client, clock = harness.client, harness.clock
-    topic = await ordered(client)
+    topic = await ordered(client, retry_min_seconds=5, retry_max_seconds=5)
     a1, a2, b1 = await publish_keyed(client, topic, "A", "A", "B")
     got = await pull(client, topic, "s", 10)
     assert offsets_of(got) == [a1, b1]
     await nack(client, topic, "s", [got[0]["receipt"]], delay_seconds=30)
     # a2 is not delivered while a1 waits for its retry
     assert await pull(client, topic, "s", 10) == []
-    clock.advance(29)
+    clock.advance(27)  # 3 s before the delay ends
     assert await pull(client, topic, "s", 10) == []
-    clock.advance(1.5)
+    clock.advance(6)
     [again] = await pull(client, topic, "s", 10)
     assert (again["offset"], again["delivery_attempt"]) == (a1, 2)
-    # default backoff after nack holds a2 back too
+    # default backoff after nack (5 s) holds a2 back too
     await nack(client, topic, "s", [again["receipt"]])
     assert await pull(client, topic, "s", 10) == []
-    clock.advance(1.5)
+    clock.advance(8)
     [again] = await pull(client, topic, "s", 10)
     assert (again["offset"], again["delivery_attempt"]) == (a1, 3)
     await ack(client, topic, "s", [again["receipt"]])
@@ -96,13 +90,13 @@ async def test_next_of_key_waits_while_earlier_is_backing_off_after_nack(harness
 
 async def test_next_of_key_waits_while_earlier_lease_expires_and_is_redelivered(harness):
     client, clock = harness.client, harness.clock
-    topic = await ordered(client)
+    topic = await ordered(client, retry_min_seconds=5, retry_max_seconds=5)
     a1, a2 = await publish_keyed(client, topic, "A", "A")
     [m] = await pull(client, topic, "s", 10, ack_deadline_seconds=5)
     assert m["offset"] == a1
-    clock.advance(5.5)  # expired; backoff 1 s
+    clock.advance(7)  # expired; 3 s of its backoff (5 s) still to run
     assert await pull(client, topic, "s", 10) == []
-    clock.advance(1)
+    clock.advance(6)
     [m] = await pull(client, topic, "s", 10)
     assert (m["offset"], m["delivery_attempt"]) == (a1, 2)
     await ack(client, topic, "s", [m["receipt"]])

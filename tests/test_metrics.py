@@ -138,7 +138,8 @@ async def test_gauges_show_backlog_and_in_flight(client):
     assert value(samples, "sluice_subscription_lag", **labels) == 5
     assert value(samples, "sluice_subscription_delayed", **labels) == 0
     assert value(samples, "sluice_subscription_dead_lettered", **labels) == 0
-    assert value(samples, "sluice_subscription_oldest_unacked_age_seconds", **labels) >= 0
+    # Published a moment ago (the clock has not been moved).
+    assert 0 <= value(samples, "sluice_subscription_oldest_unacked_age_seconds", **labels) < 10
     assert labels in series(samples, "sluice_subscription_oldest_unacked_age_seconds")
 
 
@@ -182,7 +183,7 @@ async def test_gauges_equal_the_subscription_stats_in_every_state(harness):
             assert age == 0
         else:
             assert abs(age - expected["oldest_unacked_age_seconds"]) < 2, name
-    assert len(seen) >= 4, "the subscriptions should be in different states"
+    assert len(seen) == len(subs), "the subscriptions should all be in different states"
 
 
 async def test_gauges_are_absent_for_deleted_subscriptions(client):
@@ -318,7 +319,8 @@ async def test_counts_of_two_workers_add_up(server_factory, tmp_path):
             samples = await scrape(c)
         assert value(samples, "sluice_messages_published_total", topic=topic) == total
         routes = {"method": "POST", "route": "/v1/topics/{topic}/messages", "status": "201"}
-        assert value(samples, "sluice_http_requests_total", **routes) >= total
+        # One message per request, on a server of this test alone.
+        assert value(samples, "sluice_http_requests_total", **routes) == total
         labels = {"topic": topic, "subscription": "s"}
         assert series(samples, "sluice_subscription_backlog").count(labels) == 1
         assert value(samples, "sluice_subscription_backlog", **labels) == total
