@@ -1,5 +1,6 @@
-"""The catch-all handler: an unexpected exception answers 500 as application/problem+json
-with a stable type and title, never the exception's text or a stack trace.
+"""Handlers of errors no other test reaches. The catch-all: an unexpected exception answers
+500 as application/problem+json with a stable type and title, never the exception's text or
+a stack trace; and the database's failures answer their 422/503 problems.
 
 The in-process client of the other tests re-raises application exceptions, so none of them
 reaches this handler: these tests use a transport that hands back the answer instead."""
@@ -10,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -109,3 +111,55 @@ async def test_unexpected_exception_gets_a_generated_request_id(
     r = await answering.get(topic_path(unique()))
     assert_internal_error(r)
     assert len(r.headers["x-request-id"]) == 32, r.headers
+
+
+class Raising:
+    """Stands in for a queue module: every operation raises `exc`."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __getattr__(self, name: str) -> Any:
+        async def fail(*args: object, **kwargs: object) -> None:
+            raise self.exc
+
+        return fail
+
+
+UNAVAILABLE = ("unavailable", "the database is unavailable; retry shortly")
+CONFLICT = ("unavailable", "conflicted with a concurrent request")
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "slug", "detail"),
+    [
+        (asyncpg.DataError("invalid byte sequence"), 422, "invalid-input", "value rejected"),
+        (OSError("connection refused"), 503, *UNAVAILABLE),
+        (ConnectionResetError("reset by peer"), 503, *UNAVAILABLE),
+        (asyncpg.PostgresConnectionError("gone"), 503, *UNAVAILABLE),
+        (asyncpg.CannotConnectNowError("starting up"), 503, *UNAVAILABLE),
+        # Not handled on their own: the catch-all hands them to the 503 handler.
+        (asyncpg.InterfaceError("connection is closed"), 503, *UNAVAILABLE),
+        (asyncpg.InternalClientError("lost"), 503, *UNAVAILABLE),
+        (asyncpg.DeadlockDetectedError("deadlock detected"), 503, *CONFLICT),
+        (asyncpg.SerializationError("could not serialize"), 503, *CONFLICT),
+        (asyncpg.LockNotAvailableError("lock timeout"), 503, *CONFLICT),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
+async def test_database_errors_answer_their_problem(
+    app_harness, answering, monkeypatch, exc, status, slug, detail
+):
+    """Each handler for the database's failures, reached through a real route."""
+    monkeypatch.setattr(topic_routes, "topic_ops", Raising(exc))
+    path = topic_path(unique())
+    r = await answering.get(path, headers={"X-Request-ID": "req-db-check"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json", r.headers
+    body = r.json()
+    assert body["type"] == f"https://sluice.dev/problems/{slug}", body
+    assert (body["status"], body["instance"]) == (status, path)
+    assert body["detail"].startswith(detail), body
+    assert r.headers["x-request-id"] == "req-db-check"
+    if status == 503:
+        assert r.headers["retry-after"] == "1", r.headers  # nothing applied: retry
