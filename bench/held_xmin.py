@@ -16,10 +16,13 @@ The long transaction (`mode`):
   every table of the database outside `bench_held` (partitions included, looked up in
   pg_catalog when the transaction starts) and a read of each one, held to the end.
 
-Right before it opens, the bench VACUUMs the system's tables (in the idle gap after the
-last block before), so the dead row versions counted just before the commit are the ones
-the hold left behind; they are reported per 100k messages acked and per request (publish,
-pull or ack) completed while it was open.
+The dead row versions the hold left behind: the count just before its commit minus the
+count when it opened, per 100k messages acked and per request (publish, pull or ack)
+completed while it was open. The bench does not VACUUM before the hold (a VACUUM of a
+drained table leaves statistics that say "empty", and raw's claim then got a nested-loop
+plan that re-ran its SKIP LOCKED subquery for every row and never finished), so dead
+versions left from before the hold may be vacuumed meanwhile: the growth can undercount by
+up to the count at the start, which is reported beside it.
 
 It connects to the system's own database: Postgres computes the removal horizon of a
 database's tables from the backends connected to that database (a transaction in another
@@ -182,15 +185,6 @@ async def sample_dead(conn: asyncpg.Connection, exact: bool, at: float) -> DeadS
         total_bytes=size,
         seconds=clock() - t0,
     )
-
-
-async def vacuum_tables(conn: asyncpg.Connection) -> float:
-    """VACUUM every table of the system; returns the seconds it took."""
-    t0 = clock()
-    names = [r["name"] for r in await conn.fetch(TABLES_SQL, SCHEMA)]
-    if names:
-        await conn.execute(f"VACUUM {', '.join(names)}")
-    return clock() - t0
 
 
 # ---- the long transaction ------------------------------------------------------------------
@@ -674,11 +668,7 @@ async def run(
         for _ in range(s.blocks_before):
             await one_block(index, "before")
             index += 1
-        # VACUUM first (in the idle gap after the last block before): what the hold starts
-        # with is then ~0, and the count before its commit is what the hold left behind.
-        vacuum_seconds = await vacuum_tables(closing_stats)
         dead_open = await sample_dead(closing_stats, exact, clock() - t0)
-        log(f"  VACUUM before the hold: {vacuum_seconds:.2f}s, {dead_open.total:,} dead left")
         await hold.open()
         watch.held_pid = hold.pid or 0
         hold_open = clock() - t0 - hold.open_seconds
@@ -1001,7 +991,8 @@ def report(outcomes: list[Outcome], chart: str | None) -> str:
         "block if cut); drain msgs/s: acked in the block / the time until the queue was "
         "drained (whole block if not). dead: pgstattuple's dead_tuple_count where available "
         "(else n_dead_tup), after the block's traffic; 'dead row versions +': from the hold's "
-        "start (right after a VACUUM) to just before its commit."
+        "start to just before its commit (it can undercount by up to 'dead at hold start', "
+        "which vacuum may remove meanwhile)."
     )
     if chart:
         lines.append(f"chart: {chart}")
