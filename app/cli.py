@@ -13,25 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sluice.embedded import resolve_database_url
 from sluice.logs import configure_logging
 from sluice.settings import get_settings
 
 log = logging.getLogger("sluice.cli")
-
-
-def _database_url(start_embedded: bool) -> tuple[str, object | None]:
-    settings = get_settings()
-    if settings.database_url:
-        return settings.database_url, None
-    if not start_embedded:
-        raise SystemExit("DATABASE_URL is not set")
-    from sluice.embedded import start_embedded as start
-
-    url, server = start(settings.data_dir)
-    # Workers (and anything we start) use the same server instead of starting their own.
-    os.environ["DATABASE_URL"] = url
-    get_settings.cache_clear()
-    return url, server
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -41,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure_logging(settings.log_level)
-    url, server = _database_url(start_embedded=True)
+    url, server = resolve_database_url()
     metrics_dir = _metrics_dir(args.workers)
     # While starting (migrations), a signal ends the process through `finally` below.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,7 +112,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from sluice.storage import migrate
 
     configure_logging(get_settings().log_level)
-    url, server = _database_url(start_embedded=True)
+    url, server = resolve_database_url()
     try:
         if args.revision.startswith("-") or args.downgrade:
             asyncio.run(migrate.downgrade(url, args.revision))
@@ -186,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--output", default="openapi/openapi.json")
     spec.set_defaults(func=cmd_openapi)
 
-    from sluice.keys_cli import add_keys_parser
+    from sluice.access.cli import add_keys_parser
 
     add_keys_parser(sub)
     return parser

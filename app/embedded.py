@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sluice.settings import get_settings
+
 log = logging.getLogger("sluice.embedded")
 
 
@@ -39,3 +41,17 @@ def start_embedded(data_dir: Path) -> tuple[str, Any]:
 
 def stop_embedded(server: Any) -> None:
     server.cleanup()
+
+
+def resolve_database_url() -> tuple[str, Any | None]:
+    """(DATABASE_URL, None), or, when it is unset, the URL of an embedded server started
+    under SLUICE_DATA_DIR and its handle, for the caller to stop with stop_embedded().
+    For the commands (`sluice serve`, `migrate`, `keys`)."""
+    settings = get_settings()
+    if settings.database_url:
+        return settings.database_url, None
+    url, server = start_embedded(settings.data_dir)
+    # Workers (and anything we start) use the same server instead of starting their own.
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    return url, server

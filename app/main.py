@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from sluice import metrics
+from sluice.api.access import install_auth, start_auth
 from sluice.api.limits import LimitBodyMiddleware
 from sluice.api.observability import ObservabilityMiddleware
 from sluice.api.problems import install_problem_handlers
 from sluice.api.responses import JSONBody
 from sluice.api.routes import consuming, docs, health, subscriptions, topics, ui
 from sluice.api.routes import metrics as metrics_route
-from sluice.auth import install_auth, start_auth
 from sluice.queue.clock import Clock
 from sluice.queue.context import QueueContext
 from sluice.queue.maintenance import maintenance_loop, subscription_vacuum_loop

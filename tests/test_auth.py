@@ -21,17 +21,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import APIRouter, FastAPI
 
-from sluice.auth import (
-    ADMIN,
-    CACHE_SECONDS,
-    Requirement,
-    hash_secret,
-    issue_key,
-    parse_scope,
-    requirement_for,
-    satisfies,
-)
+from sluice.access.keys import CACHE_SECONDS, KeyCache, hash_secret, issue_key, new_secret
+from sluice.access.scopes import ADMIN, Kind, Reach, Requirement, parse_scope, satisfies
+from sluice.api.access import install_auth, require
 from sluice.storage import migrate
 from sluice.storage.db import plain_url
 from sluice.storage.keys import revoke_key
@@ -97,23 +91,50 @@ def test_reading_all_topics_needs_the_star_glob() -> None:
     assert satisfies([parse_scope("read:orders-*")], Requirement("read", "any"))
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("POST", "/v1/topics"),  # no such operation
-        ("PATCH", "/v1/topics/orders"),
-        ("GET", "/v1/admin/anything"),
-        ("GET", "/v1/topics/orders/subscriptions/s/unknown"),
-        ("GET", "/metrics/extra"),
-    ],
-)
-def test_operations_without_a_rule_need_admin(method: str, path: str) -> None:
-    assert requirement_for(method, path) == ADMIN
+def _app_with(path: str, *dependencies: Any) -> FastAPI:
+    router = APIRouter()
+
+    @router.get(path, dependencies=list(dependencies))
+    async def endpoint() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    return app
+
+
+@pytest.mark.parametrize("path", ["/v1/forgotten", "/v1/topics/{topic}/forgotten", "/metrics"])
+def test_an_app_with_a_protected_route_that_declares_no_scope_does_not_start(path: str) -> None:
+    # No default: who may call an operation is decided where it is declared, or it is not
+    # served at all.
+    with pytest.raises(RuntimeError, match="declares no require"):
+        install_auth(_app_with(path))
+    install_auth(_app_with(path.replace("{topic}", "x"), require(Kind.admin)))
+
+
+def test_a_scope_declared_where_keys_are_never_checked_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="never authenticated"):
+        install_auth(_app_with("/healthz2", require(Kind.read, Reach.all)))
+    with pytest.raises(RuntimeError, match="names no topic"):
+        install_auth(_app_with("/v1/everything", require(Kind.read)))
+
+
+def test_every_operation_of_the_app_declares_its_scope() -> None:
+    from sluice.cli import openapi_document
+
+    doc = openapi_document()
+    protected = [
+        (method, path)
+        for path, item in doc["paths"].items()
+        if path.startswith("/v1") or path == "/metrics"
+        for method in item
+    ]
+    assert len(protected) == len(OPS) + 1  # every /v1 operation and /metrics
+    for method, path in protected:
+        assert "**Required scope:**" in doc["paths"][path][method]["description"], path
 
 
 def test_secrets_are_random_and_only_their_hash_is_derived() -> None:
-    from sluice.auth import new_secret
-
     a, b = new_secret(), new_secret()
     assert a != b and a.startswith("sk_") and len(a) >= 40
     assert hash_secret(a) == hashlib.sha256(a.encode()).hexdigest()
@@ -132,10 +153,10 @@ async def auth_db(pg_server: str) -> str:
 async def _issue(url: str, *scopes: str, name: str | None = None) -> tuple[int, str]:
     conn = await asyncpg.connect(plain_url(url))
     try:
-        row, secret = await issue_key(conn, scopes, name)
+        key, secret = await issue_key(conn, scopes, name)
     finally:
         await conn.close()
-    return row["id"], secret
+    return key.id, secret
 
 
 async def _revoke(url: str, key_id: int) -> None:
@@ -354,6 +375,45 @@ async def test_globs_decide_per_topic(secured: Secured) -> None:
     assert_problem(r, 403)
     r = await client.post(topic_path(miss) + "/messages", json=body, headers=admin)
     assert r.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status_with_scope"),
+    [
+        (b'{"messages": [', "application/json", 400),
+        (b"hello", "text/plain", 415),
+        (b'{"messages": []}', "application/json", 422),
+    ],
+    ids=["malformed", "not-json", "invalid"],
+)
+async def test_a_key_lacking_the_scope_gets_403_whatever_body_it_sends(
+    secured: Secured, content: bytes, content_type: str, status_with_scope: int
+) -> None:
+    """The scope is checked before the body is read: 403, not 400/415/422."""
+    path = topic_path(secured.topic) + "/messages"
+    for role, status in (("reader", 403), ("publisher", status_with_scope)):
+        headers = {**secured.as_(role), "content-type": content_type}
+        r = await secured.h.client.post(path, content=content, headers=headers)
+        assert_problem(r, status)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/admin/anything", 404),
+        ("GET", "/v1/topics/orders-x/subscriptions/s/unknown", 404),
+        ("PATCH", "/v1/topics/orders-x", 405),
+    ],
+)
+async def test_an_operation_that_does_not_exist_is_answered_alike_for_every_key(
+    secured: Secured, method: str, path: str, status: int
+) -> None:
+    """A valid key learns only that no such operation exists (the OpenAPI document says as
+    much to anyone); without a key it is 401 like every /v1 path."""
+    for role in ("admin", "reader", "elsewhere"):
+        r = await secured.h.client.request(method, path, headers=secured.as_(role))
+        assert_problem(r, status)
+    assert_problem(await secured.h.client.request(method, path), 401)
 
 
 async def test_a_key_may_hold_several_scopes(auth_db: str, secured: Secured) -> None:
@@ -655,8 +715,6 @@ async def test_keys_take_effect_on_a_running_server_within_10_seconds(
 
 
 async def test_keys_that_cannot_be_read_fail_closed_with_503(auth_db: str) -> None:
-    from sluice.auth import KeyCache
-
     broken = await asyncpg.create_pool(plain_url(auth_db), min_size=1, max_size=1)
     await broken.close()  # every query on it now fails
     async with run_app(auth_db) as h:

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from sluice.auth import issue_key
+from sluice.access.keys import issue_key
 from sluice.storage import migrate
 from tests.browser import Tab, open_tab, require_chromium
 from tests.conftest import ROOT, run_app, unique

@@ -42,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from sluice.auth import hash_secret, new_secret
+from sluice.access.keys import hash_secret, new_secret
 from sluice.main import create_app
 from sluice.queue.clock import Clock
 from sluice.storage import keys as keys_sql

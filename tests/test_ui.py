@@ -13,8 +13,8 @@ import asyncpg
 import httpx
 import pytest
 
+from sluice.access.keys import issue_key
 from sluice.api.routes.ui import _ASSETS
-from sluice.auth import issue_key
 from sluice.storage import migrate
 from tests.browser import REQUIRE_ENV, require_chromium
 from tests.conftest import ROOT

@@ -49,7 +49,7 @@ def route_template(scope: Scope) -> str:
     if path is not None:
         return path
     partial = None
-    for route in _flat_routes(scope.get("app")):
+    for route in flat_routes(scope.get("app")):
         match, _ = route.matches(scope)
         if match == Match.FULL:
             return _path_of(route) or UNMATCHED
@@ -58,7 +58,7 @@ def route_template(scope: Scope) -> str:
     return partial or UNMATCHED
 
 
-def _flat_routes(app: object) -> list[Any]:
+def flat_routes(app: object) -> list[Any]:
     """The app's routes with included routers expanded (FastAPI >= 0.13x keeps included
     routers as single entries of app.routes)."""
     routes = list(getattr(app, "routes", ()))

@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from sluice.access.scopes import Kind
+from sluice.api.access import require
 from sluice.api.deps import WITH_BODY, SubscriptionName, TopicName, ctx_of, errors
 from sluice.api.limits import StrictJSONRoute
 from sluice.api.models import (
@@ -33,6 +35,7 @@ router = APIRouter(
     "/pull",
     response_model=PullResponse,
     summary="Lease up to max_messages, waiting up to wait_seconds for some",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404, 429),
 )
 async def pull(
@@ -79,6 +82,7 @@ async def pull(
     "/ack",
     response_model=AckResponse,
     summary="Acknowledge deliveries: they are never delivered again",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def ack(
@@ -94,6 +98,7 @@ async def ack(
     "/nack",
     response_model=NackResponse,
     summary="Give deliveries back, deliverable again after delay_seconds",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def nack(
@@ -109,6 +114,7 @@ async def nack(
     "/extend",
     response_model=ExtendResponse,
     summary="Move the ack deadline of deliveries",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def extend(

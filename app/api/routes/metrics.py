@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from sluice import metrics
+from sluice.access.scopes import Kind, Reach
+from sluice.api.access import require
 from sluice.api.deps import ctx_of
 
 router = APIRouter(tags=["observability"])
@@ -22,6 +24,8 @@ sluice_subscription_backlog{subscription="billing",topic="orders"} 42.0
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    # Metrics name every topic and subscription: reading them needs read on all topics.
+    dependencies=[require(Kind.read, Reach.all)],
     response_class=Response,
     responses={
         200: {

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from sluice.access.scopes import Kind
+from sluice.api.access import require
 from sluice.api.deps import (
     COMMON,
     MAX_OFFSET,
@@ -55,6 +57,7 @@ def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
     "/{subscription}",
     response_model=Subscription,
     summary="Create or update a subscription",
+    dependencies=[require(Kind.admin)],
     responses={201: {"model": Subscription, "description": "Created"}, **errors(*WITH_BODY, 404)},
 )
 async def put_subscription(
@@ -79,6 +82,7 @@ async def put_subscription(
     "",
     response_model=SubscriptionList,
     summary="List the subscriptions of a topic, with stats",
+    dependencies=[require(Kind.read)],
     responses=errors(*COMMON, 404),
 )
 async def list_subscriptions(
@@ -99,6 +103,7 @@ async def list_subscriptions(
     "/{subscription}",
     response_model=Subscription,
     summary="Subscription configuration and stats",
+    dependencies=[require(Kind.read)],
     responses=errors(*COMMON, 404),
 )
 async def get_subscription(
@@ -112,6 +117,7 @@ async def get_subscription(
     "/{subscription}",
     status_code=204,
     summary="Delete a subscription",
+    dependencies=[require(Kind.admin)],
     responses=errors(*COMMON, 404),
 )
 async def delete_subscription(
@@ -125,6 +131,7 @@ async def delete_subscription(
     "/{subscription}/seek",
     response_model=SeekResponse,
     summary="Replay or skip: move the subscription to an offset, a time, earliest or latest",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def seek(
@@ -142,6 +149,7 @@ async def seek(
     "/{subscription}/dead-letters",
     response_model=DeadLetterList,
     summary="List parked (dead-lettered) messages",
+    dependencies=[require(Kind.consume)],
     responses=errors(*COMMON, 404),
 )
 async def dead_letters(
@@ -176,6 +184,7 @@ async def dead_letters(
     "/{subscription}/dead-letters/redrive",
     response_model=RedriveResponse,
     summary="Deliver parked messages again",
+    dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def redrive(

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
+from sluice.access.scopes import Kind, Reach
+from sluice.api.access import readable_topics, require
 from sluice.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
 from sluice.api.limits import StrictJSONRoute
 from sluice.api.models import (
@@ -20,7 +22,6 @@ from sluice.api.models import (
     TopicList,
 )
 from sluice.api.responses import JSONBody, raw_json
-from sluice.auth import readable_topics
 from sluice.queue import topics as topic_ops
 from sluice.storage.log import NewMessage
 
@@ -54,6 +55,7 @@ def _message(row: Any) -> dict[str, Any]:
     response_model=TopicDetails,
     status_code=200,
     summary="Create or update a topic",
+    dependencies=[require(Kind.admin)],
     responses={201: {"model": TopicDetails, "description": "Created"}, **errors(*WITH_BODY)},
 )
 async def put_topic(
@@ -80,7 +82,13 @@ def _details(stats: topic_ops.TopicStats) -> dict[str, Any]:
     }
 
 
-@router.get("", response_model=TopicList, summary="List topics", responses=errors(*COMMON))
+@router.get(
+    "",
+    response_model=TopicList,
+    summary="List topics",
+    dependencies=[require(Kind.read, Reach.any)],
+    responses=errors(*COMMON),
+)
 async def list_topics(
     request: Request,
     after: Annotated[
@@ -98,6 +106,7 @@ async def list_topics(
     "/{topic}",
     response_model=TopicDetails,
     summary="Topic configuration and stats",
+    dependencies=[require(Kind.read)],
     responses=errors(*COMMON, 404),
 )
 async def get_topic(topic: TopicName, request: Request) -> Response:
@@ -108,6 +117,7 @@ async def get_topic(topic: TopicName, request: Request) -> Response:
     "/{topic}",
     status_code=204,
     summary="Delete a topic with its messages and subscriptions",
+    dependencies=[require(Kind.admin)],
     responses=errors(*COMMON, 404),
 )
 async def delete_topic(topic: TopicName, request: Request) -> Response:
@@ -138,6 +148,7 @@ def _serialise_value(value: Any) -> str:
     response_model=PublishResponse,
     status_code=201,
     summary="Publish 1..1000 messages atomically",
+    dependencies=[require(Kind.publish)],
     responses=errors(*WITH_BODY, 404),
 )
 async def publish(topic: TopicName, body: PublishRequest, request: Request) -> Response:
@@ -165,6 +176,7 @@ async def publish(topic: TopicName, body: PublishRequest, request: Request) -> R
     "/{topic}/messages",
     response_model=BrowseResponse,
     summary="Browse messages without consuming them",
+    dependencies=[require(Kind.read)],
     responses=errors(*COMMON, 404),
 )
 async def browse(
@@ -182,6 +194,7 @@ async def browse(
     "/{topic}/messages/{offset}",
     response_model=StoredMessage,
     summary="One message by offset",
+    dependencies=[require(Kind.read)],
     responses=errors(*COMMON, 404),
 )
 async def get_message(topic: TopicName, offset: Offset, request: Request) -> Response:

@@ -18,9 +18,15 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from sluice.auth import issue_key, parse_scope
+from sluice.access.keys import issue_key
+from sluice.access.scopes import parse_scope
+from sluice.embedded import resolve_database_url, stop_embedded
+from sluice.logs import configure_logging
+from sluice.settings import get_settings
 from sluice.storage import keys as keys_sql
+from sluice.storage import migrate
 from sluice.storage.db import plain_url
+from sluice.storage.keys import ApiKey
 
 log = logging.getLogger("sluice.keys")
 
@@ -30,13 +36,8 @@ MAX_NAME_LENGTH = 200
 
 def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Bring the schema to head, then run `job` on one connection."""
-    from sluice.cli import _database_url
-    from sluice.logs import configure_logging
-    from sluice.settings import get_settings
-    from sluice.storage import migrate
-
     configure_logging(get_settings().log_level)
-    url, server = _database_url(start_embedded=True)
+    url, server = resolve_database_url()
 
     async def main() -> T:
         await migrate.upgrade(url)
@@ -50,18 +51,16 @@ def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         return asyncio.run(main())
     finally:
         if server is not None:
-            from sluice.embedded import stop_embedded
-
             stop_embedded(server)
 
 
-def _describe(row: asyncpg.Record) -> dict[str, Any]:
+def _describe(key: ApiKey) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "name": row["name"],
-        "scopes": list(row["scopes"]),
-        "created_at": row["created_at"].isoformat(),
-        "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+        "id": key.id,
+        "name": key.name,
+        "scopes": list(key.scopes),
+        "created_at": key.created_at.isoformat(),
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
     }
 
 
@@ -77,10 +76,10 @@ def cmd_create(args: argparse.Namespace) -> int:
             f"sluice keys create: --name must be 1..{MAX_NAME_LENGTH} characters", file=sys.stderr
         )
         return 2
-    row, secret = _run(lambda conn: issue_key(conn, args.scopes, args.name))
+    key, secret = _run(lambda conn: issue_key(conn, args.scopes, args.name))
     print(secret, flush=True)
     print(
-        f"created key {row['id']} with scopes {' '.join(row['scopes'])}; "
+        f"created key {key.id} with scopes {' '.join(key.scopes)}; "
         "store the secret now: it is not shown again",
         file=sys.stderr,
     )
@@ -104,16 +103,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    async def revoke(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, int]:
-        row = await keys_sql.revoke_key(conn, args.id)
-        return row, len(await keys_sql.active_keys(conn))
+    async def revoke(conn: asyncpg.Connection) -> tuple[ApiKey | None, int]:
+        key = await keys_sql.revoke_key(conn, args.id)
+        return key, len(await keys_sql.active_keys(conn))
 
-    row, remaining = _run(revoke)
-    if row is None:
+    key, remaining = _run(revoke)
+    if key is None:
         print(f"sluice keys revoke: no API key with id {args.id}", file=sys.stderr)
         return 1
+    assert key.revoked_at is not None
     print(
-        f"revoked key {row['id']} (since {row['revoked_at'].isoformat()}); "
+        f"revoked key {key.id} (since {key.revoked_at.isoformat()}); "
         "every server refuses it within 10 s"
     )
     if remaining == 0:
