@@ -183,6 +183,9 @@ class Run:
         for name in self.systems:
             if name not in ALL_SYSTEMS:
                 raise SystemExit(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
+        if all(name in OPTIONAL_WORKLOADS for name in self.workloads):
+            # Only held-xmin: the systems it does not run are not started at all.
+            self.systems = [name for name in self.systems if name in HELD_XMIN_SYSTEMS]
         self.postgres = Postgres(args.database_url)
         self.ctx = w.Context(self.cfg, self.postgres, log)
         self.tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-logs-"))
