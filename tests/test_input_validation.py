@@ -64,6 +64,14 @@ CASES: dict[str, Case] = {
     "float-overflow-nested": Case(
         "POST", MSGS, 400, b'{"messages":[{"value":{"a":[-1e999, 18446744073709551616]}}]}'
     ),
+    "float-underflow-1e-400": Case("POST", MSGS, 400, b'{"messages":[{"value":1e-400}]}'),
+    "float-underflow-negative": Case("POST", MSGS, 400, b'{"messages":[{"value":-1e-400}]}'),
+    "float-underflow-nested": Case(
+        "POST", MSGS, 400, b'{"messages":[{"value":{"a":[0.0,{"b":0.1e-330}]}}]}'
+    ),
+    "float-underflow-by-digits": Case(
+        "POST", MSGS, 400, b'{"messages":[{"value":0.' + b"0" * 400 + b"1}]}"
+    ),
     "integer-with-5000-digits": Case(
         "POST", MSGS, 400, b'{"messages":[{"value":' + b"9" * 5000 + b"}]}"
     ),

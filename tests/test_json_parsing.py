@@ -2,7 +2,8 @@
 whatever the body, the outcome (value, or refusal and its message) must be the reference's.
 
 The reference here is what the service did before the fast path existed: json.loads refusing
-NaN/Infinity and overflowing numbers, then a depth check of the parsed document.
+NaN/Infinity and numbers out of a double's range (overflowing to infinity, or underflowing
+to zero), then a depth check of the parsed document.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sluice.api.limits import FITS, NOT_FINITE, TOO_DEEP, inspect_json, parse_json, strict_loads
+from sluice.api import limits
+from sluice.api.limits import (
+    FITS,
+    NOT_FINITE,
+    TOO_DEEP,
+    ZERO,
+    inspect_json,
+    parse_json,
+    strict_loads,
+)
 from sluice.settings import Settings
 
 LIMIT = 64
@@ -62,7 +72,10 @@ EDGE_CASES = [
     b"-0",
     b"-0.0",
     b"1E2",
-    b"1e-400",  # underflow is 0.0, accepted by both
+    b"1e-400",  # underflow to 0.0: refused by both
+    b"0e-400",  # zero
+    b'{"a":[0.0,{"b":1e-400}]}',  # underflow after a genuine zero
+    b"[0.0," + b"[" * (LIMIT + 1) + b"]" * (LIMIT + 1) + b"]",  # a zero, then too deep
     b"1e400",  # overflow: refused
     b'{"a":[1,2,{"b":-1e400}]}',  # overflow deep inside
     b"1" + b"0" * 400 + b".0",  # overflow by digits
@@ -115,12 +128,74 @@ def test_inspect_json_verdicts() -> None:
     assert inspect_json(nested(4), 3) == TOO_DEEP
     assert inspect_json({"a": [1.5, {"b": math.inf}]}, 10) == NOT_FINITE
     assert inspect_json(-math.inf, 10) == NOT_FINITE
-    assert inspect_json([1, "x", None, True, 2**70, -0.0], 1) == FITS
+    assert inspect_json([1, "x", None, True, 2**70, 5e-324], 1) == FITS
+    # A float zero is a flag: the walk goes on to what would refuse the document.
+    assert inspect_json([1, "x", -0.0], 1) == ZERO
+    assert inspect_json(0.0, 1) == ZERO
+    assert inspect_json({"a": [0.0], "b": 1}, 5) == ZERO
+    assert inspect_json([0.0, [math.inf]], 5) == NOT_FINITE
+    assert inspect_json([0.0, nested(5)], 3) == TOO_DEEP
     # Recursion stops at the limit: a document far deeper than Python's stack is fine.
     deep: Any = []
     for _ in range(100_000):
         deep = [deep]
     assert inspect_json(deep, 500) == TOO_DEEP
+
+
+# Not zero, yet below the smallest double (~4.9e-324, halfway ~2.5e-324): they would be
+# stored as 0.0, so they are refused like numbers above the largest double.
+UNDERFLOWING = [
+    b"1e-400",
+    b"-1e-400",
+    b"0.1e-330",
+    b"2.4e-324",
+    b"1E-999",
+    b"0.0001e-321",
+    b"0." + b"0" * 400 + b"1",  # by digits alone, no exponent
+    b"0." + b"0" * 400 + b"1e+40",
+    b"1" + b"0" * 400 + b"e-800",
+    b'{"messages":[{"value":{"a":[1,2,{"b":-1e-400}]}}]}',
+    b'{"messages":[{"value":[0.0,1e-400]}]}',
+]
+# Zero written any way, and the smallest doubles, are numbers like any other.
+ZEROS_AND_TINY = [
+    b"0e-400",
+    b"-0e-400",
+    b"0.0",
+    b"-0.0",
+    b"0.000e+10",
+    b"0E-0",
+    b"0." + b"0" * 400,
+    b"5e-324",
+    b"2.5e-324",  # rounds up to the smallest double
+    b"4.9e-324",
+    b'{"messages":[{"value":[0.0,-0.0,0e-400,1e-10,"0e-400"]}]}',
+]
+
+
+@pytest.mark.parametrize("body", UNDERFLOWING, ids=range(len(UNDERFLOWING)))
+def test_numbers_that_underflow_to_zero_are_refused(body: bytes) -> None:
+    with pytest.raises(json.JSONDecodeError, match="out of range"):
+        parse_json(body, LIMIT)
+    assert_same(body)
+
+
+@pytest.mark.parametrize("body", ZEROS_AND_TINY, ids=range(len(ZEROS_AND_TINY)))
+def test_zero_in_any_form_and_the_smallest_doubles_are_accepted(body: bytes) -> None:
+    # repr tells -0.0 from 0.0
+    assert repr(parse_json(body, LIMIT)) == repr(json.loads(body))
+    assert_same(body)
+
+
+def test_genuine_zeros_do_not_send_a_body_to_the_reference(monkeypatch) -> None:
+    """Only a zero that may come from an underflowing literal costs a second parse."""
+
+    def refuse(body: bytes) -> None:
+        raise AssertionError("parsed by the reference")
+
+    monkeypatch.setattr(limits, "strict_loads", refuse)
+    body = b'{"messages":[{"value":{"price":0.0,"n":0,"v":-0.0,"t":"one-two e-1"}}]}'
+    assert parse_json(body, LIMIT) == json.loads(body)
 
 
 json_scalars = (
@@ -146,7 +221,20 @@ def test_any_json_document_parses_as_the_reference_does(
     assert_same(text.encode("utf-8", "surrogatepass"))
 
 
-TOKENS = [b"NaN", b"-Infinity", b"1e400", b'"\\ud800"', b",", b"]", b"{", b"\x00", b"\xff", b" "]
+TOKENS = [
+    b"NaN",
+    b"-Infinity",
+    b"1e400",
+    b"1e-400",
+    b"0.0",
+    b'"\\ud800"',
+    b",",
+    b"]",
+    b"{",
+    b"\x00",
+    b"\xff",
+    b" ",
+]
 
 
 @settings(max_examples=300, deadline=None)

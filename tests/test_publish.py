@@ -506,6 +506,23 @@ async def test_value_text_is_written_verbatim_in_json_responses(client):
     }
 
 
+async def test_zero_in_any_form_is_a_value_and_underflow_is_refused(client):
+    """A double cannot hold 1e-400: it is refused (400), not stored as 0.0. Zero itself,
+    however written, is zero."""
+    topic = unique()
+    await create_topic(client, topic)
+    for literal in (b"1e-400", b"-1e-400", b"0.1e-330", b"[1,0.0,1e-999]"):
+        body = b'{"messages":[{"value":0},{"value":' + literal + b"}]}"
+        r = await client.post(messages_path(topic), content=body, headers=JSON)
+        assert "out of range" in assert_problem(r, 400)["detail"], literal
+    assert await head_offset(client, topic) is None  # nothing stored
+    body = b'{"messages":[{"value":[0e-400,-0e-400,0.0,-0.0,0.000,5e-324,1e-300]}]}'
+    r = await client.post(messages_path(topic), content=body, headers=JSON)
+    assert r.status_code == 201, r.text
+    got = (await client.get(messages_path(topic) + "/0")).json()["value"]
+    assert repr(got) == repr([0.0, -0.0, 0.0, -0.0, 0.0, 5e-324, 1e-300])
+
+
 async def test_null_is_a_value_but_missing_value_is_not(client):
     topic = unique()
     await create_topic(client, topic)
