@@ -87,6 +87,21 @@ async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
     assert limited.headers["RateLimit-Reset"] in ("4", "5"), limited.headers
 
 
+async def test_the_slowest_rate_delivers_and_answers_429_within_1000_s(harness):
+    client = harness.client
+    topic = await topic_with_subscription(client, rate_limit_per_second=0.001)
+    await publish(client, topic, *range(3))
+    assert len(await pull(client, topic, "s", 3)) == 1  # the bucket holds one token
+    limited = await client.post(
+        sub_path(topic, "s") + "/pull", json={"max_messages": 3, "wait_seconds": 1}
+    )
+    assert_problem(limited, 429)
+    # The next token is 1000 s away (999 after a stall of a second).
+    assert limited.headers["Retry-After"] in ("999", "1000"), limited.headers
+    harness.clock.advance(1000)
+    assert len(await pull(client, topic, "s", 3)) == 1
+
+
 async def test_rate_limited_pull_with_nothing_to_deliver_is_empty_not_429(client):
     topic = await topic_with_subscription(client, rate_limit_per_second=0.1, rate_limit_burst=1)
     await publish(client, topic, "only")

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import unique
 from tests.helpers import (
+    JSON,
     ack,
     assert_problem,
     create_subscription,
@@ -162,7 +163,17 @@ async def test_start_applies_only_on_creation(client):
         {"ordered_by_key": "maybe"},
         {"rate_limit_per_second": 0},
         {"rate_limit_per_second": -3},
+        # The token bucket's arithmetic must stay finite: 1/rate for the next token.
+        {"rate_limit_per_second": 1e-320},  # subnormal
+        {"rate_limit_per_second": 5e-324},
+        {"rate_limit_per_second": 0.0009},  # below one message every 1000 s
+        {"rate_limit_per_second": 1_000_001},
+        {"rate_limit_per_second": 1e300},
         {"rate_limit_burst": 0},
+        {"rate_limit_per_second": 1, "rate_limit_burst": 1_000_001},
+        {"retry_min_seconds": 1e300},
+        {"retry_max_seconds": 1e300},
+        {"ack_deadline_seconds": 1e300},
         {"rate_limit_burst": 5},  # a burst without a rate
         {"max_in_flight": 0},
         {"max_in_flight": -1},
@@ -181,6 +192,73 @@ async def test_invalid_options_are_422_and_nothing_is_created(client, body):
     r = await client.put(sub_path(topic, "s"), json=body)
     assert_problem(r, 422)
     assert_problem(await client.get(sub_path(topic, "s")), 404)
+
+
+async def test_rate_limit_bounds_are_inclusive(client):
+    topic = unique()
+    await create_topic(client, topic)
+    for sub, config in (
+        ("slowest", {"rate_limit_per_second": 0.001}),
+        ("fastest", {"rate_limit_per_second": 1_000_000, "rate_limit_burst": 1_000_000}),
+    ):
+        body = await create_subscription(client, topic, sub, **config)
+        assert {k: body[k] for k in config} == config
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"retry_min_seconds": Infinity}',
+        b'{"retry_max_seconds": NaN}',
+        b'{"rate_limit_per_second": -Infinity}',
+        b'{"rate_limit_per_second": 1e999}',
+        b'{"rate_limit_per_second": 1e-999}',
+        b'{"retry_min_seconds": 1e-400}',
+    ],
+)
+async def test_non_finite_and_out_of_range_numbers_are_not_json(client, body):
+    """Infinity, NaN and numbers a double cannot hold never reach the settings (400)."""
+    topic = unique()
+    await create_topic(client, topic)
+    r = await client.put(sub_path(topic, "s"), content=body, headers=JSON)
+    assert_problem(r, 400)
+    assert_problem(await client.get(sub_path(topic, "s")), 404)
+
+
+async def test_the_tiniest_floats_work_where_zero_is_allowed(harness):
+    """Retry backoff, nack delay and wait accept 0, so any positive double too, down to the
+    smallest subnormal: the answers are deliveries, never a 500."""
+    client, clock = harness.client, harness.clock
+    tiny = 5e-324
+    topic = await topic_with_subscription(
+        client,
+        retry_min_seconds=tiny,
+        retry_max_seconds=tiny,
+        ack_deadline_seconds=1,
+        max_deliveries=0,
+    )
+    await publish(client, topic, "m")
+    [m] = await pull(client, topic, "s", 1, wait_seconds=tiny)
+    assert await nack(client, topic, "s", [m["receipt"]], delay_seconds=tiny) == {
+        "nacked": 1,
+        "stale": [],
+    }
+    [m] = await pull(client, topic, "s", 1, wait_seconds=tiny)
+    assert m["delivery_attempt"] == 2
+    assert (await nack(client, topic, "s", [m["receipt"]]))["nacked"] == 1  # tiny backoff
+    [m] = await pull(client, topic, "s", 1)
+    assert m["delivery_attempt"] == 3
+    clock.advance(4)  # the lease (1 s) and its tiny backoff are over
+    [m] = await pull(client, topic, "s", 1)
+    assert m["delivery_attempt"] == 4
+    assert (await ack(client, topic, "s", [m["receipt"]]))["acked"] == 1
+    base = sub_path(topic, "s")
+    for path, body in (
+        ("/nack", {"receipts": [m["receipt"]], "delay_seconds": 1e300}),
+        ("/pull", {"wait_seconds": 1e300}),
+        ("/pull", {"wait_seconds": 5e-324, "ack_deadline_seconds": 1e300}),
+    ):
+        assert_problem(await client.post(base + path, json=body), 422)
 
 
 async def test_update_is_validated_against_the_merged_config(client):

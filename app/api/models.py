@@ -229,6 +229,14 @@ class BrowseResponse(BaseModel):
 # ---- subscriptions -----------------------------------------------------------------------------
 
 
+# Bounds of the token bucket, so that its arithmetic stays finite: at the slowest rate the
+# next token is 1000 s away (a 429's Retry-After is at most that); a subnormal rate such as
+# 1e-320 made it infinite, and every pull failed.
+MIN_RATE_PER_SECOND = 0.001
+MAX_RATE_PER_SECOND = 1_000_000
+MAX_BURST = 1_000_000
+
+
 class SubscriptionConfig(Strict):
     # Not nullable: leaving a field out keeps its value; an explicit null is refused (422).
     ack_deadline_seconds: Integral = Field(
@@ -251,8 +259,23 @@ class SubscriptionConfig(Strict):
     ordered_by_key: bool = Field(
         default=None, description="default false", json_schema_extra=_omit_default
     )
-    rate_limit_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
-    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
+    rate_limit_per_second: float | None = Field(
+        default=None,
+        ge=MIN_RATE_PER_SECOND,
+        le=MAX_RATE_PER_SECOND,
+        description=(
+            "messages per second, shared by every consumer and process: 0.001 (one message "
+            "every 1000 s) to 1000000; default: no limit"
+        ),
+    )
+    rate_limit_burst: Annotated[int, Field(ge=1, le=MAX_BURST), INTEGRAL] | None = Field(
+        default=None,
+        description=(
+            "messages the token bucket holds (what a pull may take at once after a quiet "
+            "spell): 1 to 1000000; default: one second's worth, at least 1. Needs "
+            "rate_limit_per_second"
+        ),
+    )
     max_in_flight: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
     start: Literal["latest", "earliest"] = Field(
         default="latest", description="where a new subscription starts; ignored on update"
