@@ -119,6 +119,26 @@ def test_a_scope_declared_where_keys_are_never_checked_is_refused() -> None:
         install_auth(_app_with("/v1/everything", require(Kind.read)))
 
 
+def test_v1_routes_check_their_scope_themselves_not_as_a_fastapi_dependency() -> None:
+    # FastAPI's dependency machinery would cost more per request than the check itself
+    # (publish, pull and ack are hot paths), and would run only after the body is parsed.
+    from sluice.api.access import Access
+    from sluice.api.limits import StrictJSONRoute
+    from sluice.api.observability import flat_routes
+    from sluice.main import create_app
+
+    checked = 0
+    for route in flat_routes(create_app()):
+        original = getattr(route, "original_route", route)
+        if not isinstance(original, StrictJSONRoute):
+            continue
+        assert isinstance(original.access, Access), route.path_format
+        calls = [d.call for d in original.dependant.dependencies]
+        assert not any(isinstance(c, Access) for c in calls), route.path_format
+        checked += 1
+    assert checked == len(OPS)
+
+
 def test_every_operation_of_the_app_declares_its_scope() -> None:
     from sluice.cli import openapi_document
 

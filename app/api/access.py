@@ -117,9 +117,9 @@ class Forbidden(SluiceError):
 class Access:
     """A route's declared requirement, checked against the request's key.
 
-    FastAPI calls it as a dependency of the route (before path and query values are
-    checked, after a body is parsed); StrictJSONRoute calls `check` before it reads a body,
-    so a key lacking the scope gets 403 whatever it sent, and costs no parsing.
+    A FastAPI dependency: on any route, FastAPI calls it (before path and query values are
+    checked, after a body is parsed). Routes of StrictJSONRoute (every /v1 route) take it
+    out of their dependencies and call `check` themselves, before the body is read.
     """
 
     def __init__(self, need: Requirement) -> None:
@@ -156,6 +156,16 @@ def access_of(dependencies: Any) -> Access | None:
     return None
 
 
+def declared_access(route: Any) -> Access | None:
+    """A route's Access: run by its route class (`route.access`, StrictJSONRoute) or by
+    FastAPI, as one of its dependencies."""
+    original = getattr(route, "original_route", route)  # FastAPI's view of an included route
+    access = getattr(original, "access", None)
+    if isinstance(access, Access):
+        return access
+    return access_of(getattr(route, "dependencies", None))
+
+
 def readable_topics(request: Request) -> Callable[[str], bool] | None:
     """Which topics the request's key may read: None for all of them (the API is open, or
     the key has `admin` or `read:*`), else a test of a topic name."""
@@ -189,7 +199,7 @@ def _declared(app: FastAPI) -> dict[tuple[str, str], Requirement]:
         methods = getattr(route, "methods", None)
         if path is None or methods is None:
             continue
-        access = access_of(getattr(route, "dependencies", None))
+        access = declared_access(route)
         if access is None:
             if is_protected(path):
                 raise RuntimeError(f"route {sorted(methods)} {path} declares no require(...)")
