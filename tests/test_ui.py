@@ -3,8 +3,10 @@ headless Chromium against a real server, it renders the queue's numbers and foll
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
@@ -41,6 +43,39 @@ async def test_ui_page_and_assets_are_served(client):
         assert a.content == (STATIC / asset).read_bytes()
     assert_problem(await client.get("/ui/../app/main.py"), 404)
     assert_problem(await client.get("/ui/nothing.js"), 404)
+
+
+def test_ui_is_served_from_the_package_wherever_the_service_runs(tmp_path):
+    """The page comes from the installed `sluice` package, not from a folder named app/ that
+    only exists (and is importable) next to a checkout: `sluice serve`, a console script,
+    does not have the checkout on its path."""
+    script = (
+        "import asyncio, httpx\n"
+        "from sluice.main import create_app\n"
+        "from sluice.settings import Settings\n"
+        "app = create_app(Settings(DATABASE_URL='postgresql://u@127.0.0.1:1/d'))\n"
+        "async def main():\n"
+        "    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)\n"
+        "    async with httpx.AsyncClient(transport=transport, base_url='http://t') as c:\n"
+        "        for path in ('/ui', '/ui/ui.js', '/ui/ui.css'):\n"
+        "            print(path, (await c.get(path)).status_code)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,  # no app/ here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["/ui", "200", "/ui/ui.js", "200", "/ui/ui.css", "200"], (
+        done.stdout,
+        done.stderr[-2000:],
+    )
 
 
 def test_ui_loads_nothing_from_elsewhere():

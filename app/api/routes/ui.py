@@ -32,7 +32,7 @@ _HEADERS = {
 
 @cache
 def _read(name: str) -> bytes:
-    return resources.files("app").joinpath("static", name).read_bytes()
+    return resources.files("sluice").joinpath("static", name).read_bytes()
 
 
 @router.get(
