@@ -23,7 +23,7 @@ from sluice.api.routes import consuming, docs, health, subscriptions, topics, ui
 from sluice.api.routes import metrics as metrics_route
 from sluice.queue.clock import Clock
 from sluice.queue.context import QueueContext
-from sluice.queue.maintenance import maintenance_loop, subscription_vacuum_loop
+from sluice.queue.maintenance import maintenance_loop
 from sluice.queue.publisher import Publisher
 from sluice.queue.rates import RateRecorder
 from sluice.queue.waiters import WaiterHub
@@ -110,16 +110,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.wait_for(listener.connected.wait(), 10)
     maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
     rate_flusher = asyncio.create_task(ctx.rates.run(pool, lambda: clock.skew), name="sluice-rates")
-    sub_vacuum = asyncio.create_task(
-        subscription_vacuum_loop(ctx), name="sluice-subscription-vacuum"
-    )
     _chain_sigterm(hub)
     _settle_garbage_collector()
     try:
         yield
     finally:
         hub.close()
-        for task in (maintenance, rate_flusher, sub_vacuum):
+        for task in (maintenance, rate_flusher):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -28,7 +28,7 @@ from sluice.storage import subscriptions as subs_sql
 
 if TYPE_CHECKING:
     from sluice.queue.context import QueueContext
-    from sluice.queue.publisher import Published
+    from sluice.records import Published
 
 log = logging.getLogger("sluice.metrics")
 
@@ -178,7 +178,7 @@ def database_families(rows: list[Any] | None) -> list[Metric]:
     for row in rows:
         values = subscription_gauges(row)
         for name, family in by_name.items():
-            family.add_metric([row["topic"], row["subscription"]], values[name])
+            family.add_metric([row.topic, row.subscription], values[name])
     families.extend(by_name.values())
     return families
 

@@ -31,16 +31,8 @@ class Settings(BaseSettings):
     # How often a waiting long-poll re-checks the database even without a notification:
     # a safety net for lost notifications, not the normal wake-up path.
     poll_recheck_seconds: float = 5.0
-    # Background maintenance (retention, dead-lettering of expired leases).
+    # Background maintenance: retention floors, deadlines nobody pulls for, segments.
     maintenance_interval_seconds: float = 5.0
-    retention_batch_size: int = 5000
-    # How often a process whose claims updated subscription rows vacuums `subscriptions`.
-    # Every claim that leases updates its subscription row; while claims follow each other
-    # with no gap they keep that row's page pinned, and Postgres prunes old row versions on
-    # the fly only on an unpinned page. Left to the 5 s maintenance pass, the page filled,
-    # updates stopped being HOT and each claim stepped over thousands of dead versions
-    # (bench: 500 -> 13,000 buffer reads per claim, consume throughput halved).
-    subscription_vacuum_seconds: float = 0.5
     # Seconds an idle LISTEN connection waits before a keepalive query proves it alive.
     listener_keepalive_seconds: float = 5.0
 

@@ -35,8 +35,37 @@ def _plain_url() -> str:
     return plain_url(url)
 
 
+# Everything of Sluice lives in this schema, Alembic's version table included: the service
+# can share a database with an application (and that application's own Alembic).
+SCHEMA = "sluice"
+LEGACY_REVISIONS = ("0001", "0002", "0003")
+
+
+def _prepare(connection: Connection) -> None:
+    """The schema, and the version table of installs from before revision 0004 (which kept
+    it as public.alembic_version) moved into it."""
+    connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+    legacy = connection.exec_driver_sql(
+        "SELECT to_regclass('public.alembic_version') IS NOT NULL "
+        f"AND to_regclass('{SCHEMA}.alembic_version') IS NULL"
+    ).scalar()
+    if legacy:
+        version = connection.exec_driver_sql(
+            "SELECT version_num FROM public.alembic_version"
+        ).scalar()
+        if version in LEGACY_REVISIONS:
+            connection.exec_driver_sql(f"ALTER TABLE public.alembic_version SET SCHEMA {SCHEMA}")
+    connection.commit()
+
+
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+    _prepare(connection)
+    context.configure(
+        connection=connection,
+        target_metadata=None,
+        transaction_per_migration=True,
+        version_table_schema=SCHEMA,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -78,9 +78,6 @@ def make_settings(url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "DATABASE_URL": url,
         "maintenance_interval_seconds": 3600.0,
-        # Background VACUUM changes pg_class estimates under the plan tests' feet: off
-        # unless a test turns it on (test_subscription_vacuum.py).
-        "subscription_vacuum_seconds": 3600.0,
         "poll_recheck_seconds": 5.0,
     }
     values.update(overrides)

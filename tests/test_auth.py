@@ -614,7 +614,7 @@ def sluice(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def _stored_keys(url: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(plain_url(url))
     try:
-        return await conn.fetch("SELECT * FROM api_keys ORDER BY id")
+        return await conn.fetch("SELECT * FROM sluice.api_keys ORDER BY id")
     finally:
         await conn.close()
 

@@ -331,21 +331,28 @@ async def test_receipts_of_the_right_length_that_are_not_receipts_are_stale(clie
 def test_batch_receipt_decoding_equals_one_by_one():
     """decode_all's fast path (one base64 decode of the whole batch) decodes exactly what
     decode() does receipt by receipt."""
-    real = [receipts.encode(o, uuid.uuid4()) for o in (0, 1, 2**40, 2**63 - 1)]
+    real = [
+        receipts.encode(o, lease, seg, uuid.uuid4())
+        for o, lease, seg in ((0, 1, 1), (1, 7, 3), (2**40, 2**50, 2**31 - 1), (2**63 - 1, 1, 1))
+    ]
+    legacy = "A" * 32  # the 24-byte receipts of schema revisions before 0004
     batches = [
         real,
-        [*real, "!" * 32],
-        ["é" * 32] * 3,
-        ["A" * 31 + "="],
-        ["+" * 32, "/" * 32],
-        [*real[:1], " " * 32],
-        ["A" * 32],
+        [*real, "!" * 48],
+        ["é" * 48] * 3,
+        ["A" * 47 + "="],
+        ["+" * 48, "/" * 48],
+        [*real[:1], " " * 48],
+        ["A" * 48],
+        [*real, legacy],
+        [legacy, "B" * 32],
     ]
     for batch in batches:
         assert receipts.decode_all(batch) == [receipts.decode(r) for r in batch], batch
     assert receipts.decode_all(real) == [receipts.decode(r) for r in real]
     assert all(key is not None for key in receipts.decode_all(real))
-    assert receipts.decode_all(["!" * 32, "=" * 32]) == [None, None]
+    assert receipts.decode_all(["!" * 48, "=" * 48, "!" * 32]) == [None, None, None]
+    assert receipts.decode(legacy) is not None and receipts.decode(legacy).lease_id == 0
 
 
 async def test_extend_with_a_stale_or_forged_receipt_leaves_the_current_lease_alone(harness):

@@ -43,7 +43,7 @@ from hypothesis.stateful import (
 
 from sluice.main import create_app
 from sluice.queue.clock import Clock
-from sluice.queue.receipts import encode
+from sluice.queue.receipts import decode, encode
 from tests.conftest import create_database, make_settings
 
 ACK_DEADLINE = 600
@@ -254,11 +254,16 @@ class DeliveryModel(RuleBasedStateMachine):
         choices = st.sampled_from(self.receipts)
         if current:
             choices = st.one_of(st.sampled_from(current), choices)
+        # A real offset with a lease and segment taken from a real receipt (or none), and a
+        # token nobody issued.
+        real = [decode(r) for r in self.receipts]
+        leases = sorted({(r.lease_id, r.seg) for r in real if r is not None}) or [(1, 1)]
         forged = st.builds(
-            lambda o: encode(o, uuid.uuid4()),
+            lambda o, lease: encode(o, lease[0], lease[1], uuid.uuid4()),
             st.sampled_from(self.log) if self.log else st.just(0),
+            st.sampled_from(leases),
         )
-        junk = st.sampled_from(["", "not-a-receipt", "A" * 32])
+        junk = st.sampled_from(["", "not-a-receipt", "A" * 32, "A" * 48])
         picked = st.one_of(choices, choices, forged, junk)
         return data.draw(st.lists(picked, min_size=1, max_size=4), label="receipts")
 

@@ -17,29 +17,53 @@ from sluice.storage.db import plain_url
 from tests.conftest import ROOT, database_url, run_app, unique
 from tests.helpers import create_topic, publish
 
-# Tables of the foundation (later migrations may add more, never remove these).
-CORE_TABLES = {"topics", "messages", "deleted_topics", "subscriptions", "deliveries"}
+# Tables of the storage (schema sluice since revision 0004).
+CORE_TABLES = {
+    "sluice.topics",
+    "sluice.messages",
+    "sluice.subscriptions",
+    "sluice.sub_states",
+    "sluice.leases",
+    "sluice.lease_events",
+    "sluice.timers",
+}
+SCHEMAS = ("public", "sluice")
 
 
 async def schema(url: str) -> dict[str, set[str]]:
+    """Everything of Sluice in the database (schemas public and sluice), qualified names.
+    Partitions of a segment are named by the segment: the same after a re-creation."""
     conn = await asyncpg.connect(plain_url(url))
     try:
-        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = await conn.fetch(
+            "SELECT schemaname || '.' || tablename FROM pg_tables "
+            "WHERE schemaname = ANY($1::text[]) "
+            "UNION SELECT n.nspname || '.' || c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = ANY($1::text[]) AND c.relkind = 'p'",
+            SCHEMAS,
+        )
         functions = await conn.fetch(
-            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = 'public'"
+            "SELECT n.nspname || '.' || p.proname FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = ANY($1::text[])",
+            SCHEMAS,
         )
         indexes = await conn.fetch(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
-            "AND tablename <> 'alembic_version'"
+            "SELECT schemaname || '.' || indexname FROM pg_indexes "
+            "WHERE schemaname = ANY($1::text[]) AND tablename <> 'alembic_version'",
+            SCHEMAS,
         )
         types = await conn.fetch(
-            "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-            "WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'c') "
-            "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.reltype = t.oid)"
+            "SELECT n.nspname || '.' || t.typname FROM pg_type t "
+            "JOIN pg_namespace n ON n.oid = t.typnamespace "
+            "WHERE n.nspname = ANY($1::text[]) AND t.typtype IN ('e', 'd', 'c') "
+            "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.reltype = t.oid)",
+            SCHEMAS,
         )
         sequences = await conn.fetch(
-            "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"
+            "SELECT schemaname || '.' || sequencename FROM pg_sequences "
+            "WHERE schemaname = ANY($1::text[])",
+            SCHEMAS,
         )
         version = await migrate.current_revision(conn)
     finally:
@@ -61,7 +85,7 @@ def revisions_base_to_head() -> list[str]:
 
 
 def assert_empty(state: dict[str, set[str]]) -> None:
-    assert state["tables"] <= {"alembic_version"}, state["tables"]
+    assert state["tables"] <= {"sluice.alembic_version"}, state["tables"]
     assert not state["functions"], state["functions"]
     assert not state["indexes"], state["indexes"]
     assert not state["types"], state["types"]
@@ -76,8 +100,9 @@ async def test_upgrade_downgrade_upgrade(fresh_db_url):
     await migrate.upgrade(fresh_db_url)
     state = await schema(fresh_db_url)
     assert state["version"] == {head}
-    assert state["tables"] >= CORE_TABLES | {"alembic_version"}
-    assert "sluice_now" in state["functions"]
+    assert state["tables"] >= CORE_TABLES | {"sluice.alembic_version"}
+    assert not {t for t in state["tables"] if t.startswith("public.")}, state["tables"]
+    assert {"sluice.now", "sluice.claim", "sluice.settle"} <= state["functions"]
     first_upgrade = state
 
     # Upgrading again is a no-op.
@@ -201,7 +226,7 @@ async def test_database_url_with_libpq_parameters_migrates(fresh_db_url):
     await migrate.upgrade(url)
     conn = await asyncpg.connect(fresh_db_url)
     try:
-        assert await conn.fetchval("SELECT version_num FROM alembic_version") == (
+        assert await conn.fetchval("SELECT version_num FROM sluice.alembic_version") == (
             migrate.head_revision()
         )
     finally:

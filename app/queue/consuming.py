@@ -2,8 +2,9 @@
 
 A waiting pull holds no database connection: it claims (one short transaction), and if
 nothing was deliverable it parks in the in-memory WaiterHub until a notification, the
-earliest known due time (delay, backoff, lease end), a token of the rate limit, or the
-periodic safety re-check, whichever comes first.
+earliest known due time (delay, backoff, deadline), a token of the rate limit, or the
+periodic safety re-check, whichever comes first. A pull whose client has gone away stops
+waiting, and gives back at once whatever it had already claimed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -21,25 +23,33 @@ from sluice.errors import RateLimited, SluiceError
 from sluice.queue import receipts
 from sluice.queue.context import QueueContext
 from sluice.queue.topics import subscription_missing
-from sluice.storage import delivery as delivery_sql
-from sluice.storage.delivery import ClaimResult, Delivered
+from sluice.records import Claim, Delivery, EventKind, Settlement
+from sluice.storage import claims as claims_sql
+from sluice.storage import settlement as settlement_sql
 
 # Waking a little after a due time avoids a claim that lands a microsecond too early.
 _DUE_SLACK_SECONDS = 0.005
+# How far a claim reads the log past messages that cannot go out now (delayed, or behind
+# a busy key) before it gives up for this call.
+SCAN_LIMIT = 2000
 
 
 @dataclass(slots=True)
 class SettleOutcome:
     applied: int
     stale: list[str]
-    lease_until: object | None = None
+    lease_until: datetime | None = None
 
 
 @dataclass(slots=True)
 class PullOutcome:
-    messages: list[Delivered]
+    messages: list[Delivery]
     rate_headers: dict[str, str] = field(default_factory=dict)
     acked: SettleOutcome | None = None  # the receipts the pull acknowledged first, if any
+
+
+def receipt_of(message: Delivery) -> str:
+    return receipts.encode(message.offset, message.lease_id, message.seg, message.token)
 
 
 @contextlib.asynccontextmanager
@@ -48,8 +58,7 @@ async def _claim_connection(
 ) -> AsyncIterator[asyncpg.Connection]:
     """A claim-pool connection, taken after the subscription's claim gate. On the way out
     the gate opens first: returning a connection to the pool is an await (a turn of the
-    busy event loop), and the next claim of the subscription need not wait for it (the
-    gate's handoff is what serialises a subscription's claims, bench/RESULTS.md)."""
+    busy event loop), and the next claim of the subscription need not wait for it."""
     gate = ctx.claim_gate(topic, sub)
     await gate.acquire()
     try:
@@ -64,66 +73,45 @@ async def _claim_connection(
         await ctx.claim_pool.release(conn)
 
 
-async def _claim(
+async def claim(
     ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
-) -> ClaimResult:
-    """Lease what is deliverable now (possibly nothing)."""
+) -> Claim:
+    """Lease what is deliverable now (possibly nothing); max_messages = 0 only lets
+    deadlines pass (expired leases retry or park)."""
     async with _claim_connection(ctx, topic, sub) as conn:
-        result = await delivery_sql.claim(
-            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
+        result = await claims_sql.claim(
+            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew, SCAN_LIMIT
         )
         if not result.found:
             raise await subscription_missing(conn, topic, sub)
-    _count_claim(ctx, topic, sub, result)
-    return result
-
-
-async def _claim_fresh(
-    ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
-) -> ClaimResult | None:
-    """Only the one-statement claim of fresh log messages: None when it does not apply to
-    the subscription (or to its state now) or leases nothing."""
-    async with _claim_connection(ctx, topic, sub) as conn:
-        result = await delivery_sql.claim_fresh(
-            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew
-        )
-    if result is not None:
-        _count_claim(ctx, topic, sub, result)
-    return result
-
-
-def _count_claim(ctx: QueueContext, topic: str, sub: str, result: ClaimResult) -> None:
     assert result.topic_id is not None and result.sub_id is not None
-    if result.wrote_subscription:
-        ctx.subscription_writes += 1
     ctx.rates.record(
         result.topic_id,
         result.sub_id,
         topic,
         sub,
-        delivered=len(result.messages),
-        expired=result.expired,
-        dead_lettered=result.dead_lettered,
+        **{
+            EventKind.DELIVERED: len(result.messages),
+            EventKind.EXPIRED: result.expired,
+            EventKind.DEAD_LETTERED: result.dead_lettered,
+        },
     )
+    return result
 
 
-def _rate_headers(result: ClaimResult, limit: float | None) -> dict[str, str]:
+def _rate_headers(result: Claim) -> dict[str, str]:
     if result.tokens is None:
         return {}
     reset = math.ceil(result.token_wait) if result.token_wait else 0
     return {
-        "RateLimit-Limit": str(int(limit or 0)),
+        "RateLimit-Limit": str(int(result.rate_limit or 0)),
         "RateLimit-Remaining": str(max(0, math.floor(result.tokens))),
         "RateLimit-Reset": str(reset),
     }
 
 
-def _delivered(ctx: QueueContext, sub: str, max_messages: int, result: ClaimResult) -> PullOutcome:
-    """The answer of a pull whose claim leased messages."""
-    if len(result.messages) == max_messages:
-        assert result.topic_id is not None
-        ctx.hub.wake_next(result.topic_id, sub)  # there may be more for the next waiter
-    return PullOutcome(result.messages, _rate_headers(result, result.rate_limit))
+def _seconds_between(later: datetime, earlier: datetime) -> float:
+    return (later - earlier) / timedelta(seconds=1)
 
 
 async def pull(
@@ -134,37 +122,24 @@ async def pull(
     wait_seconds: float,
     ack_deadline: int | None,
     ack_first: list[str] | None = None,
+    client_gone: asyncio.Event | None = None,
 ) -> PullOutcome:
     """Lease up to `max_messages`, waiting up to `wait_seconds` for some. With `ack_first`,
     those receipts are acknowledged (durably) before anything is claimed: a consumer acks
-    its previous batch and asks for the next one in one round trip."""
-    if not ack_first:
-        outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
-        if ack_first is not None:
-            outcome.acked = SettleOutcome(0, [])
-        return outcome
-    # The ack and the one-statement claim of fresh messages run side by side (two
-    # connections): that claim applies only to subscriptions without max_in_flight and key
-    # ordering, where what an ack frees cannot change what is deliverable. For the others
-    # it leases nothing, and the pull below runs after the ack has committed.
-    acked, fresh = await asyncio.gather(
-        ack(ctx, topic, sub, ack_first),
-        _claim_fresh(ctx, topic, sub, max_messages, ack_deadline),
-        return_exceptions=True,
-    )
-    if isinstance(acked, BaseException):
-        raise acked
+    its previous batch and asks for the next one in one round trip. `client_gone` is set
+    when the client disconnects: the wait ends, and what was claimed is given back."""
+    acked = None
+    if ack_first is not None:
+        acked = await ack(ctx, topic, sub, ack_first) if ack_first else SettleOutcome(0, [])
     try:
-        if isinstance(fresh, BaseException):
-            raise fresh
-        if fresh is not None and fresh.messages:
-            outcome = _delivered(ctx, sub, max_messages, fresh)
-        else:
-            outcome = await _pull(ctx, topic, sub, max_messages, wait_seconds, ack_deadline)
+        outcome = await _pull(
+            ctx, topic, sub, max_messages, wait_seconds, ack_deadline, client_gone
+        )
     except SluiceError as exc:
-        # The acks are committed whatever the pull answers: say so in the problem, so that
-        # a client does not retry them and read "stale" as "not acknowledged".
-        exc.extra = {"acked": acked.applied, "stale": acked.stale}
+        if acked is not None:
+            # The acks are committed whatever the pull answers: say so in the problem, so a
+            # client does not retry them and read "stale" as "not acknowledged".
+            exc.extra = {"acked": acked.applied, "stale": acked.stale}
         raise
     outcome.acked = acked
     return outcome
@@ -177,50 +152,59 @@ async def _pull(
     max_messages: int,
     wait_seconds: float,
     ack_deadline: int | None,
+    client_gone: asyncio.Event | None,
 ) -> PullOutcome:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     hub = ctx.hub
     seen_notifications = hub.notifications
-    result = await _claim(ctx, topic, sub, max_messages, ack_deadline)
+    result = await claim(ctx, topic, sub, max_messages, ack_deadline)
     topic_id = result.topic_id
     assert topic_id is not None
     waited = False
-    async with hub.waiting(topic_id, sub, max_messages) as waiter:
+    async with hub.waiting(topic_id, sub, max_messages, client_gone) as waiter:
         while True:
             if result.messages:
-                return _delivered(ctx, sub, max_messages, result)
+                if client_gone is not None and client_gone.is_set():
+                    await give_back(ctx, topic, sub, result.messages)
+                    return PullOutcome([])
+                if len(result.messages) == max_messages:
+                    hub.wake_next(topic_id, sub)  # there may be more for the next waiter
+                return PullOutcome(result.messages, _rate_headers(result))
             remaining = deadline - loop.time()
             token_wait = result.token_wait
             if token_wait is not None and result.messages_available and token_wait > remaining:
-                headers = _rate_headers(result, result.rate_limit)
+                headers = _rate_headers(result)
                 headers["Retry-After"] = str(max(1, math.ceil(token_wait)))
                 raise RateLimited(
                     f"subscription rate limit reached; retry after {token_wait:.2f}s",
                     headers=headers,
                 )
-            if remaining <= 0 or hub.closing:
-                return PullOutcome([], _rate_headers(result, result.rate_limit))
+            gone = client_gone is not None and client_gone.is_set()
+            if remaining <= 0 or hub.closing or gone:
+                return PullOutcome([], _rate_headers(result))
             # The safety re-check is spread out (jitter) so that many idle long-polls do not
             # all hit the database in the same instant.
             recheck = ctx.settings.poll_recheck_seconds * random.uniform(0.5, 1.0)
             sleep_for = min(remaining, recheck)
             timed = False  # does the sleep end at a known due time or token?
             if result.next_due is not None and result.now is not None:
-                until_due = delivery_sql.seconds_between(result.next_due, result.now)
-                if max(0.0, until_due) + _DUE_SLACK_SECONDS < sleep_for:
-                    sleep_for, timed = max(0.0, until_due) + _DUE_SLACK_SECONDS, True
-            if result.token_wait is not None and result.token_wait + _DUE_SLACK_SECONDS < sleep_for:
-                sleep_for, timed = result.token_wait + _DUE_SLACK_SECONDS, True
+                until_due = max(0.0, _seconds_between(result.next_due, result.now))
+                if until_due + _DUE_SLACK_SECONDS < sleep_for:
+                    sleep_for, timed = until_due + _DUE_SLACK_SECONDS, True
+            if token_wait is not None and token_wait + _DUE_SLACK_SECONDS < sleep_for:
+                sleep_for, timed = token_wait + _DUE_SLACK_SECONDS, True
             if waited or hub.notifications == seen_notifications:
                 # Nothing was announced since before the last claim: really wait.
                 woken = await waiter.wait(sleep_for)
+                if client_gone is not None and client_gone.is_set():
+                    return PullOutcome([])
                 news = woken or waiter.event.is_set() or hub.closing
                 if not news and sleep_for >= remaining:
                     # The wait ran out with no news and nothing due before its end: answer
                     # now rather than queue one more claim behind the pool (1000 long-polls
                     # ending together would otherwise answer seconds late).
-                    return PullOutcome([], _rate_headers(result, result.rate_limit))
+                    return PullOutcome([], _rate_headers(result))
                 if not news and not timed and not hub.take_recheck(topic_id, sub, recheck):
                     # A safety re-check with nothing new: one waiter per subscription and
                     # process does it, the others keep waiting.
@@ -228,63 +212,70 @@ async def _pull(
             waited = True
             waiter.event.clear()
             seen_notifications = hub.notifications
-            result = await _claim(ctx, topic, sub, max_messages, ack_deadline)
+            result = await claim(ctx, topic, sub, max_messages, ack_deadline)
 
 
 async def _settle(
-    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], action: str, **kwargs: object
+    ctx: QueueContext,
+    topic: str,
+    sub: str,
+    receipt_list: list[str],
+    kind: Settlement,
+    seconds: float | None = None,
 ) -> SettleOutcome:
-    keys = receipts.decode_all(receipt_list)
-    valid = [key for key in keys if key is not None]
-    offsets = [offset for offset, _ in valid]
-    tokens = [token for _, token in valid]
+    decoded = receipts.decode_all(receipt_list)
+    valid = [receipt for receipt in decoded if receipt is not None]
     async with ctx.pool.acquire() as conn:
-        operation = getattr(delivery_sql, action)
-        settled = await operation(conn, topic, sub, offsets, tokens, skew=ctx.clock.skew, **kwargs)
+        settled = await settlement_sql.settle(
+            conn, kind, topic, sub, valid, seconds, ctx.clock.skew
+        )
         if not settled.found:
             raise await subscription_missing(conn, topic, sub)
-        if settled.wake and settled.topic_id is not None:
-            await delivery_sql.notify(conn, settled.topic_id, settled.wake)
-    if action != "extend" and settled.topic_id is not None and settled.sub_id is not None:
-        applied = len(settled.done) - settled.dead_lettered
+    assert settled.topic_id is not None and settled.sub_id is not None
+    # One offset may come with several receipts (an old attempt's and the current one):
+    # only the current one applied, and a receipt given twice applies once.
+    done = set(settled.applied)
+    stale: list[str] = []
+    applied = 0
+    for text, receipt in zip(receipt_list, decoded, strict=True):
+        if receipt is not None and receipt.key in done:
+            applied += 1
+            done.discard(receipt.key)
+        else:
+            stale.append(text)
+    if kind in (Settlement.ACK, Settlement.NACK):
         ctx.rates.record(
             settled.topic_id,
             settled.sub_id,
             topic,
             sub,
-            acked=applied if action == "ack" else 0,
-            nacked=applied if action == "nack" else 0,
-            dead_lettered=settled.dead_lettered,
+            **{
+                EventKind.ACKED if kind is Settlement.ACK else EventKind.NACKED: applied
+                - settled.dead_lettered,
+                EventKind.DEAD_LETTERED: settled.dead_lettered,
+            },
         )
-    # Which receipt was applied is told by its token: one offset may come with several
-    # receipts (an old attempt's and the current one), and only the current one applies.
-    done = {
-        (offset, token.hex) for offset, token in zip(settled.done, settled.done_tokens, strict=True)
-    }
-    stale: list[str] = []
-    applied = 0
-    for receipt, key in zip(receipt_list, keys, strict=True):
-        if key is not None and key in done:
-            applied += 1
-            done.discard(key)  # a receipt given twice is applied once: the repeat is stale
-        else:
-            stale.append(receipt)
     return SettleOutcome(applied, stale, settled.lease_until)
 
 
 async def ack(ctx: QueueContext, topic: str, sub: str, receipt_list: list[str]) -> SettleOutcome:
-    return await _settle(ctx, topic, sub, receipt_list, "ack")
+    return await _settle(ctx, topic, sub, receipt_list, Settlement.ACK)
 
 
 async def nack(
     ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], delay: float | None
 ) -> SettleOutcome:
-    return await _settle(ctx, topic, sub, receipt_list, "nack", delay_seconds=delay)
+    return await _settle(ctx, topic, sub, receipt_list, Settlement.NACK, delay)
 
 
 async def extend(
     ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], ack_deadline: float
 ) -> SettleOutcome:
-    return await _settle(
-        ctx, topic, sub, receipt_list, "extend", ack_deadline_seconds=float(ack_deadline)
-    )
+    return await _settle(ctx, topic, sub, receipt_list, Settlement.EXTEND, float(ack_deadline))
+
+
+async def give_back(ctx: QueueContext, topic: str, sub: str, messages: list[Delivery]) -> None:
+    """Leases whose client went away before it could see them: deliverable again at once,
+    the attempt not counted."""
+    with contextlib.suppress(SluiceError):
+        await _settle(ctx, topic, sub, [receipt_of(m) for m in messages], Settlement.GIVE_BACK)

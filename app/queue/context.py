@@ -21,9 +21,10 @@ class QueueContext:
     # Claims run on their own pool whose commits do not wait for the WAL flush: a claim only
     # hands out leases, and losing one in a Postgres crash just means the messages are
     # delivered again (at-least-once holds; the lost receipts answer `stale`). Claims hold
-    # the subscription row lock until commit, so not waiting for the flush there is what
-    # lets concurrent consumers of a subscription keep up. Everything that must survive a
-    # crash (publish, ack, nack, dead-letter copies) commits durably on `pool`.
+    # the subscription's lock until commit, so not waiting for the flush there is what lets
+    # concurrent consumers of a subscription keep up. A claim that parks dead letters turns
+    # durable commits back on for itself (storage sluice.park). Everything else that must
+    # survive a crash (publish, ack, nack) commits durably on `pool`.
     claim_pool: asyncpg.Pool
     settings: Settings
     clock: Clock
@@ -31,17 +32,13 @@ class QueueContext:
     publisher: Publisher
     rates: RateRecorder
     # One claim per subscription at a time from this process. Claims of a subscription
-    # serialise on its row lock anyway; queueing them here instead of in Postgres keeps
-    # several backends from waiting on that lock, where a preempted holder (2 cores shared
-    # with the API and the clients) stalls them all and each wake-up re-checks the row.
-    # An optimisation only: other processes' claims still meet at the row lock.
+    # serialise on its lock anyway; queueing them here instead of in Postgres keeps several
+    # backends from waiting on that lock, where a preempted holder (2 cores shared with the
+    # API and the clients) stalls them all. An optimisation only: other processes' claims
+    # still meet at the lock in Postgres.
     claim_gates: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
-    # Claims of this process that updated a subscription row since it last vacuumed
-    # `subscriptions` (maintenance.py). Claims that found nothing to do wrote nothing, so
-    # idle long-polls re-checking do not make the loop vacuum.
-    subscription_writes: int = 0
 
     def claim_gate(self, topic: str, subscription: str) -> asyncio.Lock:
         gate = self.claim_gates.get((topic, subscription))

@@ -1,13 +1,24 @@
-"""The background maintenance loop of each process (one pass at a time cluster-wide)."""
+"""The background maintenance pass of each process (one pass at a time cluster-wide).
+
+- retention: each topic's floor moves up to its first message within retention; readers
+  treat what is below as gone at once;
+- deadlines: subscriptions nobody pulls from still get their expired leases retried or
+  parked (a claim of nothing);
+- segments: each retention lane gets a new segment when its open one has run its length,
+  and segments whose every message has expired are dropped whole. Both are DDL under a
+  short lock_timeout: when a lock is not granted (e.g. pg_dump holds ACCESS SHARE on every
+  table), the pass skips it and the next pass tries again;
+- old rate buckets are deleted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from sluice.queue import consuming
 from sluice.queue.context import QueueContext
 from sluice.queue.rates import KEEP_SECONDS
-from sluice.storage import delivery as delivery_sql
 from sluice.storage import maintenance as sql
 from sluice.storage import subscriptions as subs_sql
 
@@ -16,72 +27,40 @@ log = logging.getLogger("sluice.maintenance")
 
 async def run_pass(ctx: QueueContext) -> dict[str, int]:
     """One maintenance pass; returns what it did (for tests and logs)."""
-    done = {"expired_messages": 0, "purged_messages": 0, "dead_lettered": 0}
-    batch = ctx.settings.retention_batch_size
+    done = {
+        "expired_messages": 0,
+        "expired_leases": 0,
+        "dead_lettered": 0,
+        "segments_opened": 0,
+        "segments_dropped": 0,
+        "ddl_postponed": 0,
+    }
     skew = ctx.clock.skew
     async with ctx.pool.acquire() as conn:
         if not await sql.try_lock(conn):
             return done
         try:
-            for row in await sql.retention_cutoffs(conn, skew):
-                if row["oldest"] is None or row["oldest"] >= row["keep_from"]:
-                    continue
-                while True:
-                    n = await sql.delete_deliveries_below(
-                        conn, row["topic_id"], row["keep_from"], batch
-                    )
-                    if n < batch:
-                        break
-                while True:
-                    n = await sql.delete_messages_below(
-                        conn, row["topic_id"], row["keep_from"], batch
-                    )
-                    done["expired_messages"] += n
-                    if n < batch:
-                        break
-            for topic_id in await sql.deleted_topics(conn):
-                n = await sql.delete_messages_below(conn, topic_id, 2**63 - 1, batch)
-                done["purged_messages"] += n
-                if n < batch:
-                    await sql.forget_deleted_topic(conn, topic_id)
-            for sub in await sql.subscriptions_with_expiring_leases(conn, skew):
-                async with conn.transaction():
-                    locked = await delivery_sql.lock_subscription(
-                        conn, sub["topic"], sub["name"], skew
-                    )
-                    if locked is not None:
-                        dead = await delivery_sql.dead_letter_due(conn, locked, locked["now"])
-                        done["dead_lettered"] += len(dead)
-                        ctx.rates.record(
-                            locked["topic_id"],
-                            locked["sub_id"],
-                            sub["topic"],
-                            sub["name"],
-                            dead_lettered=len(dead),
-                            expired=sum(1 for r in dead if r["prev_state"] == "leased"),
-                        )
+            moved = await sql.advance_retention(conn, skew)
+            done["expired_messages"] = sum(moved.values())
+            expiring = await sql.subscriptions_to_expire(conn, skew)
+            for lane in await sql.lanes_to_rotate(conn, skew):
+                if await sql.open_segment(conn, lane, skew):
+                    done["segments_opened"] += 1
+                else:
+                    done["ddl_postponed"] += 1
+            for seg in await sql.droppable_segments(conn):
+                if await sql.drop_segment(conn, seg):
+                    done["segments_dropped"] += 1
+                else:
+                    done["ddl_postponed"] += 1
             await subs_sql.delete_old_rates(conn, KEEP_SECONDS, skew)
-            await sql.vacuum_hot_tables(conn)
         finally:
             await sql.unlock(conn)
+    for topic, subscription in expiring:
+        result = await consuming.claim(ctx, topic, subscription, 0, None)
+        done["expired_leases"] += result.expired
+        done["dead_lettered"] += result.dead_lettered
     return done
-
-
-async def subscription_vacuum_loop(ctx: QueueContext) -> None:
-    """Vacuum `subscriptions` every few hundred milliseconds while this process claims
-    (see Settings.subscription_vacuum_seconds); nothing while its claims write nothing."""
-    while True:
-        await asyncio.sleep(ctx.settings.subscription_vacuum_seconds)
-        if not ctx.subscription_writes:
-            continue
-        ctx.subscription_writes = 0
-        try:
-            async with ctx.pool.acquire() as conn:
-                await sql.vacuum_hot_tables(conn, ("subscriptions",))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("vacuum of subscriptions failed")
 
 
 async def maintenance_loop(ctx: QueueContext) -> None:

@@ -1,12 +1,16 @@
 """Publishing: group commit of concurrent requests, dedup, atomic batches.
 
-Offsets are handed out under the topic's row lock until commit (storage.log), so on one
-topic only one publish transaction makes progress at a time. To keep throughput high, each
-process funnels the requests for a topic through a couple of writer tasks: whatever arrived
-while a transaction was committing goes into the next one, and a second writer already
-waits on the row lock so no time is lost between two commits. Each request stays atomic: if
-a combined statement fails, its requests are retried one by one so only the faulty one
-fails. The batching is only an optimisation; correctness lives in Postgres.
+Offsets are handed out under the topic's advisory lock until commit (storage
+sluice.append_messages), so on one topic only one publish transaction makes progress at a
+time. To keep throughput high, each process funnels the requests for a topic through a
+couple of writer tasks: whatever arrived while a transaction was committing goes into the
+next one, and a second writer already waits on the lock so no time is lost between two
+commits. Each request stays atomic: when the combined call is refused by the database (an
+error that proves nothing was stored), its requests are retried one by one so only the
+faulty one fails. When the outcome is unknown (the connection broke, the command timed
+out: the transaction may have committed), nothing is retried: every request of the group
+is answered 503, and clients retry with dedup ids. The batching is only an optimisation;
+correctness lives in Postgres.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from typing import Protocol
 
 import asyncpg
 
-from sluice.errors import PayloadTooLarge, topic_not_found
+from sluice.errors import PayloadTooLarge, Unavailable, topic_not_found
+from sluice.records import NewMessage, Published
 from sluice.storage import log as log_sql
 from sluice.storage import topics as topics_sql
-from sluice.storage.log import NewMessage
 
 log = logging.getLogger("sluice.publish")
 
 # Upper bound of messages in one combined transaction.
 MAX_GROUP_MESSAGES = 5000
-# Writer tasks per topic and process: one commits while the next waits on the row lock.
+# Writer tasks per topic and process: one commits while the next waits on the lock.
 WRITERS_PER_TOPIC = 2
 
 
@@ -36,10 +40,8 @@ class SkewSource(Protocol):
     skew: float
 
 
-@dataclass(slots=True)
-class Published:
-    offset: int
-    duplicate: bool
+class _Refused(Exception):
+    """The database answered the combined call with an error: it was rolled back."""
 
 
 @dataclass(slots=True)
@@ -101,102 +103,83 @@ class Publisher:
 
     async def _write_group(self, topic: str, group: list[_Request]) -> None:
         try:
-            results = await self._write(topic, group)
-        except Exception:
+            outcome = await self._write(topic, group)
+        except _Refused as refused:
             if len(group) == 1:
-                raise
-            results = None
-        if results is None:
+                _settle(group[0], refused.__cause__ or refused)
+                return
+            outcome = None
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+        ) as exc:
+            # The combined transaction may or may not have committed: retrying could store
+            # every message twice. Answer 503; the clients retry with their dedup ids.
+            log.warning("publish outcome unknown", extra={"topic": topic, "error": repr(exc)[:200]})
+            unknown = Unavailable(
+                "the database connection was lost while publishing; the messages may or may "
+                "not be stored: retry with dedup_id to avoid duplicates",
+                headers={"Retry-After": "1"},
+            )
+            for request in group:
+                _settle(request, unknown)
+            return
+        if outcome is None or outcome.status == "too_large":
+            if len(group) == 1:
+                _settle(group[0], await self._refusal(topic, group[0]))
+                return
             # Isolate the faulty request: each one alone, atomic on its own.
             for request in group:
                 try:
-                    single = await self._write(topic, [request])
-                    if single is None:
-                        raise await self._refusal(topic, request)
-                except Exception as exc:
+                    await self._write_group(topic, [request])
+                except Exception as exc:  # answered above; this is only a guard
                     _settle(request, exc)
-                else:
-                    _settle(request, single[0])
             return
-        for request, result in zip(group, results, strict=True):
-            _settle(request, result)
+        if outcome.status == "no_topic":
+            for request in group:
+                _settle(request, topic_not_found(topic))
+            return
+        offset = 0
+        for request in group:
+            count = len(request.messages)
+            _settle(
+                request,
+                [
+                    Published(o, d)
+                    for o, d in zip(
+                        outcome.offsets[offset : offset + count],
+                        outcome.duplicates[offset : offset + count],
+                        strict=True,
+                    )
+                ],
+            )
+            offset += count
 
     async def _refusal(self, topic: str, request: _Request) -> Exception:
-        """Why the append found no topic row: gone, or a message above the size limit."""
+        """Why the topic refused a request alone: gone, or a message above its size limit."""
         async with self._pool.acquire() as conn:
-            row = await topics_sql.get_topic(conn, topic)
-        if row is None:
+            found = await topics_sql.get_topic(conn, topic)
+        if found is None:
             return topic_not_found(topic)
-        limit = row["max_message_bytes"]
         index, size = max(enumerate(request.sizes), key=lambda item: item[1])
         return PayloadTooLarge(
-            f"message {index} is {size} bytes; topic '{topic}' accepts at most {limit}"
+            f"message {index} is {size} bytes; topic '{topic}' accepts at most "
+            f"{found.max_message_bytes}"
         )
 
-    async def _write(self, topic: str, group: list[_Request]) -> list[list[Published]] | None:
-        """Write the group in one transaction; None when the topic refused it."""
-        skew = self._clock.skew
+    async def _write(self, topic: str, group: list[_Request]) -> log_sql.Appended:
+        """Write the group in one transaction (one call)."""
         largest = max(size for request in group for size in request.sizes)
-        has_dedup = any(m.dedup_id is not None for r in group for m in r.messages)
+        flat = [m for request in group for m in request.messages]
         async with self._pool.acquire() as conn:
-            if not has_dedup:
-                flat = [m for request in group for m in request.messages]
-                base = await log_sql.append(conn, topic, flat, skew, largest)
-                if base is None:
-                    return None
-                return _consecutive(base, group)
-            async with conn.transaction():
-                return await self._write_with_dedup(conn, topic, group, largest, skew)
-
-    async def _write_with_dedup(
-        self,
-        conn: asyncpg.Connection,
-        topic: str,
-        group: list[_Request],
-        largest: int,
-        skew: float,
-    ) -> list[list[Published]] | None:
-        # Lock first, then look: a concurrent publish of the same dedup_id has either
-        # committed (and is seen) or waits for us.
-        locked = await log_sql.lock_topic(conn, topic)
-        if locked is None or locked["max_message_bytes"] < largest:
-            return None
-        ids = list({m.dedup_id for r in group for m in r.messages if m.dedup_id is not None})
-        seen = await log_sql.find_duplicates(
-            conn, locked["topic_id"], ids, locked["dedup_window_seconds"], skew
-        )
-        fresh: list[NewMessage] = []
-        first_in_group: dict[str, int] = {}
-        # Per message: (index into `fresh`, True, duplicate?) when it is stored now or is a
-        # repeat of a message stored now; (offset, False, True) for an earlier duplicate.
-        plan: list[list[tuple[int, bool, bool]]] = []
-        for request in group:
-            entries: list[tuple[int, bool, bool]] = []
-            for message in request.messages:
-                dedup = message.dedup_id
-                if dedup is not None and dedup in seen:
-                    entries.append((seen[dedup], False, True))
-                elif dedup is not None and dedup in first_in_group:
-                    entries.append((first_in_group[dedup], True, True))
-                else:
-                    if dedup is not None:
-                        first_in_group[dedup] = len(fresh)
-                    entries.append((len(fresh), True, False))
-                    fresh.append(message)
-            plan.append(entries)
-        base = 0
-        if fresh:
-            appended = await log_sql.append(conn, topic, fresh, skew, largest)
-            if appended is None:
-                return None
-            base = appended
-        return [
-            [
-                Published(base + value if is_fresh else value, duplicate)
-                for value, is_fresh, duplicate in entries
-            ]
-            for entries in plan
-        ]
+            try:
+                return await log_sql.publish_batch(conn, topic, flat, largest, self._clock.skew)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.PostgresConnectionError):
+                    raise
+                raise _Refused(str(exc)) from exc
 
 
 def _settle(request: _Request, outcome: list[Published] | BaseException) -> None:
@@ -207,12 +190,3 @@ def _settle(request: _Request, outcome: list[Published] | BaseException) -> None
         request.future.set_exception(outcome)
     else:
         request.future.set_result(outcome)
-
-
-def _consecutive(base: int, group: list[_Request]) -> list[list[Published]]:
-    results: list[list[Published]] = []
-    offset = base
-    for request in group:
-        results.append([Published(offset + i, False) for i in range(len(request.messages))])
-        offset += len(request.messages)
-    return results

@@ -1,10 +1,13 @@
 """Receipts: opaque tokens naming one delivery attempt.
 
-A receipt is the message offset plus the lease's 128-bit fencing token: gen_random_uuid()
-(a cryptographic source), or for fresh claims MD5 of a per-claim gen_random_uuid() secret
-and the offset (see storage.delivery._CLAIM_FRESH). The token is checked in
-the WHERE clause of every ack/nack/extend, so a receipt cannot be guessed and an old
-attempt's receipt can never act on a newer lease.
+A receipt carries the message's offset, its lease (the claim that handed it out, and the
+segment that lease lives in) and the fencing token: MD5 of the lease's random secret and
+the offset. The secret never leaves Postgres, so a receipt cannot be forged, and every
+ack / nack / extend checks the token against its own offset and lease (storage
+`sluice.settle`): a receipt of an older attempt never acts on a newer lease.
+
+Receipts handed out before revision 0004 of the schema carry only the offset and the token;
+they still work for the leases that revision carried over (lease 0 below).
 """
 
 from __future__ import annotations
@@ -14,38 +17,46 @@ import re
 import struct
 import uuid
 
-_LAYOUT = struct.Struct(">q16s")
+from sluice.records import Receipt
 
-
-def encode(offset: int, token: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(_LAYOUT.pack(offset, token.bytes)).decode().rstrip("=")
-
-
-# A receipt is exactly 32 characters of the URL-safe base64 alphabet (24 bytes, no padding).
-_RECEIPT_LENGTH = 32
+_LAYOUT = struct.Struct(">qqi16s")
+_LEGACY_LAYOUT = struct.Struct(">q16s")
+# 36 and 24 bytes: multiples of 3, so the base64 text has no padding and a batch of
+# receipts decodes as one string.
+_LENGTH = 48
+_LEGACY_LENGTH = 32
 _ALPHABET_ONLY = re.compile(r"[A-Za-z0-9_-]*")
 
-# (offset, token as 32 hex digits): what the database compares a receipt with.
-Key = tuple[int, str]
+
+def encode(offset: int, lease_id: int, seg: int, token: uuid.UUID) -> str:
+    packed = _LAYOUT.pack(offset, lease_id, seg, token.bytes)
+    return base64.urlsafe_b64encode(packed).decode()
 
 
-def decode(receipt: str) -> Key | None:
-    """(offset, token hex), or None for anything that is not a receipt we could have issued."""
-    if len(receipt) != _RECEIPT_LENGTH or not _ALPHABET_ONLY.fullmatch(receipt):
+def decode(receipt: str) -> Receipt | None:
+    """The receipt, or None for anything that is not a receipt we could have issued."""
+    if not _ALPHABET_ONLY.fullmatch(receipt):
         return None
-    offset, token = _LAYOUT.unpack(base64.urlsafe_b64decode(receipt))
-    return offset, token.hex()
+    if len(receipt) == _LENGTH:
+        offset, lease_id, seg, token = _LAYOUT.unpack(base64.urlsafe_b64decode(receipt))
+        return Receipt(offset, lease_id, seg, token.hex())
+    if len(receipt) == _LEGACY_LENGTH:
+        offset, token = _LEGACY_LAYOUT.unpack(base64.urlsafe_b64decode(receipt))
+        return Receipt(offset, 0, 0, token.hex())
+    return None
 
 
-def decode_all(receipts: list[str]) -> list[Key | None]:
-    """decode() of each receipt, in order. A batch of well-formed receipts (the usual ack of
-    a whole pull) is one base64 decode of their concatenation: 32 characters are 24 bytes
-    exactly, so receipts never share a byte."""
+def decode_all(receipts: list[str]) -> list[Receipt | None]:
+    """decode() of each receipt, in order. A batch of current receipts (the usual ack of a
+    whole pull) is one base64 decode of their concatenation."""
     if (
         receipts
-        and all(len(receipt) == _RECEIPT_LENGTH for receipt in receipts)
+        and all(len(receipt) == _LENGTH for receipt in receipts)
         and _ALPHABET_ONLY.fullmatch(joined := "".join(receipts))
     ):
         raw = base64.urlsafe_b64decode(joined)
-        return [(offset, token.hex()) for offset, token in _LAYOUT.iter_unpack(raw)]
+        return [
+            Receipt(offset, lease_id, seg, token.hex())
+            for offset, lease_id, seg, token in _LAYOUT.iter_unpack(raw)
+        ]
     return [decode(receipt) for receipt in receipts]

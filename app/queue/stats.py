@@ -1,4 +1,4 @@
-"""Subscription numbers (backlog, lag, ...) from a row of storage `delivery_states`.
+"""Subscription numbers (backlog, lag, ...) from the raw delivery state storage reports.
 
 Shared by the GET answers and /metrics, so the two always agree.
 """
@@ -6,9 +6,9 @@ Shared by the GET answers and /metrics, so the two always agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
 
-from sluice.storage.delivery import seconds_between
+from sluice.records import DeliveryState
 
 
 @dataclass(slots=True)
@@ -23,29 +23,28 @@ class DeliveryCounts:
     oldest_unacked_age_seconds: float | None
 
 
-def delivery_counts(state: Any) -> DeliveryCounts:
-    """The stats of a subscription from its row of storage `delivery_states` (also used
-    by /metrics, so both always agree)."""
-    cursor = state["cursor"]
-    head = state["head_offset"]
-    oldest = state["oldest_offset"]
+def delivery_counts(state: DeliveryState) -> DeliveryCounts:
+    """backlog: deliverable now (due redeliveries, and the log past the cursor that is not
+    delayed); delayed: waiting for a delay, a backoff or an earlier message of the key;
+    lag: all unacknowledged; committed offset: the lowest not yet acked or dead-lettered."""
+    cursor = state.cursor
+    head = state.head_offset
     log_end = head + 1 if head is not None else cursor
-    in_log = max(0, log_end - max(cursor, oldest if oldest is not None else cursor))
-    backlog = state["due"] + in_log - state["delayed_in_log"]
-    delayed = state["waiting"] + state["delayed_in_log"]
-    lowest = state["lowest_pending"]
+    in_log = max(0, log_end - cursor)
+    backlog = state.due + in_log - state.delayed_in_log
+    delayed = state.waiting + state.delayed_in_log
+    lowest = state.lowest_pending
     committed = cursor if lowest is None else min(lowest, cursor)
     age = None
-    published = state["committed_published_at"]
-    if committed < log_end and published is not None:
-        age = round(max(0.0, seconds_between(state["now"], published)), 3)
+    if committed < log_end and state.committed_published_at is not None:
+        age = round(max(0.0, (state.now - state.committed_published_at) / timedelta(seconds=1)), 3)
     return DeliveryCounts(
         backlog=backlog,
-        in_flight=state["in_flight"],
+        in_flight=state.in_flight,
         delayed=delayed,
-        dead_lettered=state["dead_lettered"],
+        dead_lettered=state.dead_lettered,
         committed_offset=committed,
         head_offset=head,
-        lag=backlog + state["in_flight"] + delayed,
+        lag=backlog + state.in_flight + delayed,
         oldest_unacked_age_seconds=age,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,41 +12,32 @@ import asyncpg
 from sluice.errors import NotFound, subscription_not_found, topic_not_found
 from sluice.metrics import observe_published
 from sluice.queue.context import QueueContext
-from sluice.queue.publisher import Published
+from sluice.records import TOPIC_DEFAULTS, Message, NewMessage, Published, Topic
 from sluice.storage import log as log_sql
 from sluice.storage import topics as topics_sql
-from sluice.storage.log import NewMessage
-
-TOPIC_DEFAULTS: dict[str, Any] = {
-    "retention_seconds": 7 * 24 * 3600,
-    "dedup_window_seconds": 300,
-    "max_message_bytes": 1024 * 1024,
-}
 
 
 @dataclass(slots=True)
 class TopicStats:
-    row: asyncpg.Record
+    topic: Topic
     head_offset: int | None
     oldest_offset: int | None
     message_count: int
     publish_rate_per_second: float
 
 
-async def put_topic(
-    ctx: QueueContext, name: str, fields: dict[str, Any]
-) -> tuple[asyncpg.Record, bool]:
+async def put_topic(ctx: QueueContext, name: str, fields: dict[str, Any]) -> tuple[Topic, bool]:
     """Create with defaults for what is missing, or update only the given fields."""
-    create = {**TOPIC_DEFAULTS, **fields}
+    config = dataclasses.replace(TOPIC_DEFAULTS, **fields)
     async with ctx.pool.acquire() as conn:
-        return await topics_sql.upsert_topic(conn, name, create, fields)
+        return await topics_sql.upsert_topic(conn, name, config, list(fields))
 
 
-async def require_topic(conn: asyncpg.Connection, name: str) -> asyncpg.Record:
-    row = await topics_sql.get_topic(conn, name)
-    if row is None:
+async def require_topic(conn: asyncpg.Connection, name: str) -> Topic:
+    topic = await topics_sql.get_topic(conn, name)
+    if topic is None:
         raise topic_not_found(name)
-    return row
+    return topic
 
 
 async def subscription_missing(conn: asyncpg.Connection, topic: str, name: str) -> NotFound:
@@ -57,18 +49,19 @@ async def subscription_missing(conn: asyncpg.Connection, topic: str, name: str) 
 
 async def get_topic(ctx: QueueContext, name: str) -> TopicStats:
     async with ctx.pool.acquire() as conn:
-        row = await require_topic(conn, name)
-        stats = await topics_sql.log_stats(conn, row["topic_id"], ctx.clock.skew)
-    head, oldest = stats["head_offset"], stats["oldest_offset"]
+        topic = await require_topic(conn, name)
+        stats = await topics_sql.log_stats(conn, topic.topic_id, ctx.clock.skew)
+    head, oldest = stats.head_offset, stats.oldest_offset
+    # Offsets are gapless between the retention floor and the head.
     count = 0 if head is None or oldest is None else head - oldest + 1
-    minute = stats["minute_ago_offset"]
+    minute = stats.minute_ago_offset
     rate = 0.0 if minute is None or head is None else (head - minute + 1) / 60.0
-    return TopicStats(row, head, oldest, count, round(rate, 3))
+    return TopicStats(topic, head, oldest, count, round(rate, 3))
 
 
 @dataclass(slots=True)
 class TopicPage:
-    rows: list[asyncpg.Record]
+    topics: list[Topic]
     next_after: str | None  # the last name of a full page; None once the listing ends
 
 
@@ -90,20 +83,20 @@ async def list_topics(
     neither as an item nor as `next_after`."""
     async with ctx.pool.acquire() as conn:
         if visible is None:
-            rows = await topics_sql.list_topics(conn, after, limit)
-            return TopicPage(rows, rows[-1]["name"] if len(rows) == limit else None)
-        listed: list[asyncpg.Record] = []
+            topics = await topics_sql.list_topics(conn, after, limit)
+            return TopicPage(topics, topics[-1].name if len(topics) == limit else None)
+        listed: list[Topic] = []
         batch = max(limit, VISIBLE_SCAN_BATCH)
         while True:
             scanned = await topics_sql.list_topics(conn, after, batch)
-            for row in scanned:
-                if visible(row["name"]):
-                    listed.append(row)
+            for topic in scanned:
+                if visible(topic.name):
+                    listed.append(topic)
                     if len(listed) == limit:
-                        return TopicPage(listed, row["name"])
+                        return TopicPage(listed, topic.name)
             if len(scanned) < batch:
                 return TopicPage(listed, None)
-            after = scanned[-1]["name"]
+            after = scanned[-1].name
 
 
 async def delete_topic(ctx: QueueContext, name: str) -> None:
@@ -114,7 +107,7 @@ async def delete_topic(ctx: QueueContext, name: str) -> None:
 
 async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> list[Published]:
     """Atomic, durable publish. The topic's existence and max_message_bytes are checked in
-    the publishing statement itself (no separate look-up)."""
+    the publishing call itself (no separate look-up)."""
     sizes = [
         len(m.value.encode()) + len((m.key or "").encode()) + len((m.headers or "").encode())
         for m in messages
@@ -124,18 +117,16 @@ async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> l
     return published
 
 
-async def browse(
-    ctx: QueueContext, name: str, from_offset: int, limit: int
-) -> list[asyncpg.Record]:
+async def browse(ctx: QueueContext, name: str, from_offset: int, limit: int) -> list[Message]:
     async with ctx.pool.acquire() as conn:
-        row = await require_topic(conn, name)
-        return await log_sql.browse(conn, row["topic_id"], from_offset, limit)
+        topic = await require_topic(conn, name)
+        return await log_sql.browse(conn, topic.topic_id, from_offset, limit)
 
 
-async def get_message(ctx: QueueContext, name: str, offset: int) -> asyncpg.Record:
+async def get_message(ctx: QueueContext, name: str, offset: int) -> Message:
     async with ctx.pool.acquire() as conn:
-        row = await require_topic(conn, name)
-        message = await log_sql.get_message(conn, row["topic_id"], offset)
+        topic = await require_topic(conn, name)
+        message = await log_sql.get_message(conn, topic.topic_id, offset)
     if message is None:
         raise NotFound(f"topic '{name}' has no message at offset {offset}")
     return message

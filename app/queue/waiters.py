@@ -33,6 +33,11 @@ class Waiter:
         return True
 
 
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
 class WaiterHub:
     def __init__(self) -> None:
         # topic_id -> subscription key -> waiters in arrival order
@@ -45,16 +50,27 @@ class WaiterHub:
 
     @asynccontextmanager
     async def waiting(
-        self, topic_id: int, subscription: str, capacity: int = 1
+        self,
+        topic_id: int,
+        subscription: str,
+        capacity: int = 1,
+        client_gone: asyncio.Event | None = None,
     ) -> AsyncIterator[Waiter]:
+        """Register a waiter; `client_gone` (set when the pull's client disconnects) wakes it
+        too, so a long-poll nobody listens to any more ends at once."""
         waiter = Waiter(capacity)
         if self.closing:
             waiter.event.set()
         queue = self._waiters.setdefault(topic_id, {}).setdefault(subscription, OrderedDict())
         queue[waiter] = None
+        relay = None
+        if client_gone is not None:
+            relay = asyncio.create_task(_relay(client_gone, waiter.event))
         try:
             yield waiter
         finally:
+            if relay is not None:
+                relay.cancel()
             queue.pop(waiter, None)
             if not queue:
                 subs = self._waiters.get(topic_id)

@@ -32,6 +32,9 @@ _SESSION_SETTINGS = {
     # once (at the 1st execution) instead of re-planning the big claim statements on every
     # call; the planner's custom plans cost more than they could save here.
     "plan_cache_mode": "force_generic_plan",
+    # Sluice's tables and functions live in a schema of their own (the application's
+    # database may hold tables of the same names).
+    "search_path": "sluice",
 }
 
 

@@ -42,29 +42,29 @@ def _api_key(row: asyncpg.Record) -> ApiKey:
 
 # create_key: store a key by the hash of its secret.
 CREATE_KEY = """
-INSERT INTO api_keys (name, secret_hash, scopes) VALUES ($1, $2, $3)
+INSERT INTO sluice.api_keys (name, secret_hash, scopes) VALUES ($1, $2, $3)
 RETURNING id, name, scopes, created_at, revoked_at
 """
 
 # list_keys: every key, revoked ones included, oldest first (never the hash).
-LIST_KEYS = "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY id"
+LIST_KEYS = "SELECT id, name, scopes, created_at, revoked_at FROM sluice.api_keys ORDER BY id"
 
 # revoke_key: revoke; a key revoked before keeps its first revocation time.
 REVOKE_KEY = """
-UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp())
+UPDATE sluice.api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp())
 WHERE id = $1
 RETURNING id, name, scopes, created_at, revoked_at
 """
 
 # active_keys: hash and scopes of every unrevoked key.
-ACTIVE_KEYS = "SELECT id, secret_hash, scopes FROM api_keys WHERE revoked_at IS NULL"
+ACTIVE_KEYS = "SELECT id, secret_hash, scopes FROM sluice.api_keys WHERE revoked_at IS NULL"
 
 # any_key_exists: whether a key was ever created (revoked keys keep their row).
-ANY_KEY_EXISTS = "SELECT EXISTS (SELECT FROM api_keys)"
+ANY_KEY_EXISTS = "SELECT EXISTS (SELECT FROM sluice.api_keys)"
 
 # delete_all_keys: delete every key, revoked ones included; counts what went.
 DELETE_ALL_KEYS = """
-WITH deleted AS (DELETE FROM api_keys RETURNING revoked_at)
+WITH deleted AS (DELETE FROM sluice.api_keys RETURNING revoked_at)
 SELECT count(*) AS keys, count(*) FILTER (WHERE revoked_at IS NULL) AS active FROM deleted
 """
 

@@ -1,7 +1,10 @@
-"""SQL for background maintenance: retention, purging deleted topics, expiring leases.
+"""SQL for the maintenance pass: retention floors, deadlines nobody pulls for, segments.
 
-Every delete here is bounded (LIMIT per statement, one short transaction each), so no
-long-running DELETE holds back vacuum or locks, and dead tuples stay few.
+Nothing here deletes rows one by one: messages and delivery state go away by dropping whole
+segments (partitions). Statements that need an ACCESS EXCLUSIVE lock (dropping a segment)
+run under a short lock_timeout and are retried at a later pass: a maintenance lock must
+never wait in line behind a long transaction (pg_dump holds ACCESS SHARE on every table
+until it ends), or every query of the table would queue behind it.
 """
 
 from __future__ import annotations
@@ -11,114 +14,79 @@ import asyncpg
 # Only one process at a time runs a maintenance pass (others skip it).
 MAINTENANCE_LOCK_KEY = 0x51C3_0002
 
+# How long a DDL statement of the pass may wait for its lock before it gives up until the
+# next pass; queries of the table wait behind it at most that long.
+DDL_LOCK_TIMEOUT = "100ms"
+
+# try_lock / unlock: the pass's session-level advisory lock.
+TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+UNLOCK = "SELECT pg_advisory_unlock($1)"
+
+# advance_retention: move every topic's retention floor up; (topic_id, expired) per topic
+# whose floor moved.
+ADVANCE_RETENTION = "SELECT topic_id, expired FROM sluice.advance_retention(p_skew => $1)"
+
+# subscriptions_to_expire: subscriptions with a lease whose deadline may have passed.
+SUBSCRIPTIONS_TO_EXPIRE = "SELECT topic, subscription FROM sluice.subscriptions_to_expire($1)"
+
+# lanes_to_rotate: retention lanes in use whose open segment has run its length.
+LANES_TO_ROTATE = "SELECT * FROM sluice.lanes_to_rotate(sluice.now($1))"
+
+# open_segment: a new segment for a lane (DDL: CREATE TABLE + ATTACH PARTITION).
+OPEN_SEGMENT = "SELECT sluice.open_segment($1, sluice.now($2))"
+
+# droppable_segments: segments whose every message has expired.
+DROPPABLE_SEGMENTS = "SELECT * FROM sluice.droppable_segments()"
+
+# drop_segment: drop a segment's partitions (DDL under ACCESS EXCLUSIVE locks).
+DROP_SEGMENT = "SELECT sluice.drop_segment($1)"
+
+# set_lock_timeout: for the rest of the transaction.
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
+
 
 async def try_lock(conn: asyncpg.Connection) -> bool:
-    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_KEY))
+    return bool(await conn.fetchval(TRY_LOCK, MAINTENANCE_LOCK_KEY))
 
 
 async def unlock(conn: asyncpg.Connection) -> None:
-    await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_KEY)
+    await conn.execute(UNLOCK, MAINTENANCE_LOCK_KEY)
 
 
-async def retention_cutoffs(conn: asyncpg.Connection, skew: float) -> list[asyncpg.Record]:
-    """Per topic: the first offset to keep (everything below it has expired)."""
-    return await conn.fetch(
-        """
-        SELECT t.topic_id,
-               coalesce((SELECT m.msg_offset FROM messages m
-                         WHERE m.topic_id = t.topic_id
-                           AND m.published_at >= sluice_now($1)
-                                                 - make_interval(secs => t.retention_seconds)
-                         ORDER BY m.published_at, m.msg_offset LIMIT 1),
-                        t.next_offset) AS keep_from,
-               (SELECT m.msg_offset FROM messages m WHERE m.topic_id = t.topic_id
-                 ORDER BY m.msg_offset LIMIT 1) AS oldest
-        FROM topics t
-        """,
-        skew,
-    )
+async def advance_retention(conn: asyncpg.Connection, skew: float) -> dict[int, int]:
+    rows = await conn.fetch(ADVANCE_RETENTION, skew)
+    return {row["topic_id"]: row["expired"] for row in rows}
 
 
-async def delete_messages_below(
-    conn: asyncpg.Connection, topic_id: int, keep_from: int, batch: int
-) -> int:
-    deleted = await conn.fetchval(
-        """
-        WITH victims AS (
-            SELECT msg_offset FROM messages WHERE topic_id = $1 AND msg_offset < $2
-            ORDER BY msg_offset LIMIT $3
-        ), gone AS (
-            DELETE FROM messages m USING victims v
-            WHERE m.topic_id = $1 AND m.msg_offset = v.msg_offset RETURNING 1
-        )
-        SELECT count(*) FROM gone
-        """,
-        topic_id,
-        keep_from,
-        batch,
-    )
-    return int(deleted)
+async def subscriptions_to_expire(conn: asyncpg.Connection, skew: float) -> list[tuple[str, str]]:
+    return [
+        (r["topic"], r["subscription"]) for r in await conn.fetch(SUBSCRIPTIONS_TO_EXPIRE, skew)
+    ]
 
 
-async def delete_deliveries_below(
-    conn: asyncpg.Connection, topic_id: int, keep_from: int, batch: int
-) -> int:
-    deleted = await conn.fetchval(
-        """
-        WITH victims AS (
-            SELECT sub_id, msg_offset FROM deliveries WHERE topic_id = $1 AND msg_offset < $2
-            LIMIT $3
-        ), gone AS (
-            DELETE FROM deliveries d USING victims v
-            WHERE d.topic_id = $1 AND d.sub_id = v.sub_id AND d.msg_offset = v.msg_offset
-            RETURNING 1
-        )
-        SELECT count(*) FROM gone
-        """,
-        topic_id,
-        keep_from,
-        batch,
-    )
-    return int(deleted)
+async def lanes_to_rotate(conn: asyncpg.Connection, skew: float) -> list[int]:
+    return [row[0] for row in await conn.fetch(LANES_TO_ROTATE, skew)]
 
 
-async def deleted_topics(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT topic_id FROM deleted_topics ORDER BY topic_id LIMIT 100")
-    return [r["topic_id"] for r in rows]
+async def droppable_segments(conn: asyncpg.Connection) -> list[int]:
+    return [row[0] for row in await conn.fetch(DROPPABLE_SEGMENTS)]
 
 
-async def forget_deleted_topic(conn: asyncpg.Connection, topic_id: int) -> None:
-    await conn.execute("DELETE FROM deleted_topics WHERE topic_id = $1", topic_id)
+async def open_segment(conn: asyncpg.Connection, lane: int, skew: float) -> bool:
+    """False when a lock was not granted within DDL_LOCK_TIMEOUT (try again later)."""
+    return await _ddl(conn, OPEN_SEGMENT, lane, skew)
 
 
-async def subscriptions_with_expiring_leases(
-    conn: asyncpg.Connection, skew: float
-) -> list[asyncpg.Record]:
-    """Subscriptions that have a lease past due and a max_deliveries to enforce."""
-    return await conn.fetch(
-        """
-        SELECT t.name AS topic, s.name FROM subscriptions s JOIN topics t USING (topic_id)
-        CROSS JOIN (SELECT sluice_now($1) AS now) n
-        WHERE s.max_deliveries > 0 AND (
-            -- in due order with LIMIT 1: a walk of the due index up to now (see
-            -- delivery._first_due), never a scan of every subscription's rows
-            SELECT true FROM deliveries d
-            WHERE d.topic_id = s.topic_id AND d.sub_id = s.sub_id
-              AND d.state IN ('ready', 'leased') AND d.due_at <= n.now
-              AND d.attempts >= s.max_deliveries
-            ORDER BY d.due_at LIMIT 1)
-        """,
-        skew,
-    )
+async def drop_segment(conn: asyncpg.Connection, seg: int) -> bool:
+    """False when a lock was not granted within DDL_LOCK_TIMEOUT (try again later)."""
+    return await _ddl(conn, DROP_SEGMENT, seg)
 
 
-# The hot tables: every lease inserts a `deliveries` row and every ack deletes it, and every
-# claim updates its subscription row. Their time-ordered indexes collect dead entries that
-# claims must step over until a vacuum removes them; autovacuum wakes once a minute by
-# default (a server-wide setting), so the maintenance pass vacuums them itself.
-HOT_TABLES = ("deliveries", "subscriptions")
-
-
-async def vacuum_hot_tables(conn: asyncpg.Connection, tables: tuple[str, ...] = HOT_TABLES) -> None:
-    # Not inside a transaction (VACUUM cannot be); SKIP_LOCKED never waits on a lock.
-    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(tables)}")
+async def _ddl(conn: asyncpg.Connection, statement: str, *args: object) -> bool:
+    try:
+        async with conn.transaction():
+            await conn.execute(SET_LOCK_TIMEOUT, DDL_LOCK_TIMEOUT)
+            await conn.execute(statement, *args)
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True

@@ -68,7 +68,8 @@ async def downgrade(url: str, revision: str = "base") -> None:
 
 
 async def current_revision(conn: asyncpg.Connection) -> str | None:
-    exists = await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
-    if not exists:
-        return None
-    return await conn.fetchval("SELECT version_num FROM alembic_version")
+    """The schema revision (version table in schema sluice; public before revision 0004)."""
+    for table in ("sluice.alembic_version", "public.alembic_version"):
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            return await conn.fetchval(f"SELECT version_num FROM {table}")
+    return None

@@ -2,93 +2,95 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 
-TOPIC_COLUMNS = (
+from sluice.records import LogStats, Topic, TopicConfig
+
+_COLUMNS = (
     "topic_id, name, retention_seconds, dedup_window_seconds, max_message_bytes, "
-    "next_offset, created_at, updated_at"
+    "created_at, updated_at"
 )
+
+# upsert_topic: create with every setting, or change only those named in $5 (an array of
+# setting names); `created` tells which happened. Concurrent creations meet at the unique
+# name: one creates, the others update.
+UPSERT_TOPIC = f"""
+INSERT INTO sluice.topics AS t (name, retention_seconds, dedup_window_seconds, max_message_bytes)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE SET
+    retention_seconds = CASE WHEN 'retention_seconds' = ANY($5)
+                             THEN EXCLUDED.retention_seconds ELSE t.retention_seconds END,
+    dedup_window_seconds = CASE WHEN 'dedup_window_seconds' = ANY($5)
+                                THEN EXCLUDED.dedup_window_seconds ELSE t.dedup_window_seconds END,
+    max_message_bytes = CASE WHEN 'max_message_bytes' = ANY($5)
+                             THEN EXCLUDED.max_message_bytes ELSE t.max_message_bytes END,
+    updated_at = clock_timestamp()
+RETURNING {_COLUMNS}, (xmax = 0) AS created
+"""
+
+# get_topic: one topic by name.
+GET_TOPIC = f"SELECT {_COLUMNS} FROM sluice.topics WHERE name = $1"
+
+# list_topics: up to $2 topics by name, after $1 (NULL: from the start).
+LIST_TOPICS = f"""
+SELECT {_COLUMNS} FROM sluice.topics
+WHERE ($1::text IS NULL OR name > $1)
+ORDER BY name LIMIT $2
+"""
+
+# delete_topic: the topic and (cascade) its subscriptions. Its messages and delivery state
+# are dropped with their segments (nothing per message is deleted now).
+DELETE_TOPIC = "DELETE FROM sluice.topics WHERE name = $1 RETURNING topic_id"
+
+# log_stats: oldest retained offset, newest offset, and the first offset of the last minute.
+LOG_STATS = """
+SELECT oldest_offset, head_offset, minute_ago_offset
+FROM sluice.log_stats(p_topic_id => $1, p_skew => $2)
+"""
+
+
+def _topic(row: asyncpg.Record) -> Topic:
+    return Topic(
+        row["topic_id"],
+        row["name"],
+        row["retention_seconds"],
+        row["dedup_window_seconds"],
+        row["max_message_bytes"],
+        row["created_at"],
+        row["updated_at"],
+    )
 
 
 async def upsert_topic(
-    conn: asyncpg.Connection, name: str, create: dict[str, Any], update: dict[str, Any]
-) -> tuple[asyncpg.Record, bool]:
-    """Create the topic with `create`, or change only the fields in `update`.
-
-    Returns (row, created). The column names come from our own models, never from input.
-    """
-    columns = list(create)
-    set_clause = ", ".join(f"{column} = EXCLUDED.{column}" for column in update)
-    set_clause = (set_clause + ", " if set_clause else "") + "updated_at = clock_timestamp()"
-    placeholders = ", ".join(f"${i}" for i in range(2, len(columns) + 2))
+    conn: asyncpg.Connection, name: str, config: TopicConfig, changed: list[str]
+) -> tuple[Topic, bool]:
+    """Create the topic with `config`, or change only the settings named in `changed`."""
     row = await conn.fetchrow(
-        f"INSERT INTO topics (name, {', '.join(columns)}) VALUES ($1, {placeholders}) "
-        f"ON CONFLICT (name) DO UPDATE SET {set_clause} "
-        f"RETURNING {TOPIC_COLUMNS}, (xmax = 0) AS created",
+        UPSERT_TOPIC,
         name,
-        *[create[column] if column not in update else update[column] for column in columns],
+        config.retention_seconds,
+        config.dedup_window_seconds,
+        config.max_message_bytes,
+        changed,
     )
     assert row is not None
-    return row, row["created"]
+    return _topic(row), row["created"]
 
 
-async def get_topic(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        f"SELECT {TOPIC_COLUMNS} FROM topics WHERE name = $1",
-        name,
-    )
+async def get_topic(conn: asyncpg.Connection, name: str) -> Topic | None:
+    row = await conn.fetchrow(GET_TOPIC, name)
+    return None if row is None else _topic(row)
 
 
-async def list_topics(
-    conn: asyncpg.Connection, after: str | None, limit: int
-) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        f"SELECT {TOPIC_COLUMNS} FROM topics "
-        "WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2",
-        after,
-        limit,
-    )
+async def list_topics(conn: asyncpg.Connection, after: str | None, limit: int) -> list[Topic]:
+    return [_topic(row) for row in await conn.fetch(LIST_TOPICS, after, limit)]
 
 
 async def delete_topic(conn: asyncpg.Connection, name: str) -> bool:
-    """Delete the topic row (its subscriptions go by cascade), then their delivery rows.
-
-    Its messages are left to the maintenance task, which removes rows of topics that no
-    longer exist in small batches, so deleting a large topic is never one long DELETE.
-    """
-    async with conn.transaction():
-        topic_id = await conn.fetchval(
-            "WITH d AS (DELETE FROM topics WHERE name = $1 RETURNING topic_id) "
-            "INSERT INTO deleted_topics (topic_id) SELECT topic_id FROM d RETURNING topic_id",
-            name,
-        )
-        if topic_id is None:
-            return False
-        await conn.execute("DELETE FROM deliveries WHERE topic_id = $1", topic_id)
-    return True
+    return await conn.fetchval(DELETE_TOPIC, name) is not None
 
 
-async def log_stats(conn: asyncpg.Connection, topic_id: int, skew: float) -> asyncpg.Record:
-    """Oldest and newest offset and the publish rate over the last minute.
-
-    Offsets are gapless within what retention kept (aborted publishes roll the counter
-    back and duplicates take no offset), so counts are differences of offsets: O(log n).
-    """
-    row = await conn.fetchrow(
-        """
-        SELECT
-            (SELECT msg_offset FROM messages WHERE topic_id = $1
-              ORDER BY msg_offset LIMIT 1) AS oldest_offset,
-            (SELECT msg_offset FROM messages WHERE topic_id = $1
-              ORDER BY msg_offset DESC LIMIT 1) AS head_offset,
-            (SELECT msg_offset FROM messages WHERE topic_id = $1
-                AND published_at >= sluice_now($2) - interval '60 seconds'
-              ORDER BY published_at LIMIT 1) AS minute_ago_offset
-        """,
-        topic_id,
-        skew,
-    )
+async def log_stats(conn: asyncpg.Connection, topic_id: int, skew: float) -> LogStats:
+    row = await conn.fetchrow(LOG_STATS, topic_id, skew)
     assert row is not None
-    return row
+    return LogStats(row["oldest_offset"], row["head_offset"], row["minute_ago_offset"])

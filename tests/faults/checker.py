@@ -152,6 +152,7 @@ class QueueChecker:
         self.expired_probes = 0
         self.stale_accepted: list[str] = []
         self.retried: Counter[str] = Counter()
+        self.requests = 0  # HTTP requests sent (every attempt counts)
         self.final_lag: int | None = None
 
         self.stop_producing = asyncio.Event()
@@ -179,6 +180,7 @@ class QueueChecker:
         pause = 0.05
         last = ""
         while True:
+            self.requests += 1
             try:
                 response = await self.client.request(method, self.base_url + path, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

@@ -68,15 +68,15 @@ async def test_sigterm_answers_long_polls_and_finishes_in_flight_acks(db_url, sl
         answered_at: list[float] = []
         for poll in polls:
             poll.add_done_callback(lambda _task: answered_at.append(time.monotonic()))
-        # Acks held in flight inside the server: their rows are locked by another session.
+        # Acks held in flight inside the server: another session holds the subscription's
+        # lock exclusively (as a claim does), so they wait for it in Postgres.
         db = await asyncpg.connect(plain_url(db_url))
         try:
             lock = db.transaction()
             await lock.start()
             await db.execute(
-                "SELECT 1 FROM deliveries d JOIN subscriptions s USING (topic_id, sub_id) "
-                "JOIN topics t USING (topic_id) WHERE t.name = $1 AND s.name = 'work' "
-                "FOR UPDATE OF d",
+                "SELECT sluice.lock_subscription(s.sub_id, true) FROM sluice.subscriptions s "
+                "JOIN sluice.topics t USING (topic_id) WHERE t.name = $1 AND s.name = 'work'",
                 topic,
             )
             acks = [

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from sluice.access.scopes import Kind
 from sluice.api.access import require
 from sluice.api.deps import WITH_BODY, SubscriptionName, TopicName, ctx_of, errors
+from sluice.api.disconnect import watch_disconnect
 from sluice.api.limits import StrictJSONRoute
 from sluice.api.models import (
     AckRequest,
@@ -22,7 +23,6 @@ from sluice.api.models import (
 )
 from sluice.api.responses import JSONBody, raw_json
 from sluice.queue import consuming
-from sluice.queue.receipts import encode
 
 router = APIRouter(
     prefix="/v1/topics/{topic}/subscriptions/{subscription}",
@@ -49,18 +49,20 @@ async def pull(
     acks its previous batch in the same round trip as it asks for the next one. The
     answer then also carries `acked` and `stale`; a problem answer (e.g. 429) carries them
     too, as the acks were applied anyway."""
-    outcome = await consuming.pull(
-        ctx_of(request),
-        topic,
-        subscription,
-        body.max_messages,
-        body.wait_seconds,
-        body.ack_deadline_seconds,
-        ack_first=body.ack,
-    )
+    async with watch_disconnect(request, enabled=body.wait_seconds > 0) as client_gone:
+        outcome = await consuming.pull(
+            ctx_of(request),
+            topic,
+            subscription,
+            body.max_messages,
+            body.wait_seconds,
+            body.ack_deadline_seconds,
+            ack_first=body.ack,
+            client_gone=client_gone,
+        )
     messages: list[dict[str, Any]] = [
         {
-            "receipt": encode(m.offset, m.token),
+            "receipt": consuming.receipt_of(m),
             "offset": m.offset,
             "value": raw_json(m.value),
             "key": m.key,

@@ -32,7 +32,6 @@ from sluice.api.models import (
 )
 from sluice.api.responses import JSONBody, raw_json
 from sluice.queue import subscriptions as sub_ops
-from sluice.storage.subscriptions import SUB_CONFIG_COLUMNS
 
 router = APIRouter(
     prefix="/v1/topics/{topic}/subscriptions", tags=["subscriptions"], route_class=StrictJSONRoute
@@ -40,15 +39,15 @@ router = APIRouter(
 
 
 def _subscription(stats: sub_ops.SubscriptionStats) -> dict[str, Any]:
-    row = stats.row
+    sub = stats.subscription
     return {
-        "topic": row["topic"],
-        "name": row["name"],
-        **{c: row[c] for c in SUB_CONFIG_COLUMNS},
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "topic": sub.topic,
+        "name": sub.name,
+        **asdict(sub.config),
+        "created_at": sub.created_at,
+        "updated_at": sub.updated_at,
         **asdict(stats.counts),
-        "delivered_total": row["delivered_total"],
+        "delivered_total": stats.delivered_total,
         "rates_per_second": stats.rates,
     }
 
@@ -95,7 +94,7 @@ async def list_subscriptions(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     subs = await sub_ops.list_subscriptions(ctx_of(request), topic, after, limit)
-    next_after = subs[-1].row["name"] if len(subs) == limit else None
+    next_after = subs[-1].subscription.name if len(subs) == limit else None
     return JSONBody({"subscriptions": [_subscription(s) for s in subs], "next_after": next_after})
 
 
@@ -159,21 +158,21 @@ async def dead_letters(
     from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    rows = await sub_ops.dead_letters(ctx_of(request), topic, subscription, from_offset, limit)
-    next_offset = rows[-1]["msg_offset"] + 1 if rows else from_offset
+    parked = await sub_ops.dead_letters(ctx_of(request), topic, subscription, from_offset, limit)
+    next_offset = parked[-1].offset + 1 if parked else from_offset
     return JSONBody(
         {
             "messages": [
                 {
-                    "offset": r["msg_offset"],
-                    "value": raw_json(r["value"]),
-                    "key": r["key"],
-                    "headers": raw_json(r["headers"]),
-                    "published_at": r["published_at"],
-                    "delivery_attempts": r["attempts"],
-                    "dead_lettered_at": r["dead_at"],
+                    "offset": d.offset,
+                    "value": raw_json(d.value),
+                    "key": d.key,
+                    "headers": raw_json(d.headers),
+                    "published_at": d.published_at,
+                    "delivery_attempts": d.attempts,
+                    "dead_lettered_at": d.dead_lettered_at,
                 }
-                for r in rows
+                for d in parked
             ],
             "next_offset": next_offset,
         }

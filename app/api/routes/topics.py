@@ -23,30 +23,30 @@ from sluice.api.models import (
 )
 from sluice.api.responses import JSONBody, raw_json
 from sluice.queue import topics as topic_ops
-from sluice.storage.log import NewMessage
+from sluice.records import Message, NewMessage, Topic
 
 router = APIRouter(prefix="/v1/topics", tags=["topics"], route_class=StrictJSONRoute)
 
 
-def _topic(row: Any) -> dict[str, Any]:
+def _topic(topic: Topic) -> dict[str, Any]:
     return {
-        "name": row["name"],
-        "retention_seconds": row["retention_seconds"],
-        "dedup_window_seconds": row["dedup_window_seconds"],
-        "max_message_bytes": row["max_message_bytes"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "name": topic.name,
+        "retention_seconds": topic.retention_seconds,
+        "dedup_window_seconds": topic.dedup_window_seconds,
+        "max_message_bytes": topic.max_message_bytes,
+        "created_at": topic.created_at,
+        "updated_at": topic.updated_at,
     }
 
 
-def _message(row: Any) -> dict[str, Any]:
+def _message(message: Message) -> dict[str, Any]:
     return {
-        "offset": row["msg_offset"],
-        "value": raw_json(row["value"]),
-        "key": row["key"],
-        "headers": raw_json(row["headers"]),
-        "published_at": row["published_at"],
-        "deliver_at": row["deliver_at"],
+        "offset": message.offset,
+        "value": raw_json(message.value),
+        "key": message.key,
+        "headers": raw_json(message.headers),
+        "published_at": message.published_at,
+        "deliver_at": message.deliver_at,
     }
 
 
@@ -74,7 +74,7 @@ async def put_topic(
 
 def _details(stats: topic_ops.TopicStats) -> dict[str, Any]:
     return {
-        **_topic(stats.row),
+        **_topic(stats.topic),
         "head_offset": stats.head_offset,
         "oldest_offset": stats.oldest_offset,
         "message_count": stats.message_count,
@@ -99,7 +99,7 @@ async def list_topics(
 ) -> Response:
     # A key with read:<glob> scopes sees the topics its globs match, and only those.
     page = await topic_ops.list_topics(ctx_of(request), after, limit, readable_topics(request))
-    return JSONBody({"topics": [_topic(r) for r in page.rows], "next_after": page.next_after})
+    return JSONBody({"topics": [_topic(t) for t in page.topics], "next_after": page.next_after})
 
 
 @router.get(
@@ -185,9 +185,9 @@ async def browse(
     from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    rows = await topic_ops.browse(ctx_of(request), topic, from_offset, limit)
-    next_offset = rows[-1]["msg_offset"] + 1 if rows else from_offset
-    return JSONBody({"messages": [_message(r) for r in rows], "next_offset": next_offset})
+    messages = await topic_ops.browse(ctx_of(request), topic, from_offset, limit)
+    next_offset = messages[-1].offset + 1 if messages else from_offset
+    return JSONBody({"messages": [_message(m) for m in messages], "next_offset": next_offset})
 
 
 @router.get(
