@@ -233,3 +233,55 @@ async def test_leases_claimed_for_a_client_that_went_away_are_given_back(harness
     finally:
         await conn.close()
     assert [k["kind"] for k in kinds] == ["released"]
+
+
+async def test_a_group_commit_whose_outcome_is_unknown_is_not_retried(harness, monkeypatch):
+    """The combined publish of a group committed, then the connection broke before the
+    answer: retrying each request alone would store every message twice. Every request of
+    the group is answered 503 (clients retry with dedup ids) and nothing is stored twice."""
+    from sluice.storage import log as log_sql
+
+    client = harness.client
+    topic = unique()
+    await create_topic(client, topic)
+    real = log_sql.publish_batch
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def committed_then_lost(conn, topic_name, messages, largest, skew):
+        calls.append(len(messages))
+        call = len(calls)
+        if call <= 2:  # both writers hold a request until the others queue up
+            await gate.wait()
+        result = await real(conn, topic_name, messages, largest, skew)
+        if call == 3:  # the group of the four queued requests
+            raise ConnectionResetError("connection lost after COMMIT was sent")
+        return result
+
+    monkeypatch.setattr(log_sql, "publish_batch", committed_then_lost)
+
+    def send(value: int) -> asyncio.Task:
+        body = {"messages": [{"value": value}]}
+        return asyncio.create_task(client.post(topic_path(topic) + "/messages", json=body))
+
+    async def calls_reach(count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(calls) < count:
+                await asyncio.sleep(0.01)
+
+    requests = [send(0)]
+    await calls_reach(1)  # the first writer holds request 0
+    requests.append(send(1))
+    await calls_reach(2)  # the second writer holds request 1
+    requests += [send(i) for i in range(2, 6)]
+    await asyncio.sleep(0.2)  # the other four queue up behind them
+    gate.set()
+    answers = await asyncio.gather(*requests)
+    assert calls == [1, 1, 4], calls
+    assert sorted(a.status_code for a in answers) == [201, 201, 503, 503, 503, 503]
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.headers["retry-after"] == "1"
+            assert "dedup_id" in answer.json()["detail"]
+    stored = (await client.get(topic_path(topic) + "/messages")).json()["messages"]
+    assert sorted(m["value"] for m in stored) == list(range(6))  # each once
