@@ -101,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rates=RateRecorder(),
     )
     ctx.rates.listeners.append(metrics.observe_event)
+    ctx.rates.publish_listeners.append(metrics.observe_published)
     listener = Listener(url, hub.notify, hub.wake_all, settings.listener_keepalive_seconds)
     listener.start()
     app.state.ctx = ctx

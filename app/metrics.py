@@ -1,40 +1,35 @@
-"""Prometheus metrics: event counters, HTTP request metrics, and per-subscription gauges.
+"""Prometheus metrics: event counters, HTTP request metrics, and the exposition.
 
 Counters and the request histogram live in each process. Under `sluice serve --workers N`
 the CLI points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start, so
 prometheus_client keeps every process's values in files there and a scrape answered by
 any worker adds up all of them (MultiProcessCollector). The gauges per subscription
 (backlog, lag, ...) are not process state: the answering process reads them from Postgres
-at scrape time, once, with one query.
+at scrape time (app.queue.gauges) and hands them to render().
+
+This module knows nothing of the queue or the database: the queue reports events to its
+listeners (app.queue.rates), and app.main subscribes the functions below.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from sluice.queue.stats import delivery_counts
-from sluice.storage import subscriptions as subs_sql
-
 if TYPE_CHECKING:
-    from sluice.queue.context import QueueContext
-    from sluice.records import Published
+    from sluice.records import Published, SubscriptionGauges
 
 log = logging.getLogger("sluice.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# A scrape never waits longer than this for the database; the gauges are left out then.
-DB_TIMEOUT_SECONDS = 5.0
 
 # Our own registry: the metrics of this module, not whatever else imported prometheus_client.
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -130,19 +125,6 @@ GAUGES = {
 }
 
 
-def subscription_gauges(state: Any) -> dict[str, float]:
-    """Gauges of one subscription: the numbers its GET answer shows."""
-    counts = delivery_counts(state)
-    return {
-        "backlog": counts.backlog,
-        "lag": counts.lag,
-        "in_flight": counts.in_flight,
-        "delayed": counts.delayed,
-        "dead_lettered": counts.dead_lettered,
-        "oldest_unacked_age_seconds": counts.oldest_unacked_age_seconds or 0.0,
-    }
-
-
 class _Fixed(Collector):
     """Hands out metric families computed before the scrape."""
 
@@ -161,13 +143,15 @@ class _Delegate(Collector):
         return self._registry.collect()
 
 
-def database_families(rows: list[Any] | None) -> list[Metric]:
+def database_families(gauges: Sequence[SubscriptionGauges] | None) -> list[Metric]:
+    """The gauge families; `sluice_database_up` 0 and nothing else when `gauges` is None
+    (the database could not be read)."""
     up = GaugeMetricFamily(
         "sluice_database_up", "Whether this scrape could read the queue state from Postgres"
     )
-    up.add_metric([], 0 if rows is None else 1)
+    up.add_metric([], 0 if gauges is None else 1)
     families: list[Metric] = [up]
-    if rows is None:
+    if gauges is None:
         return families
     by_name = {
         name: GaugeMetricFamily(
@@ -175,32 +159,30 @@ def database_families(rows: list[Any] | None) -> list[Metric]:
         )
         for name, help_text in GAUGES.items()
     }
-    for row in rows:
-        values = subscription_gauges(row)
+    for sub in gauges:
+        counts = sub.counts
+        values = {
+            "backlog": counts.backlog,
+            "lag": counts.lag,
+            "in_flight": counts.in_flight,
+            "delayed": counts.delayed,
+            "dead_lettered": counts.dead_lettered,
+            "oldest_unacked_age_seconds": counts.oldest_unacked_age_seconds or 0.0,
+        }
         for name, family in by_name.items():
-            family.add_metric([row.topic, row.subscription], values[name])
+            family.add_metric([sub.topic, sub.subscription], values[name])
     families.extend(by_name.values())
     return families
 
 
-async def _read_states(ctx: QueueContext) -> list[Any] | None:
-    try:
-        async with asyncio.timeout(DB_TIMEOUT_SECONDS), ctx.pool.acquire() as conn:
-            return await subs_sql.delivery_states(conn, ctx.clock.skew)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("metrics: cannot read subscription state", extra={"error": repr(exc)[:200]})
-        return None
-
-
-async def render(ctx: QueueContext, accept: str | None) -> tuple[bytes, str]:
+def render(gauges: Sequence[SubscriptionGauges] | None, accept: str | None) -> tuple[bytes, str]:
     """The exposition (body, content type), in the format the Accept header asks for."""
-    rows = await _read_states(ctx)
     registry = CollectorRegistry(auto_describe=False)
     path = os.environ.get(MULTIPROC_ENV)
     if path:
         MultiProcessCollector(registry, path)
     else:
         registry.register(_Delegate(REGISTRY))
-    registry.register(_Fixed(database_families(rows)))
+    registry.register(_Fixed(database_families(gauges)))
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type

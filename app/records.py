@@ -210,6 +210,27 @@ class DeliveryState:
     delivered_total: int
 
 
+@dataclass(slots=True)
+class DeliveryCounts:
+    """A subscription's numbers as clients see them (GET answers, /metrics, /ui)."""
+
+    backlog: int
+    in_flight: int
+    delayed: int
+    dead_lettered: int
+    committed_offset: int
+    head_offset: int | None
+    lag: int
+    oldest_unacked_age_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionGauges:
+    topic: str
+    subscription: str
+    counts: DeliveryCounts
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     offset: int

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -139,7 +138,23 @@ REFUSED = TOO_DEEP | NOT_FINITE
 # or a run of zeros: a literal below the smallest double (~2.5e-324) needs one of them
 # (with no exponent or a positive one, over 300 zeros after the point). Either makes the
 # reference parser look at the literals themselves.
-_MAY_UNDERFLOW = re.compile(rb"[0-9][eE]-|0{300}")
+_ZERO_RUN = b"0" * 300
+_E = (ord("e"), ord("E"))
+_DIGITS = range(ord("0"), ord("9") + 1)
+
+
+def _may_underflow(body: bytes) -> bool:
+    """A run of 300 zeros, or a digit, e or E, and a minus sign in a row. Searched with
+    bytes.find (C, memchr): a regex over a 100 KiB publish body took 1.2 ms, this a few
+    microseconds unless the body is full of minus signs."""
+    if _ZERO_RUN in body:
+        return True
+    at = body.find(b"-", 2)
+    while at != -1:
+        if body[at - 1] in _E and body[at - 2] in _DIGITS:
+            return True
+        at = body.find(b"-", at + 1)
+    return False
 
 
 def inspect_json(value: Any, max_depth: int) -> int:
@@ -194,9 +209,7 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     else:
         by_reference = False
     verdict = inspect_json(parsed, max_depth)
-    if not by_reference and (
-        verdict & REFUSED or (verdict & ZERO and _MAY_UNDERFLOW.search(body) is not None)
-    ):
+    if not by_reference and (verdict & REFUSED or (verdict & ZERO and _may_underflow(body))):
         # Refused, or maybe a number that underflowed. The reference says which: an
         # out-of-range number anywhere comes first.
         parsed = strict_loads(body)

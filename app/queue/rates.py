@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
+from sluice.records import Published
 from sluice.storage import subscriptions as subs_sql
 from sluice.storage.subscriptions import RATE_KINDS
 
@@ -25,12 +26,23 @@ KEEP_SECONDS = 3600
 
 # (topic, subscription, kind, count)
 EventListener = Callable[[str, str, str, int], None]
+# (topic, what a publish answered)
+PublishListener = Callable[[str, Sequence[Published]], None]
 
 
 class RateRecorder:
+    """Where the queue reports what happens: per-subscription events are added up for the
+    rates (written to Postgres once a second), and every event goes to the listeners
+    (app.main subscribes the Prometheus counters)."""
+
     def __init__(self) -> None:
         self._pending: dict[tuple[int, int], list[int]] = {}
         self.listeners: list[EventListener] = []
+        self.publish_listeners: list[PublishListener] = []
+
+    def published(self, topic: str, published: Sequence[Published]) -> None:
+        for listener in self.publish_listeners:
+            listener(topic, published)
 
     def record(
         self, topic_id: int, sub_id: int, topic: str, subscription: str, **counts: int

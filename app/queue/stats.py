@@ -5,22 +5,9 @@ Shared by the GET answers and /metrics, so the two always agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
-from sluice.records import DeliveryState
-
-
-@dataclass(slots=True)
-class DeliveryCounts:
-    backlog: int
-    in_flight: int
-    delayed: int
-    dead_lettered: int
-    committed_offset: int
-    head_offset: int | None
-    lag: int
-    oldest_unacked_age_seconds: float | None
+from sluice.records import DeliveryCounts, DeliveryState
 
 
 def delivery_counts(state: DeliveryState) -> DeliveryCounts:

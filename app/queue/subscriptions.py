@@ -12,9 +12,15 @@ import asyncpg
 from sluice.errors import InvalidInput, subscription_not_found
 from sluice.queue.context import QueueContext
 from sluice.queue.rates import RATE_WINDOW_SECONDS
-from sluice.queue.stats import DeliveryCounts, delivery_counts
+from sluice.queue.stats import delivery_counts
 from sluice.queue.topics import require_topic, subscription_missing
-from sluice.records import SUBSCRIPTION_DEFAULTS, DeadLetter, Subscription, SubscriptionConfig
+from sluice.records import (
+    SUBSCRIPTION_DEFAULTS,
+    DeadLetter,
+    DeliveryCounts,
+    Subscription,
+    SubscriptionConfig,
+)
 from sluice.storage import dead_letters as dead_letters_sql
 from sluice.storage import log as log_sql
 from sluice.storage import subscriptions as subs_sql

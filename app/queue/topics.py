@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 
 from sluice.errors import NotFound, subscription_not_found, topic_not_found
-from sluice.metrics import observe_published
 from sluice.queue.context import QueueContext
 from sluice.records import TOPIC_DEFAULTS, Message, NewMessage, Published, Topic
 from sluice.storage import log as log_sql
@@ -113,7 +112,7 @@ async def publish(ctx: QueueContext, name: str, messages: list[NewMessage]) -> l
         for m in messages
     ]
     published = await ctx.publisher.publish(name, messages, sizes)
-    observe_published(name, published)
+    ctx.rates.published(name, published)
     return published
 
 

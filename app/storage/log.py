@@ -21,7 +21,7 @@ NOTIFY_CHANNEL = "sluice"
 # publish_batch: append a group of messages to a topic by name, in one transaction; checks
 # the topic exists and accepts the largest message first (nothing stored otherwise).
 PUBLISH_BATCH = """
-SELECT status, offsets, duplicates FROM sluice.publish_batch(
+SELECT status, first_offset, offsets, duplicates FROM sluice.publish_batch(
     p_topic => $1, p_values => $2, p_keys => $3, p_headers => $4, p_delays => $5,
     p_dedup_ids => $6, p_largest => $7, p_skew => $8)
 """
@@ -70,6 +70,10 @@ async def publish_batch(
         skew,
     )
     assert row is not None
+    if row["status"] == "ok" and dedup is None:
+        # No dedup ids: the messages took consecutive offsets.
+        first = row["first_offset"]
+        return Appended("ok", list(range(first, first + len(messages))), [False] * len(messages))
     return Appended(row["status"], row["offsets"] or [], row["duplicates"] or [])
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request, Response
 
 from sluice.api.deps import errors
 from sluice.api.problems import problem
 from sluice.api.responses import JSONBody
-from sluice.storage.migrate import current_revision
+from sluice.queue import health
 
 router = APIRouter(tags=["health"])
 
@@ -27,9 +25,7 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     state = request.app.state
     try:
-        async with asyncio.timeout(2):
-            async with state.ctx.pool.acquire() as conn:
-                revision = await current_revision(conn)
+        revision = await health.schema_revision(state.ctx)
     except Exception as exc:
         return problem(503, f"database unreachable: {type(exc).__name__}")
     if revision != state.head_revision:

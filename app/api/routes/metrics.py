@@ -8,6 +8,7 @@ from sluice import metrics
 from sluice.access.scopes import Kind, Reach
 from sluice.api.access import require
 from sluice.api.deps import ctx_of
+from sluice.queue import gauges as queue_gauges
 
 router = APIRouter(tags=["observability"])
 
@@ -48,5 +49,6 @@ async def get_metrics(request: Request) -> Response:
     Gauges read from the database at scrape time, per `{topic,subscription}`:
     `sluice_subscription_backlog`, `_lag`, `_in_flight`, `_delayed`, `_dead_lettered` and
     `_oldest_unacked_age_seconds`; `sluice_database_up` is 0 when they could not be read."""
-    body, content_type = await metrics.render(ctx_of(request), request.headers.get("accept"))
+    gauges = await queue_gauges.read(ctx_of(request))
+    body, content_type = metrics.render(gauges, request.headers.get("accept"))
     return Response(body, media_type=content_type)
