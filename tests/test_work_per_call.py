@@ -1,0 +1,126 @@
+"""The work of a publish, a claim and an ack does not grow with the history of the topic.
+
+Each connection plans a statement once (generic plans), possibly while the tables are still
+empty, or right after an ANALYZE that found them empty: a plan that scans instead of walking
+an index, or that walks an index of everything ever acked, then gets slower with every
+message. Counted in buffers touched (EXPLAIN ANALYZE of the function call covers every
+statement it runs), not in time, so the check is the same on a busy machine.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from sluice.queue.receipts import decode, encode
+from sluice.records import NewMessage, Settlement
+from sluice.storage import claims, log, migrate, settlement
+from sluice.storage.db import create_pool, plain_url
+
+VALUE = '{"pad": "' + "x" * 200 + '"}'
+
+
+async def _buffers(conn: asyncpg.Connection, statement: str, *args: object) -> int:
+    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}", *args)
+    import json
+
+    top = json.loads(plan)[0]["Plan"]
+    return sum(top.get(f"Shared {kind} Blocks", 0) for kind in ("Hit", "Read", "Dirtied"))
+
+
+async def _one_round(pool: asyncpg.Pool) -> dict[str, int]:
+    """Buffers of one publish of 100, one claim of 100 and one ack of 100."""
+    async with pool.acquire() as conn:
+        publish = await _buffers(
+            conn,
+            "SELECT * FROM sluice.publish_batch('work', $1, NULL, NULL, NULL, NULL, 1000, 0)",
+            [VALUE] * 100,
+        )
+        claim = await _buffers(conn, "SELECT * FROM sluice.claim('work', 's', 100, NULL, 0, 2000)")
+        # The claim above was an EXPLAIN: claim again for the receipts to ack.
+        await conn.fetch(
+            "SELECT * FROM sluice.publish_batch('work', $1, NULL, NULL, NULL, NULL, 1000, 0)",
+            [VALUE] * 100,
+        )
+        got = await claims.claim(conn, "work", "s", 100, None, 0.0, 2000)
+        receipts = [decode(encode(m.offset, m.lease_id, m.seg, m.token)) for m in got.messages]
+        ack = await _buffers(
+            conn,
+            "SELECT * FROM sluice.settle('ack', 'work', 's', $1, $2, $3, $4, NULL, 0)",
+            [r.lease_id for r in receipts],
+            [r.seg for r in receipts],
+            [r.offset for r in receipts],
+            [r.token for r in receipts],
+        )
+        # And leave nothing behind unacked (the EXPLAIN'd claim's messages included).
+        while True:
+            more = await claims.claim(conn, "work", "s", 1000, None, 0.0, 2000)
+            if not more.messages:
+                break
+            await settlement.settle(
+                conn,
+                Settlement.ACK,
+                "work",
+                "s",
+                [decode(encode(m.offset, m.lease_id, m.seg, m.token)) for m in more.messages],
+                None,
+                0.0,
+            )
+    return {"publish": publish, "claim": claim, "ack": ack}
+
+
+async def _traffic(pool: asyncpg.Pool, messages: int) -> None:
+    async with pool.acquire() as conn:
+        for _ in range(messages // 500):
+            await log.publish_batch(
+                conn, "work", [NewMessage(VALUE, None, None, 0, None)] * 500, 300, 0.0
+            )
+            while True:
+                got = await claims.claim(conn, "work", "s", 250, None, 0.0, 2000)
+                if not got.messages:
+                    break
+                # Acked a few at a time: many lease events, as many small acks make.
+                for start in range(0, len(got.messages), 5):
+                    chunk = got.messages[start : start + 5]
+                    await settlement.settle(
+                        conn,
+                        Settlement.ACK,
+                        "work",
+                        "s",
+                        [decode(encode(m.offset, m.lease_id, m.seg, m.token)) for m in chunk],
+                        None,
+                        0.0,
+                    )
+
+
+async def test_publish_claim_and_ack_cost_the_same_after_a_long_history(fresh_db_url):
+    await migrate.upgrade(fresh_db_url)
+    setup = await asyncpg.connect(plain_url(fresh_db_url))
+    try:
+        await setup.execute(
+            "INSERT INTO sluice.topics (name, retention_seconds, dedup_window_seconds, "
+            "max_message_bytes) VALUES ('work', 604800, 300, 1048576)"
+        )
+        topic_id = await setup.fetchval("SELECT topic_id FROM sluice.topics WHERE name = 'work'")
+        sub_id = await setup.fetchval(
+            "INSERT INTO sluice.subscriptions (topic_id, name, ack_deadline_seconds, "
+            "max_deliveries, retry_min_seconds, retry_max_seconds, ordered_by_key) "
+            "VALUES ($1, 's', 600, 10, 1, 600, false) RETURNING sub_id",
+            topic_id,
+        )
+        await setup.execute("SELECT sluice.init_state($1, $2, 0, 0, 0)", topic_id, sub_id)
+        # Statistics that say "empty", as for a segment analyzed before its first message.
+        await setup.execute("VACUUM ANALYZE")
+    finally:
+        await setup.close()
+
+    pool = await create_pool(fresh_db_url, 1)  # the service's session settings
+    try:
+        await _one_round(pool)  # plans made now, on "empty" statistics; caches warmed
+        early = await _one_round(pool)
+        await _traffic(pool, 20_000)
+        late = await _one_round(pool)
+    finally:
+        await pool.close()
+    print(f"\nbuffers per call: early {early}, after 20,000 more messages {late}")
+    for operation in early:
+        assert late[operation] <= early[operation] * 1.5 + 30, (operation, early, late)
