@@ -3,7 +3,9 @@
 One table per subscriber; publish is one INSERT ... SELECT unnest($1), with a NOTIFY in the
 same statement only while a consumer of this process long-polls the queue (a NOTIFY
 serialises commits, so the best case leaves it out when nobody listens); a claim is
-UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING; an ack is one
+WITH next AS MATERIALIZED (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM next
+RETURNING (materialized: written as `id IN (subquery)` the planner may re-run the locking
+subquery for every row, which stalled claims once statistics said "empty"); an ack is one
 DELETE ... WHERE id = ANY($1). It offers none of Sluice's guarantees (no commit-ordered
 offsets, no fencing token on ack, no retries or dead letters): that makes it the best case.
 """
@@ -90,10 +92,14 @@ class RawPeer(Peer):
         assert self.pool is not None
         return await self.pool.fetch(
             f"""
-            UPDATE {table} SET vt = now() + make_interval(secs => $2), read_ct = read_ct + 1
-            WHERE id IN (SELECT id FROM {table} WHERE vt <= now()
-                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-            RETURNING id, payload
+            WITH next AS MATERIALIZED (
+                SELECT id FROM {table} WHERE vt <= now()
+                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {table} AS m SET vt = now() + make_interval(secs => $2),
+                                    read_ct = m.read_ct + 1
+            FROM next WHERE m.id = next.id
+            RETURNING m.id, m.payload
             """,
             max_messages,
             float(self._lease),
