@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sluice.embedded import resolve_database_url
+from sluice.embedded import command_database
 from sluice.logs import READY_PROBE_ID, configure_logging, log_config
 from sluice.settings import get_settings
 
@@ -24,7 +24,6 @@ log = logging.getLogger("sluice.cli")
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from sluice.embedded import stop_embedded
     from sluice.startup import ReadyWatcher, check_port
 
     settings = get_settings()
@@ -34,38 +33,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # While starting (Postgres, migrations), a signal ends the process through `finally`.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
-    server = None
     metrics_dir = None
-    try:
-        url, server = resolve_database_url()
-        banner = asyncio.run(_prepare(url, embedded=server is not None, args=args))
-        metrics_dir = _metrics_dir(args.workers)
-        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, restoring the handler
-        # it found. Make that a no-op, so we get to stop the embedded Postgres and exit 0.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        watcher = ReadyWatcher(args.host, args.port, banner, READY_PROBE_ID)
-        watcher.start()
-        uvicorn.run(
-            "sluice.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            # Applied in every worker process too (they do not inherit our handlers).
-            log_config=log_config(settings.log_level, fmt),
-            # Slow-loris resistance: idle keep-alive connections are closed quickly.
-            timeout_keep_alive=5,
-            timeout_graceful_shutdown=25,
-            limit_concurrency=args.limit_concurrency,
-            proxy_headers=False,
-        )
-        watcher.stopped.set()
-    finally:
-        if server is not None:
-            stop_embedded(server)
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    with command_database() as database:
+        try:
+            banner = asyncio.run(_prepare(database.url, embedded=database.embedded, args=args))
+            metrics_dir = _metrics_dir(args.workers)
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, restoring the
+            # handler it found. Make that a no-op, so we get to stop the embedded Postgres
+            # and exit 0.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
+            watcher = ReadyWatcher(args.host, args.port, banner, READY_PROBE_ID)
+            watcher.start()
+            uvicorn.run(
+                "sluice.main:create_app",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                # Applied in every worker process too (they do not inherit our handlers).
+                log_config=log_config(settings.log_level, fmt),
+                # Slow-loris resistance: idle keep-alive connections are closed quickly.
+                timeout_keep_alive=5,
+                timeout_graceful_shutdown=25,
+                limit_concurrency=args.limit_concurrency,
+                proxy_headers=False,
+            )
+            watcher.stopped.set()
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -172,21 +169,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from sluice.storage import migrate
 
     configure_logging(get_settings().log_level)
-    url, server = resolve_database_url()
-    try:
-        if args.revision.startswith("-") or args.downgrade:
-            asyncio.run(migrate.downgrade(url, args.revision))
-        else:
-            asyncio.run(migrate.upgrade(url, args.revision))
-    except (OSError, asyncpg.PostgresError, SQLAlchemyError, CommandError) as exc:
-        # A message, not a traceback: unreachable database, unknown revision, ...
-        print(f"sluice migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if server is not None:
-            from sluice.embedded import stop_embedded
-
-            stop_embedded(server)
+    with command_database() as database:
+        try:
+            if args.revision.startswith("-") or args.downgrade:
+                asyncio.run(migrate.downgrade(database.url, args.revision))
+            else:
+                asyncio.run(migrate.upgrade(database.url, args.revision))
+        except (OSError, asyncpg.PostgresError, SQLAlchemyError, CommandError) as exc:
+            # A message, not a traceback: unreachable database, unknown revision, ...
+            print(f"sluice migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     print(f"schema at {args.revision}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -9,6 +10,8 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +164,24 @@ def start_embedded(data_dir: Path) -> tuple[str, Any]:
 
 def stop_embedded(server: Any) -> None:
     server.cleanup()
+
+
+@dataclass(frozen=True, slots=True)
+class CommandDatabase:
+    url: str
+    embedded: bool  # started for this command, stopped when it ends
+
+
+@contextlib.contextmanager
+def command_database() -> Iterator[CommandDatabase]:
+    """The database a command (`sluice serve`, `migrate`, `keys`) works on: DATABASE_URL,
+    or an embedded server under SLUICE_DATA_DIR that runs as long as the command."""
+    url, server = resolve_database_url()
+    try:
+        yield CommandDatabase(url, embedded=server is not None)
+    finally:
+        if server is not None:
+            stop_embedded(server)
 
 
 def resolve_database_url() -> tuple[str, Any | None]:

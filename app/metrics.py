@@ -24,6 +24,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from sluice.records import EventKind
+
 if TYPE_CHECKING:
     from sluice.records import Published, SubscriptionGauges
 
@@ -47,11 +49,11 @@ DUPLICATES = Counter(
     registry=REGISTRY,
 )
 _EVENT_HELP = {
-    "delivered": "Messages delivered by pull (every attempt)",
-    "acked": "Messages acknowledged",
-    "nacked": "Messages negatively acknowledged",
-    "expired": "Leases that ended without ack",
-    "dead_lettered": "Messages parked as dead letters",
+    EventKind.DELIVERED: "Messages delivered by pull (every attempt)",
+    EventKind.ACKED: "Messages acknowledged",
+    EventKind.NACKED: "Messages negatively acknowledged",
+    EventKind.EXPIRED: "Leases that ended without ack",
+    EventKind.DEAD_LETTERED: "Messages parked as dead letters",
 }
 EVENTS = {
     kind: Counter(

@@ -217,7 +217,8 @@ async def test_leases_claimed_for_a_client_that_went_away_are_given_back(harness
 
     gone = asyncio.Event()
     gone.set()
-    outcome = await consuming.pull(harness.ctx, topic, "s", 10, 0, None, client_gone=gone)
+    params = consuming.PullParams(topic, "s", max_messages=10)
+    outcome = await consuming.pull(harness.ctx, params, client_gone=gone)
     assert outcome.messages == []
     s = await stats(client, topic, "s")
     assert (s["in_flight"], s["dead_lettered"], s["backlog"]) == (0, 0, 1), s

@@ -20,7 +20,7 @@ import asyncpg
 
 from sluice.access.keys import issue_key
 from sluice.access.scopes import parse_scope
-from sluice.embedded import resolve_database_url, stop_embedded
+from sluice.embedded import command_database
 from sluice.logs import configure_logging
 from sluice.settings import get_settings
 from sluice.storage import keys as keys_sql
@@ -37,9 +37,8 @@ MAX_NAME_LENGTH = 200
 def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Bring the schema to head, then run `job` on one connection."""
     configure_logging(get_settings().log_level)
-    url, server = resolve_database_url()
 
-    async def main() -> T:
+    async def main(url: str) -> T:
         await migrate.upgrade(url)
         conn = await asyncpg.connect(plain_url(url))
         try:
@@ -47,11 +46,8 @@ def _run(job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         finally:
             await conn.close()
 
-    try:
-        return asyncio.run(main())
-    finally:
-        if server is not None:
-            stop_embedded(server)
+    with command_database() as database:
+        return asyncio.run(main(database.url))
 
 
 def _describe(key: ApiKey) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Path, Request
+from fastapi import Path, Query, Request
 
 from sluice.api.models import NAME_PATTERN, Problem
 from sluice.api.problems import PROBLEM_MEDIA_TYPE
@@ -54,3 +54,10 @@ def ctx_of(request: Request) -> QueueContext:
 
 MAX_OFFSET = 2**63 - 1
 Offset = Annotated[int, Path(ge=0, le=MAX_OFFSET, description="message offset")]
+
+# Query parameters of the listings.
+NameAfter = Annotated[
+    str | None, Query(max_length=80, pattern=NAME_PATTERN, description="name to start after")
+]
+OffsetFrom = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="first offset to list")]
+PageLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many")]

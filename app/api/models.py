@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from sluice.records import SUBSCRIPTION_DEFAULTS, TOPIC_DEFAULTS
+
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,80}$"
 MAX_BATCH = 1000
 MAX_HEADERS = 64
@@ -120,21 +122,21 @@ class TopicConfig(Strict):
         default=None,
         ge=60,
         le=90 * 24 * 3600,
-        description="default 604800 (7 days)",
+        description=f"default {TOPIC_DEFAULTS.retention_seconds} (7 days)",
         json_schema_extra=_omit_default,
     )
     dedup_window_seconds: Integral = Field(
         default=None,
         ge=0,
         le=7 * 24 * 3600,
-        description="default 300",
+        description=f"default {TOPIC_DEFAULTS.dedup_window_seconds}",
         json_schema_extra=_omit_default,
     )
     max_message_bytes: Integral = Field(
         default=None,
         ge=1,
         le=10 * 1024 * 1024,
-        description="default 1048576 (1 MiB)",
+        description=f"default {TOPIC_DEFAULTS.max_message_bytes} (1 MiB)",
         json_schema_extra=_omit_default,
     )
 
@@ -240,20 +242,32 @@ MAX_BURST = 1_000_000
 class SubscriptionConfig(Strict):
     # Not nullable: leaving a field out keeps its value; an explicit null is refused (422).
     ack_deadline_seconds: Integral = Field(
-        default=None, ge=1, le=43200, description="default 30", json_schema_extra=_omit_default
+        default=None,
+        ge=1,
+        le=43200,
+        description=f"default {SUBSCRIPTION_DEFAULTS.ack_deadline_seconds}",
+        json_schema_extra=_omit_default,
     )
     max_deliveries: Integral = Field(
         default=None,
         ge=0,
         le=1000,
-        description="default 10; 0 = unlimited",
+        description=f"default {SUBSCRIPTION_DEFAULTS.max_deliveries}; 0 = unlimited",
         json_schema_extra=_omit_default,
     )
     retry_min_seconds: float = Field(
-        default=None, ge=0, le=3600, description="default 1", json_schema_extra=_omit_default
+        default=None,
+        ge=0,
+        le=3600,
+        description=f"default {SUBSCRIPTION_DEFAULTS.retry_min_seconds:g}",
+        json_schema_extra=_omit_default,
     )
     retry_max_seconds: float = Field(
-        default=None, ge=0, le=86400, description="default 600", json_schema_extra=_omit_default
+        default=None,
+        ge=0,
+        le=86400,
+        description=f"default {SUBSCRIPTION_DEFAULTS.retry_max_seconds:g}",
+        json_schema_extra=_omit_default,
     )
     dead_letter_topic: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     ordered_by_key: bool = Field(

@@ -34,6 +34,17 @@ _DUE_SLACK_SECONDS = 0.005
 SCAN_LIMIT = 2000
 
 
+@dataclass(frozen=True, slots=True)
+class PullParams:
+    """What a pull asks for; the subscription's own ack deadline when none is given."""
+
+    topic: str
+    subscription: str
+    max_messages: int
+    wait_seconds: float = 0.0
+    ack_deadline_seconds: int | None = None
+
+
 @dataclass(slots=True)
 class SettleOutcome:
     applied: int
@@ -73,14 +84,19 @@ async def _claim_connection(
         await ctx.claim_pool.release(conn)
 
 
-async def claim(
-    ctx: QueueContext, topic: str, sub: str, max_messages: int, ack_deadline: int | None
-) -> Claim:
+async def claim(ctx: QueueContext, params: PullParams) -> Claim:
     """Lease what is deliverable now (possibly nothing); max_messages = 0 only lets
     deadlines pass (expired leases retry or park)."""
+    topic, sub = params.topic, params.subscription
     async with _claim_connection(ctx, topic, sub) as conn:
         result = await claims_sql.claim(
-            conn, topic, sub, max_messages, ack_deadline, ctx.clock.skew, SCAN_LIMIT
+            conn,
+            topic,
+            sub,
+            params.max_messages,
+            params.ack_deadline_seconds,
+            ctx.clock.skew,
+            SCAN_LIMIT,
         )
         if not result.found:
             raise await subscription_missing(conn, topic, sub)
@@ -116,11 +132,7 @@ def _seconds_between(later: datetime, earlier: datetime) -> float:
 
 async def pull(
     ctx: QueueContext,
-    topic: str,
-    sub: str,
-    max_messages: int,
-    wait_seconds: float,
-    ack_deadline: int | None,
+    params: PullParams,
     ack_first: list[str] | None = None,
     client_gone: asyncio.Event | None = None,
 ) -> PullOutcome:
@@ -130,11 +142,13 @@ async def pull(
     when the client disconnects: the wait ends, and what was claimed is given back."""
     acked = None
     if ack_first is not None:
-        acked = await ack(ctx, topic, sub, ack_first) if ack_first else SettleOutcome(0, [])
-    try:
-        outcome = await _pull(
-            ctx, topic, sub, max_messages, wait_seconds, ack_deadline, client_gone
+        acked = (
+            await ack(ctx, params.topic, params.subscription, ack_first)
+            if ack_first
+            else SettleOutcome(0, [])
         )
+    try:
+        outcome = await _pull(ctx, params, client_gone)
     except SluiceError as exc:
         if acked is not None:
             # The acks are committed whatever the pull answers: say so in the problem, so a
@@ -146,19 +160,14 @@ async def pull(
 
 
 async def _pull(
-    ctx: QueueContext,
-    topic: str,
-    sub: str,
-    max_messages: int,
-    wait_seconds: float,
-    ack_deadline: int | None,
-    client_gone: asyncio.Event | None,
+    ctx: QueueContext, params: PullParams, client_gone: asyncio.Event | None
 ) -> PullOutcome:
+    topic, sub, max_messages = params.topic, params.subscription, params.max_messages
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_seconds
+    wait_ends = loop.time() + params.wait_seconds
     hub = ctx.hub
     seen_notifications = hub.notifications
-    result = await claim(ctx, topic, sub, max_messages, ack_deadline)
+    result = await claim(ctx, params)
     topic_id = result.topic_id
     assert topic_id is not None
     waited = False
@@ -171,7 +180,7 @@ async def _pull(
                 if len(result.messages) == max_messages:
                     hub.wake_next(topic_id, sub)  # there may be more for the next waiter
                 return PullOutcome(result.messages, _rate_headers(result))
-            remaining = deadline - loop.time()
+            remaining = wait_ends - loop.time()
             token_wait = result.token_wait
             if token_wait is not None and result.messages_available and token_wait > remaining:
                 headers = _rate_headers(result)
@@ -212,7 +221,7 @@ async def _pull(
             waited = True
             waiter.event.clear()
             seen_notifications = hub.notifications
-            result = await claim(ctx, topic, sub, max_messages, ack_deadline)
+            result = await claim(ctx, params)
 
 
 async def _settle(
@@ -269,9 +278,16 @@ async def nack(
 
 
 async def extend(
-    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], ack_deadline: float
+    ctx: QueueContext,
+    topic: str,
+    sub: str,
+    receipt_list: list[str],
+    ack_deadline_seconds: float,
 ) -> SettleOutcome:
-    return await _settle(ctx, topic, sub, receipt_list, Settlement.EXTEND, float(ack_deadline))
+    """The new deadline is now + ack_deadline_seconds."""
+    return await _settle(
+        ctx, topic, sub, receipt_list, Settlement.EXTEND, float(ack_deadline_seconds)
+    )
 
 
 async def give_back(ctx: QueueContext, topic: str, sub: str, messages: list[Delivery]) -> None:

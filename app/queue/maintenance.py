@@ -57,7 +57,7 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
         finally:
             await sql.unlock(conn)
     for topic, subscription in expiring:
-        result = await consuming.claim(ctx, topic, subscription, 0, None)
+        result = await consuming.claim(ctx, consuming.PullParams(topic, subscription, 0))
         done["expired_leases"] += result.expired
         done["dead_lettered"] += result.dead_lettered
     return done

@@ -50,15 +50,11 @@ async def pull(
     answer then also carries `acked` and `stale`; a problem answer (e.g. 429) carries them
     too, as the acks were applied anyway."""
     async with watch_disconnect(request, enabled=body.wait_seconds > 0) as client_gone:
+        params = consuming.PullParams(
+            topic, subscription, body.max_messages, body.wait_seconds, body.ack_deadline_seconds
+        )
         outcome = await consuming.pull(
-            ctx_of(request),
-            topic,
-            subscription,
-            body.max_messages,
-            body.wait_seconds,
-            body.ack_deadline_seconds,
-            ack_first=body.ack,
-            client_gone=client_gone,
+            ctx_of(request), params, ack_first=body.ack, client_gone=client_gone
         )
     messages: list[dict[str, Any]] = [
         {

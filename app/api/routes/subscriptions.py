@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from sluice.access.scopes import Kind
 from sluice.api.access import require
 from sluice.api.deps import (
     COMMON,
-    MAX_OFFSET,
     WITH_BODY,
+    NameAfter,
+    OffsetFrom,
+    PageLimit,
     SubscriptionName,
     TopicName,
     ctx_of,
@@ -20,7 +22,6 @@ from sluice.api.deps import (
 )
 from sluice.api.limits import StrictJSONRoute
 from sluice.api.models import (
-    NAME_PATTERN,
     DeadLetterList,
     RedriveRequest,
     RedriveResponse,
@@ -87,11 +88,8 @@ async def put_subscription(
 async def list_subscriptions(
     topic: TopicName,
     request: Request,
-    after: Annotated[
-        str | None,
-        Query(max_length=80, pattern=NAME_PATTERN, description="name to start after"),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: NameAfter = None,
+    limit: PageLimit = 100,
 ) -> Response:
     subs = await sub_ops.list_subscriptions(ctx_of(request), topic, after, limit)
     next_after = subs[-1].subscription.name if len(subs) == limit else None
@@ -155,8 +153,8 @@ async def dead_letters(
     topic: TopicName,
     subscription: SubscriptionName,
     request: Request,
-    from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    from_offset: OffsetFrom = 0,
+    limit: PageLimit = 100,
 ) -> Response:
     parked = await sub_ops.dead_letters(ctx_of(request), topic, subscription, from_offset, limit)
     next_offset = parked[-1].offset + 1 if parked else from_offset

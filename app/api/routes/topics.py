@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from sluice.access.scopes import Kind, Reach
 from sluice.api.access import readable_topics, require
-from sluice.api.deps import COMMON, MAX_OFFSET, WITH_BODY, Offset, TopicName, ctx_of, errors
+from sluice.api.deps import (
+    COMMON,
+    WITH_BODY,
+    NameAfter,
+    Offset,
+    OffsetFrom,
+    PageLimit,
+    TopicName,
+    ctx_of,
+    errors,
+)
 from sluice.api.limits import StrictJSONRoute
 from sluice.api.models import (
-    NAME_PATTERN,
     BrowseResponse,
     PublishRequest,
     PublishResponse,
@@ -91,11 +100,8 @@ def _details(stats: topic_ops.TopicStats) -> dict[str, Any]:
 )
 async def list_topics(
     request: Request,
-    after: Annotated[
-        str | None,
-        Query(max_length=80, pattern=NAME_PATTERN, description="name to start after"),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: NameAfter = None,
+    limit: PageLimit = 100,
 ) -> Response:
     # A key with read:<glob> scopes sees the topics its globs match, and only those.
     page = await topic_ops.list_topics(ctx_of(request), after, limit, readable_topics(request))
@@ -182,8 +188,8 @@ async def publish(topic: TopicName, body: PublishRequest, request: Request) -> R
 async def browse(
     topic: TopicName,
     request: Request,
-    from_offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    from_offset: OffsetFrom = 0,
+    limit: PageLimit = 100,
 ) -> Response:
     messages = await topic_ops.browse(ctx_of(request), topic, from_offset, limit)
     next_offset = messages[-1].offset + 1 if messages else from_offset
