@@ -23,6 +23,9 @@ from tests.helpers import (
 
 
 async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server_factory):
+    """Eight consumers on two processes draw from one bucket: what they are handed within a
+    window is at most the burst plus rate x window (exactly what the bucket can give), and
+    not much less, as somebody is always asking."""
     servers = [server_factory(), server_factory()]
     rate, burst, seconds = 40.0, 10, 6.0
     topic = unique()
@@ -35,6 +38,9 @@ async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server
             await publish(admin, topic, *range(500))
 
     delivered = 0
+    # Counted: messages of the pulls sent after `start` and answered by `stop_at`. Their
+    # tokens were drawn inside the window, so the bucket bounds them; a pull answered
+    # later is left out of both sides (its tokens may come from after the window).
     start = time.monotonic()
     stop_at = start + seconds
 
@@ -47,8 +53,8 @@ async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server
                     sub_path(topic, "s") + "/pull",
                     json={"max_messages": 50, "wait_seconds": round(wait, 2)},
                 )
-                if time.monotonic() > stop_at + 0.2:
-                    break  # answered after the window: not counted, not acked
+                if time.monotonic() > stop_at:
+                    break
                 if r.status_code == 429:
                     await asyncio.sleep(float(r.headers["Retry-After"]) / 10)
                     continue
@@ -59,10 +65,10 @@ async def test_rate_limit_holds_across_two_processes_with_eight_consumers(server
                     await ack(client, topic, "s", [m["receipt"] for m in messages])
 
     await asyncio.gather(*(consumer(servers[i % 2].base_url) for i in range(8)))
-    elapsed = time.monotonic() - start
-    expected = rate * elapsed + burst
-    print(f"delivered {delivered} in {elapsed:.2f}s, expected {expected:.0f}")
-    assert abs(delivered - expected) <= 0.1 * expected, (delivered, expected)
+    most = rate * seconds + burst
+    print(f"delivered {delivered} within {seconds}s, the bucket allows {most:.0f}")
+    assert delivered <= most, (delivered, most)
+    assert delivered >= 0.9 * most, (delivered, most)
 
 
 async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):

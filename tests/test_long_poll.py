@@ -207,7 +207,7 @@ async def test_1000_waiting_pulls_on_a_pool_of_10(fresh_db_url, server_factory):
     # A database of its own, so every connection to it is the server's.
     server = server_factory(env={"SLUICE_DB_POOL_SIZE": "10"}, url=fresh_db_url)
     topic = unique()
-    n, woken = 1000, 100
+    n, woken, wait_seconds = 1000, 100, 12
     limits = httpx.Limits(max_connections=n + 100, max_keepalive_connections=n + 100)
     timeout = httpx.Timeout(90.0, connect=30.0, pool=90.0)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=timeout) as c:
@@ -217,15 +217,24 @@ async def test_1000_waiting_pulls_on_a_pool_of_10(fresh_db_url, server_factory):
         async def one() -> tuple[list[dict], float, float]:
             started = time.monotonic()
             r = await c.post(
-                sub_path(topic, "s") + "/pull", json={"max_messages": 1, "wait_seconds": 20}
+                sub_path(topic, "s") + "/pull",
+                json={"max_messages": 1, "wait_seconds": wait_seconds},
             )
             assert r.status_code == 200, r.text
             return r.json()["messages"], started, time.monotonic()
 
         started = time.monotonic()
         tasks = [asyncio.create_task(one()) for _ in range(n)]
-        # Give every request time to reach the server and park.
-        await asyncio.sleep(5)
+
+        # Every request reaches the server and parks (it counts them as in progress).
+        async def all_parked() -> bool:
+            async with httpx.AsyncClient(base_url=server.base_url) as probe:
+                text = (await probe.get("/metrics")).text
+            line = next(x for x in text.splitlines() if x.startswith("sluice_http_requests_in_"))
+            return float(line.split()[-1]) >= n  # (+1: this scrape)
+
+        await wait_until(all_parked, timeout=wait_seconds - 4, interval=0.2)
+        await asyncio.sleep(1)  # the last of them finish their first (empty) claim
         assert not any(t.done() for t in tasks), "a long-poll returned before any publish"
         samples = []
         for _ in range(10):
@@ -266,8 +275,8 @@ async def test_1000_waiting_pulls_on_a_pool_of_10(fresh_db_url, server_factory):
         durations = sorted(r[2] - r[1] for r in empty)
         print(
             f"{len(empty)} unanswered pulls returned empty after "
-            f"{durations[0]:.1f}..{durations[-1]:.1f}s (wait_seconds=20)"
+            f"{durations[0]:.1f}..{durations[-1]:.1f}s (wait_seconds={wait_seconds})"
         )
-        assert durations[0] >= 19.9
+        assert durations[0] >= wait_seconds - 0.1
         total, _ = await _server_connections(fresh_db_url)
         assert total <= 12
