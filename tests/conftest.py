@@ -34,7 +34,14 @@ def pg_server() -> Iterator[str]:
     """One embedded Postgres for the whole run; returns the URL of its `postgres` db.
 
     Not under pytest's tmp root: pytest keeps that private (0700) and re-applies it when
-    another session starts, while Postgres runs as the `embedded_postgres` user."""
+    another session starts, while Postgres runs as the `embedded_postgres` user.
+
+    SLUICE_TEST_SERVER_URL (the `postgres` database of a server the run may create
+    databases on) skips the start-up: repeated runs, such as mutation testing, share one."""
+    given = os.environ.get("SLUICE_TEST_SERVER_URL")
+    if given:
+        yield given
+        return
     data_dir = Path(tempfile.mkdtemp(prefix="sluice-test-pg-"))
     data_dir.chmod(0o755)
     url, server = start_embedded(data_dir)
@@ -63,7 +70,7 @@ async def db_url(pg_server: str) -> str:
     """A database migrated to head, shared by the suite (tests use unique topic names)."""
     from sluice.storage import migrate
 
-    url = await create_database(pg_server, "sluice_test")
+    url = await create_database(pg_server, f"sluice_test_{uuid.uuid4().hex[:8]}")
     await migrate.upgrade(url)
     return url
 

@@ -253,7 +253,7 @@ def test_serve_prints_text_on_a_terminal_and_json_lines_otherwise(
         assert ready["api"] == base + "/v1/topics"
         assert ready["schema_revision"]
         assert ready["api_keys"] in ("open", "enforced")
-        assert "sluice_test" in ready["database"]
+        assert "sluice_test_" in ready["database"]
         # uvicorn's own start-up lines are replaced by the banner.
         assert not [e for e in entries if e["msg"].startswith("Uvicorn running on")]
         return
@@ -267,7 +267,7 @@ def test_serve_prints_text_on_a_terminal_and_json_lines_otherwise(
     assert fields["Swagger UI"] == base + "/docs"
     assert fields["Live view"] == base + "/ui"
     assert fields["Metrics"] == base + "/metrics"
-    assert "database 'sluice_test'" in fields["Data"] and "as user 'postgres'" in fields["Data"]
+    assert "database 'sluice_test_" in fields["Data"] and "as user 'postgres'" in fields["Data"]
     assert re.fullmatch(r"\S+ \(head\)", fields["Schema"]), fields
     assert fields["API keys"].startswith(("none yet", "enforced")), fields
     # Every other line reads `HH:MM:SS LEVEL logger  message`.
