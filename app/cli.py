@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice.access.cli import add_keys_parser
 
     add_keys_parser(sub)
+    from sluice.access.sql_cli import add_sql_parser
+
+    add_sql_parser(sub)
     return parser
 
 

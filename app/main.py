@@ -26,6 +26,7 @@ from sluice.queue.context import QueueContext
 from sluice.queue.maintenance import maintenance_loop
 from sluice.queue.publisher import Publisher
 from sluice.queue.rates import RateRecorder
+from sluice.queue.relay import Relay
 from sluice.queue.waiters import WaiterHub
 from sluice.settings import Settings, get_settings
 from sluice.storage import migrate
@@ -102,7 +103,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     ctx.rates.listeners.append(metrics.observe_event)
     ctx.rates.publish_listeners.append(metrics.observe_published)
-    listener = Listener(url, hub.notify, hub.wake_all, settings.listener_keepalive_seconds)
+    relay = Relay(ctx)
+
+    def on_reconnect() -> None:
+        hub.wake_all()
+        relay.wake()  # notifications may have been lost meanwhile
+
+    listener = Listener(
+        url, hub.notify, on_reconnect, settings.listener_keepalive_seconds, relay.wake
+    )
     listener.start()
     app.state.ctx = ctx
     app.state.listener = listener
@@ -111,13 +120,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.wait_for(listener.connected.wait(), 10)
     maintenance = asyncio.create_task(maintenance_loop(ctx), name="sluice-maintenance")
     rate_flusher = asyncio.create_task(ctx.rates.run(pool, lambda: clock.skew), name="sluice-rates")
+    background = [maintenance, rate_flusher]
+    if settings.sql_relay:
+        background.append(asyncio.create_task(relay.run(), name="sluice-relay"))
     _chain_sigterm(hub)
     _settle_garbage_collector()
     try:
         yield
     finally:
         hub.close()
-        for task in (maintenance, rate_flusher):
+        for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

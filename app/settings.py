@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = 5.0
     # Seconds an idle LISTEN connection waits before a keepalive query proves it alive.
     listener_keepalive_seconds: float = 5.0
+    # The SQL API's relay (outbox -> log): a pass at least this often even without a
+    # notification, at most this many outbox rows per pass (and transaction).
+    relay_interval_seconds: float = Field(default=1.0, gt=0)
+    # Whether this process runs a relay at all (one pass at a time runs cluster-wide, so
+    # turning it off somewhere only matters for dedicated relay processes, or tests).
+    sql_relay: bool = True
+    relay_batch: int = Field(default=5000, ge=1, le=100_000)
+    # Each of the outbox's three partitions takes new rows for this long before the next
+    # one does; a partition is emptied (TRUNCATE) once all of it has been relayed.
+    outbox_rotate_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

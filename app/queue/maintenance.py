@@ -8,7 +8,9 @@
   and segments whose every message has expired are dropped whole. Both are DDL under a
   short lock_timeout: when a lock is not granted (e.g. pg_dump holds ACCESS SHARE on every
   table), the pass skips it and the next pass tries again;
-- old rate buckets are deleted.
+- old rate buckets are deleted;
+- the SQL API's outbox: partitions relayed in full are emptied (TRUNCATE, same short
+  lock_timeout), and the next partition takes new rows once the current one has served.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sluice.queue import consuming
+from sluice.queue import consuming, relay
 from sluice.queue.context import QueueContext
 from sluice.queue.rates import KEEP_SECONDS
 from sluice.storage import maintenance as sql
@@ -34,6 +36,7 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
         "segments_opened": 0,
         "segments_dropped": 0,
         "ddl_postponed": 0,
+        "outbox_emptied": 0,
     }
     skew = ctx.clock.skew
     async with ctx.pool.acquire() as conn:
@@ -54,6 +57,8 @@ async def run_pass(ctx: QueueContext) -> dict[str, int]:
                 else:
                     done["ddl_postponed"] += 1
             await subs_sql.delete_old_rates(conn, KEEP_SECONDS, skew)
+            for key, n in (await relay.rotate_outbox(ctx, conn)).items():
+                done[key] += n
         finally:
             await sql.unlock(conn)
     for topic, subscription in expiring:

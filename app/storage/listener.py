@@ -17,6 +17,7 @@ import asyncpg
 
 from sluice.storage.db import plain_url
 from sluice.storage.log import NOTIFY_CHANNEL
+from sluice.storage.outbox import OUTBOX_PAYLOAD
 
 log = logging.getLogger("sluice.listener")
 
@@ -28,10 +29,12 @@ class Listener:
         on_notify: Callable[[int, int], None],
         on_reconnect: Callable[[], None],
         keepalive_seconds: float = 5.0,
+        on_outbox: Callable[[], None] | None = None,
     ) -> None:
         self._url = plain_url(url)
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
+        self._on_outbox = on_outbox
         self._keepalive = keepalive_seconds
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -46,6 +49,10 @@ class Listener:
                 await self._task
 
     def _dispatch(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload == OUTBOX_PAYLOAD:
+            if self._on_outbox is not None:
+                self._on_outbox()
+            return
         topic, _, count = payload.partition(":")
         try:
             self._on_notify(int(topic), int(count or 1))
