@@ -153,9 +153,7 @@ async def test_an_open_transaction_does_not_hold_up_other_publishers(harness, ap
         await other.close()
 
 
-async def test_a_transaction_that_commits_after_a_later_one_is_relayed_after_it(
-    db_url, app_conn
-):
+async def test_a_transaction_that_commits_after_a_later_one_is_relayed_after_it(db_url, app_conn):
     """The relay's bookkeeping: A draws its outbox id first and commits last. The pass
     between sees B (a higher id) and must still pick A up later, exactly once."""
     b_conn = await connect(db_url)
