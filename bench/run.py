@@ -26,7 +26,7 @@ from bench.peers import Peer, PeerUnavailable
 from bench.peers.pgmq import PgmqPeer
 from bench.peers.rabbitmq import RabbitPeer
 from bench.peers.raw import RawPeer
-from bench.peers.sluice import HTTP_CLIENTS, SluicePeer
+from bench.peers.sluice import HTTP_CLIENTS, SluicePeer, SluiceSqlPeer
 from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ACK_IN_PULL = "ack-in-pull"
@@ -34,7 +34,9 @@ ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "
 # Run only when named in --workloads: held-xmin takes ~5 minutes per system by default.
 OPTIONAL_WORKLOADS = ("held-xmin",)
 HELD_XMIN_SYSTEMS = ("sluice", "raw", "pgmq")
-ALL_SYSTEMS = ("sluice", "raw", "pgmq", "rabbitmq")
+ALL_SYSTEMS = ("sluice", "sluice-sql", "raw", "pgmq", "rabbitmq")
+# Systems measured on the publish and mixed workloads only (they consume like `sluice`).
+PUBLISH_ONLY = ("sluice-sql",)
 DEFAULT_PGMQ_SQL = ROOT.parent / "shared" / "peers" / "pgmq" / "pgmq.sql"
 
 # Rounds of the SPEC's batched phases. Rounds of one system vary by 20-30% on the shared
@@ -209,7 +211,7 @@ class Run:
         if configured:
             self.info["postgres settings"] = ", ".join(f"{k}={v}" for k, v in configured.items())
         self.info["load generator for sluice"] = self.args.http_client
-        if "sluice" in self.systems:
+        if {"sluice", "sluice-sql"} & set(self.systems):
             self.sluice_url = await self.postgres.create_database("bench_sluice")
             await self.start_sluice(1, profile=self.args.profile_server)
         if "raw" in self.systems:
@@ -251,6 +253,19 @@ class Run:
         peer = SluicePeer(server.base_url, self.sluice_url, http_client=self.args.http_client)
         peer.server_pid = server.pid
         await peer.start()
+        if "sluice-sql" in self.systems:
+            old_sql = self.peers.pop("sluice-sql", None)
+            if old_sql is not None:
+                await old_sql.close()
+            sql_peer = SluiceSqlPeer(
+                server.base_url,
+                self.sluice_url,
+                self.args.peer_pool_size,
+                http_client=self.args.http_client,
+            )
+            sql_peer.server_pid = server.pid
+            await sql_peer.start()
+            self.peers["sluice-sql"] = sql_peer
         # Sluice is always measured first, so keep it first in the dict.
         self.peers = {"sluice": peer, **{k: v for k, v in self.peers.items() if k != "sluice"}}
 
@@ -302,7 +317,7 @@ class Run:
         if "publish" in self.workloads:
             for batch in (cfg.batch, 1):
                 label = f"publish b{batch}"
-                for round_, peer in self.rounds(batch == cfg.batch):
+                for round_, peer in self.rounds(batch == cfg.batch, publish=True):
                     topic = f"pub{batch}r{round_}"
                     await self.phase(label, peer, w.publish(ctx, peer, topic, batch))
         if "consume" in self.workloads:
@@ -326,7 +341,7 @@ class Run:
                 await self.phase("mixed e2e", peer, w.mixed(ctx, peer, "mixed"))
         if "fanout" in self.workloads:
             label = f"publish b{cfg.batch} x{cfg.fanout} subs"
-            for peer in list(self.peers.values()):
+            for peer in [p for p in self.peers.values() if p.name not in PUBLISH_ONLY]:
                 await self.phase(
                     label,
                     peer,
@@ -427,9 +442,9 @@ class Run:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return Path(tempfile.gettempdir()) / f"sluice-bench-held-xmin-{stamp}.svg"
 
-    def rounds(self, repeated: bool) -> list[tuple[int, Peer]]:
+    def rounds(self, repeated: bool, publish: bool = False) -> list[tuple[int, Peer]]:
         """(round, system) in the order to run: `--repeat` rounds, each one rotated."""
-        peers = list(self.peers.values())
+        peers = [p for p in self.peers.values() if publish or p.name not in PUBLISH_ONLY]
         count = self.args.repeat if repeated else 1
         return [
             (round_, peers[(round_ + i) % len(peers)])

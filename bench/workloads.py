@@ -185,6 +185,10 @@ async def publish(
     )
     result = _result(workload or f"publish b{batch}", peer, outcome)
     result.notes.append(f"{cfg.producers} producers, {cfg.size} B values")
+    catch_up = getattr(peer, "catch_up", None)
+    if catch_up is not None:
+        # SQL publish: counted at commit; the relay moves it into the log after.
+        result.notes.append(f"all in the log {await catch_up():.2f} s after the window")
     if subscribers > 1:
         result.notes.append(f"{subscribers} subscriptions")
     await peer.drop_queue(queue, subscribers)

@@ -217,6 +217,30 @@ def remove_log(log_path: Path) -> None:
     log_path.unlink(missing_ok=True)
 
 
+# ---- parallel runs (pytest-xdist, `-n N --dist loadgroup`) --------------------------------
+
+# Modules that measure real time (wake-up latency, rate limits, throughput under kill -9 or
+# a Postgres restart) or use machine-wide resources (a browser, the temp dir's server logs,
+# the bench's load): one xdist group, so they run one at a time on one worker while the
+# other workers take the rest. Each worker has its own embedded Postgres (session fixture).
+SERIAL_MODULES = {
+    "tests/faults/",
+    "tests/test_bench_smoke.py",
+    "tests/test_long_poll.py",
+    "tests/test_flow_control.py",
+    "tests/test_gaps_server_logs.py",
+    "tests/test_docs.py",
+    "tests/test_ui.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if any(path.startswith(module) for module in SERIAL_MODULES):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield

@@ -18,6 +18,7 @@ import pytest
 
 from sluice.queue import maintenance
 from sluice.queue.relay import relay_once
+from sluice.storage import migrate
 from sluice.storage.db import plain_url
 from sluice.storage.grants import grant
 from tests.conftest import Harness, run_app, unique
@@ -583,3 +584,20 @@ async def test_many_short_transactions_each_relayed_once(harness, db_url):
     for index in range(4):
         mine = [v for v in values if v.startswith(f"{index}-")]
         assert mine == [f"{index}-{n}" for n in range(25)]  # one session's order is kept
+
+
+async def test_an_idle_outbox_is_left_alone(fresh_db_url):
+    """No SQL traffic: maintenance passes neither rotate nor write anything of the outbox."""
+    await migrate.upgrade(fresh_db_url)
+    conn = await connect(fresh_db_url)
+    try:
+        before = await conn.fetchval("SELECT xmin::text FROM sluice.outbox_current")
+        async with run_app(fresh_db_url, outbox_rotate_seconds=1) as h:
+            for _ in range(3):
+                h.clock.advance(5)
+                await maintenance.run_pass(h.ctx)
+                await relay_once(h.ctx)
+        assert await conn.fetchval("SELECT xmin::text FROM sluice.outbox_current") == before
+        assert await conn.fetchval("SELECT count(*) FROM sluice.outbox") == 0
+    finally:
+        await conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -159,3 +160,59 @@ class SluicePeer(Peer):
             )
         finally:
             await conn.close()
+
+
+class SluiceSqlPeer(SluicePeer):
+    """Sluice's SQL API: publish with sluice.send / send_batch on the application's own
+    connection (each call its own transaction), consume over HTTP like `sluice`. A publish
+    is done at its commit; the relay moves it into the log right after, and catch_up()
+    says how long the log took to hold everything once the producers stopped."""
+
+    name = "sluice-sql"
+
+    def __init__(self, base_url: str, database_url: str, pool_size: int = 10, **kw: Any) -> None:
+        super().__init__(base_url, database_url, **kw)
+        self._pool_size = pool_size
+        self.pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self.pool = await asyncpg.create_pool(
+            self._database_url, min_size=1, max_size=self._pool_size
+        )
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        await super().close()
+
+    def prepare(self, values: list[bytes]) -> list[str]:  # type: ignore[override]
+        return [v.decode() for v in values]
+
+    async def publish(self, queue: str, prepared: list[str]) -> None:  # type: ignore[override]
+        assert self.pool is not None
+        if len(prepared) == 1:
+            await self.pool.execute("SELECT sluice.send($1, $2::jsonb)", queue, prepared[0])
+        else:
+            await self.pool.execute(
+                "SELECT sluice.send_batch($1, $2::text[]::jsonb[])", queue, prepared
+            )
+
+    async def catch_up(self, timeout: float = 120.0) -> float:
+        """Seconds until the relay has moved everything sent so far into the log."""
+        assert self.pool is not None
+        started = asyncio.get_running_loop().time()
+        last = await self.pool.fetchval(
+            "SELECT max(seq) FROM sluice.outbox WHERE kind = 'message'"
+        )
+        if last is None:
+            return 0.0
+        while asyncio.get_running_loop().time() - started < timeout:
+            cursor = await self.pool.fetchval(
+                "SELECT cursor FROM sluice.outbox WHERE kind = 'relayed' ORDER BY seq DESC LIMIT 1"
+            )
+            if cursor is not None and cursor >= last:
+                break
+            await asyncio.sleep(0.02)
+        return asyncio.get_running_loop().time() - started

@@ -441,8 +441,8 @@ BEGIN
     RETURN true;
 END $$;
 
--- Make the next partition current once the current one has been so for `p_seconds` and the
--- next one is empty. True when it rotated.
+-- Make the next partition current once the current one has been so for `p_seconds`, holds
+-- rows, and the next one is empty. True when it rotated.
 CREATE FUNCTION sluice.rotate_outbox(p_seconds double precision, p_now timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
@@ -450,7 +450,9 @@ DECLARE
     c sluice.outbox_current;
 BEGIN
     SELECT * INTO c FROM sluice.outbox_current;
+    -- An idle outbox does not rotate (nothing to give back, and no row version either).
     IF c.since > p_now - make_interval(secs => p_seconds)
+       OR NOT EXISTS (SELECT 1 FROM sluice.outbox o WHERE o.part = c.part)
        OR EXISTS (SELECT 1 FROM sluice.outbox o WHERE o.part = (c.part + 1) % 3) THEN
         RETURN false;
     END IF;
