@@ -219,13 +219,12 @@ def remove_log(log_path: Path) -> None:
 
 # ---- parallel runs (pytest-xdist, `-n N --dist loadgroup`) --------------------------------
 
-# Modules that measure real time (wake-up latency, rate limits, throughput under kill -9 or
+# Modules that measure real time (wake-up latency, rate limits, recovery after kill -9 or
 # a Postgres restart) or use machine-wide resources (a browser, the temp dir's server logs,
 # the bench's load): one xdist group, so they run one at a time on one worker while the
 # other workers take the rest. Each worker has its own embedded Postgres (session fixture).
 SERIAL_MODULES = {
     "tests/faults/",
-    "tests/test_bench_smoke.py",
     "tests/test_long_poll.py",
     "tests/test_flow_control.py",
     "tests/test_gaps_server_logs.py",

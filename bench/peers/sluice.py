@@ -199,16 +199,14 @@ class SluiceSqlPeer(SluicePeer):
                 "SELECT sluice.send_batch($1, $2::text[]::jsonb[])", queue, prepared
             )
 
-    async def catch_up(self, timeout: float = 120.0) -> float:
+    async def catch_up(self, within: float = 120.0) -> float:
         """Seconds until the relay has moved everything sent so far into the log."""
         assert self.pool is not None
         started = asyncio.get_running_loop().time()
-        last = await self.pool.fetchval(
-            "SELECT max(seq) FROM sluice.outbox WHERE kind = 'message'"
-        )
+        last = await self.pool.fetchval("SELECT max(seq) FROM sluice.outbox WHERE kind = 'message'")
         if last is None:
             return 0.0
-        while asyncio.get_running_loop().time() - started < timeout:
+        while asyncio.get_running_loop().time() - started < within:
             cursor = await self.pool.fetchval(
                 "SELECT cursor FROM sluice.outbox WHERE kind = 'relayed' ORDER BY seq DESC LIMIT 1"
             )

@@ -91,6 +91,7 @@ DECLARE
     v_n integer := coalesce(cardinality(p_values), 0);
     v_bad text;
     v_ids bigint[];
+    v_at timestamptz := sluice.sql_now();
 BEGIN
     SELECT * INTO v_topic FROM sluice.topics WHERE name = p_topic;
     IF NOT FOUND THEN
@@ -110,60 +111,53 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;
-    SELECT format('message %s: %s', m.i - 1, CASE
-            WHEN m.value IS NULL THEN 'value is null'
-            WHEN char_length(m.key) > 256 THEN 'key longer than 256 characters'
-            WHEN m.headers IS NOT NULL AND jsonb_typeof(m.headers) <> 'object'
-                THEN 'headers must be an object of strings'
-            WHEN m.headers IS NOT NULL AND (SELECT count(*) FROM jsonb_each(m.headers)) > 64
-                THEN 'at most 64 headers'
-            WHEN m.headers IS NOT NULL AND EXISTS (
-                    SELECT 1 FROM jsonb_each(m.headers) h
-                    WHERE jsonb_typeof(h.value) <> 'string' OR char_length(h.key) NOT BETWEEN 1 AND 256
-                       OR char_length(h.value #>> '{}') > 4096)
-                THEN 'headers must map names of 1..256 characters to strings of at most 4096'
-            WHEN char_length(m.dedup_id) NOT BETWEEN 1 AND 128
-                THEN 'dedup_id must be 1..128 characters'
-            WHEN coalesce(m.delay, 0) NOT BETWEEN 0 AND 900
-                THEN 'delay_seconds must be 0..900'
-            WHEN octet_length(m.value::text) + coalesce(octet_length(m.key), 0)
-                 + coalesce(octet_length(m.headers::text), 0) > v_topic.max_message_bytes
-                THEN format('larger than the topic''s max_message_bytes (%s)',
-                            v_topic.max_message_bytes)
-            END)
-    INTO v_bad
-    FROM unnest(p_values, p_keys, p_headers, p_dedup_ids, p_delay_seconds)
-         WITH ORDINALITY AS m(value, key, headers, dedup_id, delay, i)
-    WHERE m.value IS NULL OR char_length(m.key) > 256
-       OR (m.headers IS NOT NULL AND (jsonb_typeof(m.headers) <> 'object'
-            OR (SELECT count(*) FROM jsonb_each(m.headers)) > 64
-            OR EXISTS (SELECT 1 FROM jsonb_each(m.headers) h
-                       WHERE jsonb_typeof(h.value) <> 'string'
-                          OR char_length(h.key) NOT BETWEEN 1 AND 256
-                          OR char_length(h.value #>> '{}') > 4096)))
-       OR char_length(m.dedup_id) NOT BETWEEN 1 AND 128
-       OR coalesce(m.delay, 0) NOT BETWEEN 0 AND 900
-       OR octet_length(m.value::text) + coalesce(octet_length(m.key), 0)
-          + coalesce(octet_length(m.headers::text), 0) > v_topic.max_message_bytes
-    ORDER BY m.i LIMIT 1;
-    IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
-    END IF;
     -- The transaction id first, the seqs after it: the relay's bookkeeping relies on it.
     PERFORM pg_current_xact_id();
-    WITH ins AS (
+    -- One pass over the messages: stored and checked together (each value rendered as text
+    -- once). A problem raises below, and the rows go with the failed statement.
+    WITH m AS (
+        SELECT x.i, x.value::text AS v, x.key, x.headers, x.dedup_id, x.delay
+        FROM unnest(p_values, p_keys, p_headers, p_dedup_ids, p_delay_seconds)
+             WITH ORDINALITY AS x(value, key, headers, dedup_id, delay, i)
+    ), ins AS (
         INSERT INTO sluice.outbox (topic_id, seq, part, xid, kind, at, value, key, headers,
                                    dedup_id, delay)
         SELECT v_topic.topic_id, nextval('sluice.outbox_ids'), c.part, pg_current_xact_id(),
-               'message', sluice.sql_now(), m.value::text, m.key, m.headers::text, m.dedup_id,
-               nullif(m.delay, 0)
-        FROM unnest(p_values, p_keys, p_headers, p_dedup_ids, p_delay_seconds)
-             WITH ORDINALITY AS m(value, key, headers, dedup_id, delay, i)
-        CROSS JOIN sluice.outbox_current c
+               'message', v_at, m.v, m.key, m.headers::text, m.dedup_id, nullif(m.delay, 0)
+        FROM m CROSS JOIN sluice.outbox_current c
         ORDER BY m.i
         RETURNING seq
     )
-    SELECT array_agg(seq ORDER BY seq) INTO v_ids FROM ins;
+    SELECT (SELECT array_agg(seq ORDER BY seq) FROM ins),
+           (SELECT format('message %s: %s', p.i - 1, p.problem) FROM (
+                SELECT m.i, CASE
+                    WHEN m.v IS NULL THEN 'value is null'
+                    WHEN char_length(m.key) > 256 THEN 'key longer than 256 characters'
+                    WHEN m.headers IS NOT NULL AND jsonb_typeof(m.headers) <> 'object'
+                        THEN 'headers must be an object of strings'
+                    WHEN m.headers IS NOT NULL AND (SELECT count(*) FROM jsonb_each(m.headers)) > 64
+                        THEN 'at most 64 headers'
+                    WHEN m.headers IS NOT NULL AND EXISTS (
+                            SELECT 1 FROM jsonb_each(m.headers) h
+                            WHERE jsonb_typeof(h.value) <> 'string'
+                               OR char_length(h.key) NOT BETWEEN 1 AND 256
+                               OR char_length(h.value #>> '{}') > 4096)
+                        THEN 'headers must map names of 1..256 characters to strings of at most 4096'
+                    WHEN char_length(m.dedup_id) NOT BETWEEN 1 AND 128
+                        THEN 'dedup_id must be 1..128 characters'
+                    WHEN coalesce(m.delay, 0) NOT BETWEEN 0 AND 900
+                        THEN 'delay_seconds must be 0..900'
+                    WHEN octet_length(m.v) + coalesce(octet_length(m.key), 0)
+                         + coalesce(octet_length(m.headers::text), 0) > v_topic.max_message_bytes
+                        THEN format('larger than the topic''s max_message_bytes (%s)',
+                                    v_topic.max_message_bytes)
+                    END AS problem
+                FROM m) p
+            WHERE p.problem IS NOT NULL ORDER BY p.i LIMIT 1)
+    INTO v_ids, v_bad;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- Delivered at commit (and only then): the relays of every process wake up.
     PERFORM pg_notify('sluice', 'outbox');
     RETURN v_ids;
