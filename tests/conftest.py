@@ -219,25 +219,26 @@ def remove_log(log_path: Path) -> None:
 
 # ---- parallel runs (pytest-xdist, `-n N --dist loadgroup`) --------------------------------
 
-# Modules that measure real time (wake-up latency, rate limits, recovery after kill -9 or
-# a Postgres restart) or use machine-wide resources (a browser, the temp dir's server logs,
-# the bench's load): one xdist group, so they run one at a time on one worker while the
-# other workers take the rest. Each worker has its own embedded Postgres (session fixture).
-SERIAL_MODULES = {
-    "tests/faults/",
-    "tests/test_long_poll.py",
-    "tests/test_flow_control.py",
-    "tests/test_gaps_server_logs.py",
-    "tests/test_docs.py",
-    "tests/test_ui.py",
+# Modules kept apart from each other's load (pytest-xdist, `--dist loadgroup`): each group
+# runs on one worker, one test at a time, while the other workers take the rest. "timing"
+# measures real time (long-poll wake-ups, rate limits); "faults" kills and restarts
+# servers and Postgres under load; "browser" drives a headless Chromium. Each worker has
+# its own embedded Postgres (the session fixture).
+XDIST_GROUPS = {
+    "tests/test_long_poll.py": "timing",
+    "tests/test_flow_control.py": "timing",
+    "tests/faults/": "faults",
+    "tests/test_docs.py": "browser",
+    "tests/test_ui.py": "browser",
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = item.nodeid.split("::", 1)[0]
-        if any(path.startswith(module) for module in SERIAL_MODULES):
-            item.add_marker(pytest.mark.xdist_group("serial"))
+        for prefix, group in XDIST_GROUPS.items():
+            if path.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(wrapper=True)

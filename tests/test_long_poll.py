@@ -207,7 +207,7 @@ async def test_1000_waiting_pulls_on_a_pool_of_10(fresh_db_url, server_factory):
     # A database of its own, so every connection to it is the server's.
     server = server_factory(env={"SLUICE_DB_POOL_SIZE": "10"}, url=fresh_db_url)
     topic = unique()
-    n, woken, wait_seconds = 1000, 100, 12
+    n, woken, wait_seconds = 1000, 100, 20
     limits = httpx.Limits(max_connections=n + 100, max_keepalive_connections=n + 100)
     timeout = httpx.Timeout(90.0, connect=30.0, pool=90.0)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=timeout) as c:
@@ -233,7 +233,7 @@ async def test_1000_waiting_pulls_on_a_pool_of_10(fresh_db_url, server_factory):
             line = next(x for x in text.splitlines() if x.startswith("sluice_http_requests_in_"))
             return float(line.split()[-1]) >= n  # (+1: this scrape)
 
-        await wait_until(all_parked, timeout=wait_seconds - 4, interval=0.2)
+        await wait_until(all_parked, timeout=wait_seconds - 5, interval=0.2)
         await asyncio.sleep(1)  # the last of them finish their first (empty) claim
         assert not any(t.done() for t in tasks), "a long-poll returned before any publish"
         samples = []
