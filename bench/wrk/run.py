@@ -1,0 +1,149 @@
+"""`python -m bench.wrk.run`: the server's own cost per request, measured with wrk (a load
+generator in C that costs almost nothing), next to the floor of the HTTP path: a bare ASGI
+app on the same uvicorn (bench/wrk/floor_app.py). Single-message publishes, one message
+per request, at several connection counts. Reports requests/s and the server's CPU time per
+request (its process tree, from /proc), and their ratio to the floor.
+
+    .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.infra import Postgres, SluiceServer, free_port, tree_cpu_seconds
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "publish.lua"
+
+
+def wrk(url: str, connections: int, seconds: float, topic: str) -> tuple[float, int, str]:
+    """(requests/s, non-2xx or socket errors, raw output)."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds:g}s",
+            "-s",
+            str(SCRIPT),
+            url,
+            "--",
+            topic,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
+    text = out.stdout + out.stderr
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    bad = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if errors:
+        bad += sum(int(n) for n in errors.groups())
+    return rate, bad, text
+
+
+def measure(url: str, pid: int, connections: int, seconds: float, topic: str) -> dict:
+    before = tree_cpu_seconds(pid) or 0.0
+    started = time.monotonic()
+    rate, bad, _ = wrk(url, connections, seconds, topic)
+    elapsed = time.monotonic() - started
+    cpu = (tree_cpu_seconds(pid) or 0.0) - before
+    requests = rate * seconds
+    return {
+        "rate": rate,
+        "errors": bad,
+        "cpu_pct": 100 * cpu / elapsed,
+        "us_per_request": 1e6 * cpu / requests if requests else float("nan"),
+    }
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--connections", default="4,16,64")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    connections = [int(c) for c in args.connections.split(",")]
+    postgres = Postgres(None)
+    await asyncio.to_thread(postgres.start)
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-wrk-"))
+    server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp)
+    floor_port = free_port()
+    floor = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.wrk.floor_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(floor_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=HERE.parents[1],
+    )
+    rows = []
+    try:
+        await server.start()
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
+        floor_url = f"http://127.0.0.1:{floor_port}"
+        async with httpx.AsyncClient() as probe:
+            for _ in range(100):
+                try:
+                    await probe.get(floor_url)
+                    break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+        assert server.pid is not None
+        for c in connections:
+            wrk(server.base_url, c, 2, "wrk")  # warm-up
+            f = measure(floor_url, floor.pid, c, args.seconds, "wrk")
+            s = measure(server.base_url, server.pid, c, args.seconds, "wrk")
+            rows.append((c, f, s))
+    finally:
+        await server.stop()
+        floor.terminate()
+        floor.wait(10)
+        postgres.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
+        f"--connections {args.connections}"
+    )
+    print(
+        "| connections | floor req/s | floor us/req | sluice publish b1 req/s | "
+        "sluice us/req | sluice cpu % | cost vs floor | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for c, f, s in rows:
+        print(
+            f"| {c} | {f['rate']:,.0f} | {f['us_per_request']:.0f} | {s['rate']:,.0f} | "
+            f"{s['us_per_request']:.0f} | {s['cpu_pct']:.0f} | "
+            f"{s['us_per_request'] / f['us_per_request']:.1f}x | {f['errors'] + s['errors']} |"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
