@@ -640,3 +640,33 @@ async def may_send(conn: asyncpg.Connection, role: str) -> bool:
         "'sluice.send(text, jsonb, text, jsonb, text, integer)', 'EXECUTE')",
         role,
     )
+
+
+async def test_two_processes_relaying_at_once_move_each_message_once(db_url):
+    """Two apps (each with its relay loop) on one database while four sessions send: every
+    message reaches the log exactly once, each session's messages in its own order."""
+    async with run_app(db_url) as first, run_app(db_url) as second:
+        topic = await topic_with_subscription(first.client)
+        conns = [await connect(db_url) for _ in range(4)]
+        try:
+
+            async def writer(conn: asyncpg.Connection, index: int) -> None:
+                for n in range(30):
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT sluice.send($1, $2::jsonb)", topic, json.dumps(f"{index}-{n}")
+                        )
+                        if n % 7 == 0:
+                            await asyncio.sleep(0.05)  # some stay open across relay passes
+
+            await asyncio.gather(*(writer(c, i) for i, c in enumerate(conns)))
+        finally:
+            for conn in conns:
+                await conn.close()
+        await wait_for_relay(second, topic, 120)
+        await relay_all(first)
+        values = [m["value"] for m in await browse(first, topic)]
+        assert len(values) == 120 and len(set(values)) == 120
+        for index in range(4):
+            mine = [v for v in values if v.startswith(f"{index}-")]
+            assert mine == [f"{index}-{n}" for n in range(30)]
