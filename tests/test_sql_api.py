@@ -670,3 +670,30 @@ async def test_two_processes_relaying_at_once_move_each_message_once(db_url):
         for index in range(4):
             mine = [v for v in values if v.startswith(f"{index}-")]
             assert mine == [f"{index}-{n}" for n in range(30)]
+
+
+async def test_an_application_role_cannot_move_the_sql_clock(harness, app_conn, db_url):
+    """The skew setting is for Sluice's own role (tests). Set in another role's session it
+    changes nothing: a receipt still inside its deadline applies, where the same setting in
+    Sluice's own session puts the call a day later, past the deadline."""
+    topic, message = await lease_one(harness)
+    role = unique("skew").replace("-", "_")
+    await app_conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    await grant(app_conn, role, publish=False, consume=True, read=False)
+    base, _, query = plain_url(db_url).partition("?")
+    as_role = base.replace("postgres:@", f"{role}:pw@", 1) + (f"?{query}" if query else "")
+    conn = await asyncpg.connect(as_role)
+    check = "SELECT applies FROM sluice.ack($1, 's', $2)"
+    try:
+        for session in (conn, app_conn):
+            await session.execute("SELECT set_config('sluice.clock_skew_seconds', '86400', false)")
+        for session, applies in ((conn, True), (app_conn, False)):
+            tx = session.transaction()
+            await tx.start()
+            assert await session.fetchval(check, topic, [message["receipt"]]) is applies
+            await tx.rollback()  # nothing is acked: the second check sees the same lease
+    finally:
+        await app_conn.execute("SELECT set_config('sluice.clock_skew_seconds', '0', false)")
+        await conn.close()
+        await app_conn.execute(f"DROP OWNED BY {role}")
+        await app_conn.execute(f"DROP ROLE {role}")

@@ -67,10 +67,16 @@ INSERT INTO sluice.outbox_current (part, since) VALUES (0, clock_timestamp());
 
 -- The clock of the SQL API: the database's, shifted by the session setting
 -- sluice.clock_skew_seconds (tests move time instead of sleeping; unset in production).
+-- Only for sessions of Sluice's own role: an application role must not move the time its
+-- acks are judged at.
 CREATE FUNCTION sluice.sql_now() RETURNS timestamptz
 LANGUAGE sql VOLATILE AS $$
-    SELECT sluice.now(coalesce(nullif(current_setting('sluice.clock_skew_seconds', true), ''),
-                               '0')::double precision)
+    SELECT sluice.now(CASE
+        WHEN pg_has_role(session_user, (SELECT nspowner FROM pg_namespace
+                                        WHERE nspname = 'sluice'), 'MEMBER')
+        THEN coalesce(nullif(current_setting('sluice.clock_skew_seconds', true), ''),
+                      '0')::double precision
+        ELSE 0 END)
 $$;
 
 -- ---- publish ------------------------------------------------------------------------------
