@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "bench.run",
         "--database-url", pg_server,
-        "--systems", "sluice,raw,pgmq",
+        "--systems", "sluice,sluice-sql,raw,pgmq",
         "--workloads", "publish,consume",
         "--seconds", "0.5", "--warmup", "0",
         "--prefill", "300", "--prefill-single", "200", "--consume-cap", "20",
@@ -53,6 +54,35 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
         # repeated phases: one median row per system, naming every round's rate
         for system in systems:
             assert any("median of 2 runs" in note for note in rows[(workload, system)]["notes"])
+    # SQL publish (sluice.send / send_batch) is measured on the publish rows only, and says
+    # how long the relay took to have everything in the log.
+    for workload in ("publish b100", "publish b1"):
+        row = rows[(workload, "sluice-sql")]
+        assert row["errors"] == 0 and row["rate"] > 0, row
+        assert any(note.startswith("all in the log") for note in row["notes"]), row
+    assert ("consume b100", "sluice-sql") not in rows
+
+
+def test_wrk_bench_smoke() -> None:
+    """bench/wrk: the server's CPU per request under wrk next to the floors (wrk is a
+    Debian package; .ci/run installs it)."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.wrk.run", "--seconds", "1", "--connections", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    names = [row[2].strip() for row in rows]
+    assert names == [
+        "bare ASGI (floor)",
+        "Starlette route + orjson",
+        "FastAPI route + pydantic",
+        "sluice publish b1",
+    ], done.stdout
+    for row in rows:
+        assert float(row[3].replace(",", "")) > 0 and row[7].strip() == "0", row
 
 
 def test_bench_held_xmin_smoke(pg_server: str, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """`python -m bench.wrk.run`: the server's own cost per request, measured with wrk (a load
 generator in C that costs almost nothing), next to the floor of the HTTP path: a bare ASGI
-app on the same uvicorn (bench/wrk/floor_app.py). Single-message publishes, one message
-per request, at several connection counts. Reports requests/s and the server's CPU time per
-request (its process tree, from /proc), and their ratio to the floor.
+app on the same uvicorn, and the same answer through a Starlette and a FastAPI route
+(bench/wrk/floor_app.py). Single-message publishes, one message per request, at several
+connection counts. Reports requests/s and each server's CPU time per request (its process
+tree, from /proc), and their ratio to the floor.
 
     .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64]
 """
@@ -74,6 +75,43 @@ def measure(url: str, pid: int, connections: int, seconds: float, topic: str) ->
     }
 
 
+# What else answers the same request, cheapest first: the floor, then the frameworks.
+FLOORS = {
+    "bare ASGI (floor)": "bench.wrk.floor_app:app",
+    "Starlette route + orjson": "bench.wrk.floor_app:starlette_app",
+    "FastAPI route + pydantic": "bench.wrk.floor_app:fastapi_app",
+}
+
+
+def start_floor(target: str, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=HERE.parents[1],
+    )
+
+
+async def wait_answering(url: str) -> None:
+    async with httpx.AsyncClient() as probe:
+        for _ in range(100):
+            try:
+                await probe.get(url)
+                return
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0)
@@ -86,62 +124,43 @@ async def main() -> None:
     await asyncio.to_thread(postgres.start)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-wrk-"))
     server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp)
-    floor_port = free_port()
-    floor = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.wrk.floor_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(floor_port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        cwd=HERE.parents[1],
-    )
-    rows = []
+    started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+    rows: list[tuple[int, str, dict]] = []
     try:
+        for name, target in FLOORS.items():
+            port = free_port()
+            started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
         await server.start()
         async with httpx.AsyncClient(base_url=server.base_url) as client:
             assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
-        floor_url = f"http://127.0.0.1:{floor_port}"
-        async with httpx.AsyncClient() as probe:
-            for _ in range(100):
-                try:
-                    await probe.get(floor_url)
-                    break
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
+        for url, _ in started.values():
+            await wait_answering(url)
         assert server.pid is not None
+        targets = [(name, url, proc.pid) for name, (url, proc) in started.items()]
+        targets.append(("sluice publish b1", server.base_url, server.pid))
         for c in connections:
-            wrk(server.base_url, c, 2, "wrk")  # warm-up
-            f = measure(floor_url, floor.pid, c, args.seconds, "wrk")
-            s = measure(server.base_url, server.pid, c, args.seconds, "wrk")
-            rows.append((c, f, s))
+            for name, url, pid in targets:
+                wrk(url, c, 2, "wrk")  # warm-up
+                rows.append((c, name, measure(url, pid, c, args.seconds, "wrk")))
     finally:
         await server.stop()
-        floor.terminate()
-        floor.wait(10)
+        for _, proc in started.values():
+            proc.terminate()
+            proc.wait(10)
         postgres.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
         f"--connections {args.connections}"
     )
-    print(
-        "| connections | floor req/s | floor us/req | sluice publish b1 req/s | "
-        "sluice us/req | sluice cpu % | cost vs floor | errors |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for c, f, s in rows:
+    print("| connections | server | req/s | server us/req | server cpu % | vs floor | errors |")
+    print("|---|---|---|---|---|---|---|")
+    floor = {c: r for c, name, r in rows if name == "bare ASGI (floor)"}
+    for c, name, r in rows:
+        ratio = r["us_per_request"] / floor[c]["us_per_request"]
         print(
-            f"| {c} | {f['rate']:,.0f} | {f['us_per_request']:.0f} | {s['rate']:,.0f} | "
-            f"{s['us_per_request']:.0f} | {s['cpu_pct']:.0f} | "
-            f"{s['us_per_request'] / f['us_per_request']:.1f}x | {f['errors'] + s['errors']} |"
+            f"| {c} | {name} | {r['rate']:,.0f} | {r['us_per_request']:.0f} | "
+            f"{r['cpu_pct']:.0f} | {ratio:.1f}x | {r['errors']} |"
         )
 
 
