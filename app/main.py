@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from sluice import metrics
 from sluice.api.access import install_auth, start_auth
+from sluice.api.hot_paths import install_hot_paths
 from sluice.api.limits import LimitBodyMiddleware
 from sluice.api.observability import ObservabilityMiddleware
 from sluice.api.problems import install_problem_handlers
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     install_problem_handlers(app)
     for module in (health, topics, subscriptions, consuming, metrics_route, ui, docs):
         app.include_router(module.router)
+    install_hot_paths(app)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)
     install_auth(app)  # outermost: unauthenticated requests are refused before parsing
     app.add_middleware(ObservabilityMiddleware)  # outside even that: logs/counts 401s too
