@@ -313,3 +313,40 @@ async def test_sigterm_stops_the_worker_gracefully(server):
         sub = await client.get_subscription(topic, "s")
     assert sorted(finished) == [0, 1, 2, 3, 4] and stats.acked == 5
     assert sub.lag == 0
+
+
+async def test_fatal_errors_end_run_with_the_exception(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 0)
+
+        async def handler(d: sc.Delivery) -> None:
+            pass
+
+        with pytest.raises(sc.NotFound):
+            await sc.Worker(client, topic, "missing", handler, handle_signals=False).run()
+        worker = sc.Worker(client, topic, "s", handler, wait_seconds=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.3)
+        await client.delete_subscription(topic, "s")
+        with pytest.raises(sc.NotFound):
+            await asyncio.wait_for(task, 5)
+        assert not worker.running
+
+
+async def test_subscribe_reads_the_environment_and_stops_on_sigint(server, monkeypatch):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    monkeypatch.setenv("SLUICE_URL", server.base_url)
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 3)
+    seen: list[int] = []
+
+    def handler(d: sc.Delivery) -> None:
+        seen.append(d.value)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stats = await asyncio.wait_for(
+        sc.subscribe(topic, "s", handler, concurrency=1, wait_seconds=1), 15
+    )
+    assert sorted(seen) == [0, 1, 2] and stats.acked == 3
