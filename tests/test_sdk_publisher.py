@@ -143,3 +143,21 @@ async def test_a_refused_batch_fails_its_futures(server):
             await pub.flush()
         for f in futures:
             assert isinstance(f.exception(), sc.NotFound)
+
+
+def test_sync_publisher_batches_from_plain_threads(server):
+    topic = unique("pub")
+    with sc.Client(server.base_url) as c:
+        c.create_topic(topic)
+        with sc.SyncPublisher(topic, base_url=server.base_url, linger_seconds=0.05) as pub:
+            futures = [pub.publish({"i": i}) for i in range(200)]
+            offsets = [f.result(timeout=10) for f in futures]
+            assert pub.publisher.requests_sent < 10
+            late = pub.publish("last")  # still buffered when close() flushes
+        assert late.result(timeout=0) > max(offsets)
+        assert len(set(offsets)) == 200
+        assert c.get_topic(topic).message_count == 201
+    with sc.SyncPublisher(unique("missing"), base_url=server.base_url) as pub:
+        failed = pub.publish(1)
+        pub.flush()
+        assert isinstance(failed.exception(timeout=0), sc.NotFound)

@@ -31,7 +31,7 @@ from ._models import (
     SubscriptionRates,
     Topic,
 )
-from ._publisher import Publisher
+from ._publisher import Publisher, SyncPublisher
 from ._worker import DeadLetter, Retry, Worker, WorkerStats, subscribe
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "SluiceError",
     "Subscription",
     "SubscriptionRates",
+    "SyncPublisher",
     "Topic",
     "Unauthorized",
     "Unavailable",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import random
+import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -230,3 +233,92 @@ class Publisher:
                 if not item.future.done():
                     item.future.set_result(result.offset)
             return
+
+
+def _copy_outcome(source: asyncio.Future[int], target: concurrent.futures.Future[int]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
+class SyncPublisher:
+    """`Publisher` for code without an event loop: an `AsyncClient` and a `Publisher` run on
+    an event loop in a background thread. `publish()` blocks while the buffer is full and
+    returns a `concurrent.futures.Future` resolving to the offset. Options as `Publisher`;
+    `base_url`/`api_key` as `Client`."""
+
+    def __init__(
+        self,
+        topic: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        from ._client import AsyncClient
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sluice-publisher", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> tuple[AsyncClient, Publisher]:
+            client = AsyncClient(base_url, api_key=api_key, timeout=timeout)
+            return client, Publisher(client, topic, **options)
+
+        self._client, self._publisher = self._call(make())
+        self._closed = False
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def publisher(self) -> Publisher:
+        return self._publisher
+
+    def publish(
+        self,
+        value: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay_seconds: int = 0,
+        dedup_id: str | None = None,
+    ) -> concurrent.futures.Future[int]:
+        async def buffer() -> concurrent.futures.Future[int]:
+            inner = await self._publisher.publish(
+                value, key=key, headers=headers, delay_seconds=delay_seconds, dedup_id=dedup_id
+            )
+            outer: concurrent.futures.Future[int] = concurrent.futures.Future()
+            inner.add_done_callback(functools.partial(_copy_outcome, target=outer))
+            return outer
+
+        return self._call(buffer())
+
+    def flush(self) -> None:
+        self._call(self._publisher.flush())
+
+    def close(self) -> None:
+        """Flush, then stop the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._publisher.close())
+            self._call(self._client.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
