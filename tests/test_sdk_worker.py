@@ -350,3 +350,23 @@ async def test_subscribe_reads_the_environment_and_stops_on_sigint(server, monke
         sc.subscribe(topic, "s", handler, concurrency=1, wait_seconds=1), 15
     )
     assert sorted(seen) == [0, 1, 2] and stats.acked == 3
+
+
+async def test_stop_ends_an_idle_long_poll_at_once(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 0)
+
+        async def handler(d: sc.Delivery) -> None:
+            pass
+
+        worker = sc.Worker(client, topic, "s", handler, wait_seconds=20, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.5)  # the long-poll is waiting
+        started = time.monotonic()
+        worker.stop()
+        await asyncio.wait_for(task, 5)
+        assert time.monotonic() - started < 2
+        # the cancelled long-poll holds nothing: a message published now is deliverable
+        await client.publish(topic, [{"value": "after"}])
+        pulled = await client.pull(topic, "s", max_messages=1, wait_seconds=2)
+        assert [d.value for d in pulled] == ["after"]

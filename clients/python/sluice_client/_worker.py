@@ -368,6 +368,9 @@ class Worker:
             acks = self._take_acks()
             try:
                 result = await self.client.ack(self.topic, self.subscription, acks)
+            except asyncio.CancelledError:
+                self._requeue_acks(acks)  # the final flush sends them again
+                raise
             except SluiceError as exc:
                 self._requeue_acks(acks)
                 attempt += 1
