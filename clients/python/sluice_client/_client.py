@@ -1,0 +1,593 @@
+"""`Client` (sync) and `AsyncClient` (async): one method per API operation.
+
+Both share the request building and answer parsing of `_Operations`; its methods return
+whatever `_run` returns: the result for `Client`, an awaitable of it for `AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ._errors import connection_error, error_from_response
+from ._models import (
+    AckResult,
+    BrowsePage,
+    DeadLetterMessage,
+    DeadLetterPage,
+    Delivery,
+    ExtendResult,
+    Message,
+    NackResult,
+    OutgoingMessage,
+    Page,
+    PublishResult,
+    PullResult,
+    RedriveResult,
+    SeekResult,
+    Subscription,
+    Topic,
+)
+
+__version__ = "0.1.0"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "leave this setting as it is" (distinct from None, which clears a nullable setting)
+UNSET: Any = _Unset()
+
+_SUBSCRIPTION_SETTINGS = (
+    "ack_deadline_seconds",
+    "max_deliveries",
+    "retry_min_seconds",
+    "retry_max_seconds",
+    "dead_letter_topic",
+    "ordered_by_key",
+    "rate_limit_per_second",
+    "rate_limit_burst",
+    "max_in_flight",
+)
+
+Receipts = Iterable[str | Delivery]
+MessageLike = OutgoingMessage | Mapping[str, Any]
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], Any]
+    params: dict[str, Any] | None = None
+    body: Any = None
+    extra_timeout: float = 0.0
+
+
+def _q(name: str) -> str:
+    return quote(str(name), safe="")
+
+
+def _receipts(receipts: Receipts) -> list[str]:
+    return [r.receipt if isinstance(r, Delivery) else str(r) for r in receipts]
+
+
+def to_outgoing(message: MessageLike) -> OutgoingMessage:
+    if isinstance(message, OutgoingMessage):
+        return message
+    if isinstance(message, Mapping):
+        return OutgoingMessage(**message)
+    raise TypeError("a message is an OutgoingMessage or a mapping with 'value'")
+
+
+def _json(response: httpx.Response) -> Any:
+    return response.json()
+
+
+def _pull_result(d: dict[str, Any]) -> PullResult:
+    return PullResult(
+        messages=[Delivery.from_json(m) for m in d["messages"]],
+        acked=d.get("acked"),
+        stale=list(d.get("stale") or []),
+    )
+
+
+def resolve_config(
+    base_url: str | None, api_key: str | None, headers: Mapping[str, str] | None
+) -> tuple[str, dict[str, str]]:
+    url = (base_url or os.environ.get("SLUICE_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get("SLUICE_API_KEY")
+    all_headers = {"user-agent": f"sluice-client/{__version__}"}
+    if key:
+        all_headers["authorization"] = f"Bearer {key}"
+    all_headers.update(headers or {})
+    return url, all_headers
+
+
+class _Operations:
+    timeout: float
+
+    def _run(self, request: _Request) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _finish(self, request: _Request, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return request.parse(response)
+
+    # ---- topics ---------------------------------------------------------------------------
+
+    def create_topic(
+        self,
+        name: str,
+        *,
+        retention_seconds: int | None = None,
+        dedup_window_seconds: int | None = None,
+        max_message_bytes: int | None = None,
+    ) -> Topic:
+        """PUT the topic: creates it (Topic.created is True) or changes only the settings
+        given (PUT is a merge)."""
+        body = {
+            k: v
+            for k, v in {
+                "retention_seconds": retention_seconds,
+                "dedup_window_seconds": dedup_window_seconds,
+                "max_message_bytes": max_message_bytes,
+            }.items()
+            if v is not None
+        }
+        return self._run(
+            _Request(
+                "PUT",
+                f"/v1/topics/{_q(name)}",
+                lambda r: Topic.from_json(r.json(), created=r.status_code == 201),
+                body=body,
+            )
+        )
+
+    put_topic = create_topic
+    update_topic = create_topic
+
+    def get_topic(self, name: str) -> Topic:
+        return self._run(
+            _Request("GET", f"/v1/topics/{_q(name)}", lambda r: Topic.from_json(r.json()))
+        )
+
+    def list_topics(self, *, after: str | None = None, limit: int = 100) -> Page[Topic]:
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        return self._run(
+            _Request(
+                "GET",
+                "/v1/topics",
+                lambda r: Page(
+                    [Topic.from_json(t) for t in r.json()["topics"]], r.json()["next_after"]
+                ),
+                params=params,
+            )
+        )
+
+    def delete_topic(self, name: str) -> None:
+        return self._run(_Request("DELETE", f"/v1/topics/{_q(name)}", lambda r: None))
+
+    # ---- messages -------------------------------------------------------------------------
+
+    def publish(self, topic: str, messages: Iterable[MessageLike]) -> list[PublishResult]:
+        """Publish 1..1000 messages atomically; one PublishResult per message, in order."""
+        body = {"messages": [to_outgoing(m).to_json() for m in messages]}
+        return self._run(
+            _Request(
+                "POST",
+                f"/v1/topics/{_q(topic)}/messages",
+                lambda r: [
+                    PublishResult(m["offset"], m["duplicate"]) for m in r.json()["messages"]
+                ],
+                body=body,
+            )
+        )
+
+    def publish_one(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay_seconds: int = 0,
+        dedup_id: str | None = None,
+    ) -> PublishResult:
+        msg = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
+        return self._run(
+            _Request(
+                "POST",
+                f"/v1/topics/{_q(topic)}/messages",
+                lambda r: PublishResult(**r.json()["messages"][0]),
+                body={"messages": [msg.to_json()]},
+            )
+        )
+
+    def browse(self, topic: str, *, from_offset: int = 0, limit: int = 100) -> BrowsePage:
+        """One page of stored messages from `from_offset` (nothing is consumed)."""
+        return self._run(
+            _Request(
+                "GET",
+                f"/v1/topics/{_q(topic)}/messages",
+                lambda r: BrowsePage(
+                    [Message.from_json(m) for m in r.json()["messages"]], r.json()["next_offset"]
+                ),
+                params={"from_offset": from_offset, "limit": limit},
+            )
+        )
+
+    def get_message(self, topic: str, offset: int) -> Message:
+        return self._run(
+            _Request(
+                "GET",
+                f"/v1/topics/{_q(topic)}/messages/{int(offset)}",
+                lambda r: Message.from_json(r.json()),
+            )
+        )
+
+    # ---- subscriptions --------------------------------------------------------------------
+
+    def _put_subscription(
+        self, topic: str, name: str, start: str | None, settings: dict[str, Any]
+    ) -> Any:
+        body = {k: v for k, v in settings.items() if v is not UNSET}
+        unknown = set(body) - set(_SUBSCRIPTION_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown subscription settings: {sorted(unknown)}")
+        if start is not None:
+            body["start"] = start
+        return self._run(
+            _Request(
+                "PUT",
+                f"/v1/topics/{_q(topic)}/subscriptions/{_q(name)}",
+                lambda r: Subscription.from_json(r.json(), created=r.status_code == 201),
+                body=body,
+            )
+        )
+
+    def create_subscription(
+        self, topic: str, name: str, *, start: str | None = None, **settings: Any
+    ) -> Subscription:
+        """PUT the subscription: `start` ("latest" by default, or "earliest") applies only
+        when it is created. Settings: ack_deadline_seconds, max_deliveries,
+        retry_min_seconds, retry_max_seconds, dead_letter_topic, ordered_by_key,
+        rate_limit_per_second, rate_limit_burst, max_in_flight (None clears a nullable one)."""
+        return self._put_subscription(topic, name, start, settings)
+
+    def update_subscription(self, topic: str, name: str, **settings: Any) -> Subscription:
+        """Change only the settings given (PUT is a merge)."""
+        return self._put_subscription(topic, name, None, settings)
+
+    def get_subscription(self, topic: str, name: str) -> Subscription:
+        """Settings and stats (backlog, in_flight, delayed, lag, committed_offset, ...)."""
+        return self._run(
+            _Request(
+                "GET",
+                f"/v1/topics/{_q(topic)}/subscriptions/{_q(name)}",
+                lambda r: Subscription.from_json(r.json()),
+            )
+        )
+
+    stats = get_subscription
+
+    def list_subscriptions(
+        self, topic: str, *, after: str | None = None, limit: int = 100
+    ) -> Page[Subscription]:
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        return self._run(
+            _Request(
+                "GET",
+                f"/v1/topics/{_q(topic)}/subscriptions",
+                lambda r: Page(
+                    [Subscription.from_json(s) for s in r.json()["subscriptions"]],
+                    r.json()["next_after"],
+                ),
+                params=params,
+            )
+        )
+
+    def delete_subscription(self, topic: str, name: str) -> None:
+        return self._run(
+            _Request("DELETE", f"/v1/topics/{_q(topic)}/subscriptions/{_q(name)}", lambda r: None)
+        )
+
+    # ---- consuming ------------------------------------------------------------------------
+
+    def _sub_path(self, topic: str, subscription: str, tail: str) -> str:
+        return f"/v1/topics/{_q(topic)}/subscriptions/{_q(subscription)}/{tail}"
+
+    def pull(
+        self,
+        topic: str,
+        subscription: str,
+        *,
+        max_messages: int = 1,
+        wait_seconds: float = 0,
+        ack: Receipts | None = None,
+        ack_deadline_seconds: int | None = None,
+    ) -> PullResult:
+        """Lease up to `max_messages`, waiting up to `wait_seconds` (0..20) for the first.
+        `ack`: receipts to acknowledge in the same request (then `acked`/`stale` are set;
+        on an error they stay applied, see SluiceError.acked)."""
+        body: dict[str, Any] = {"max_messages": max_messages, "wait_seconds": wait_seconds}
+        if ack:
+            body["ack"] = _receipts(ack)
+        if ack_deadline_seconds is not None:
+            body["ack_deadline_seconds"] = ack_deadline_seconds
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "pull"),
+                lambda r: _pull_result(r.json()),
+                body=body,
+                extra_timeout=float(wait_seconds),
+            )
+        )
+
+    def ack(self, topic: str, subscription: str, receipts: Receipts) -> AckResult:
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "ack"),
+                lambda r: AckResult(r.json()["acked"], r.json()["stale"]),
+                body={"receipts": _receipts(receipts)},
+            )
+        )
+
+    def nack(
+        self,
+        topic: str,
+        subscription: str,
+        receipts: Receipts,
+        *,
+        delay_seconds: float | None = None,
+    ) -> NackResult:
+        """Make the messages deliverable again after `delay_seconds` (None: the
+        subscription's retry backoff)."""
+        body: dict[str, Any] = {"receipts": _receipts(receipts)}
+        if delay_seconds is not None:
+            body["delay_seconds"] = delay_seconds
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "nack"),
+                lambda r: NackResult(r.json()["nacked"], r.json()["stale"]),
+                body=body,
+            )
+        )
+
+    def extend(
+        self, topic: str, subscription: str, receipts: Receipts, *, ack_deadline_seconds: int
+    ) -> ExtendResult:
+        """Move the leases' deadline to now + `ack_deadline_seconds`."""
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "extend"),
+                lambda r: ExtendResult(r.json()["extended"], r.json()["stale"]),
+                body={
+                    "receipts": _receipts(receipts),
+                    "ack_deadline_seconds": ack_deadline_seconds,
+                },
+            )
+        )
+
+    def seek(
+        self,
+        topic: str,
+        subscription: str,
+        *,
+        offset: int | None = None,
+        time: datetime | str | None = None,
+        to: str | None = None,
+    ) -> SeekResult:
+        """Exactly one of: `offset`, `time` (timezone-aware), `to` ("earliest"/"latest")."""
+        body: dict[str, Any] = {}
+        if offset is not None:
+            body["offset"] = offset
+        if time is not None:
+            body["time"] = time.isoformat() if isinstance(time, datetime) else time
+        if to is not None:
+            body["to"] = to
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "seek"),
+                lambda r: SeekResult(r.json()["committed_offset"]),
+                body=body,
+            )
+        )
+
+    def dead_letters(
+        self, topic: str, subscription: str, *, from_offset: int = 0, limit: int = 100
+    ) -> DeadLetterPage:
+        return self._run(
+            _Request(
+                "GET",
+                self._sub_path(topic, subscription, "dead-letters"),
+                lambda r: DeadLetterPage(
+                    [DeadLetterMessage.from_json(m) for m in r.json()["messages"]],
+                    r.json()["next_offset"],
+                ),
+                params={"from_offset": from_offset, "limit": limit},
+            )
+        )
+
+    def redrive(
+        self, topic: str, subscription: str, offsets: Iterable[int] | None = None
+    ) -> RedriveResult:
+        """Deliver parked messages again: those at `offsets`, or all of them."""
+        body: dict[str, Any] = {}
+        if offsets is not None:
+            body["offsets"] = list(offsets)
+        return self._run(
+            _Request(
+                "POST",
+                self._sub_path(topic, subscription, "dead-letters/redrive"),
+                lambda r: RedriveResult(r.json()["redriven"]),
+                body=body,
+            )
+        )
+
+    # ---- service --------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when /readyz answers 200."""
+        return self._run(_Request("GET", "/readyz", lambda r: True))
+
+
+def _build(
+    client: httpx.Client | httpx.AsyncClient, request: _Request, timeout: float
+) -> httpx.Request:
+    content = None
+    headers = None
+    if request.body is not None:
+        content = json.dumps(request.body, allow_nan=False).encode()
+        headers = {"content-type": "application/json"}
+    return client.build_request(
+        request.method,
+        request.path,
+        params=request.params,
+        content=content,
+        headers=headers,
+        timeout=timeout + request.extra_timeout,
+    )
+
+
+class Client(_Operations):
+    """Synchronous client. `base_url` and `api_key` default to the environment variables
+    SLUICE_URL and SLUICE_API_KEY (sent as `Authorization: Bearer`)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url, all_headers = resolve_config(base_url, api_key, headers)
+        self.timeout = timeout
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=all_headers, timeout=timeout, transport=transport
+        )
+
+    def _run(self, request: _Request) -> Any:
+        try:
+            response = self._http.send(_build(self._http, request, self.timeout))
+        except httpx.TransportError as exc:
+            raise connection_error(exc) from exc
+        return self._finish(request, response)
+
+    def browse_pages(
+        self, topic: str, *, from_offset: int = 0, limit: int = 100
+    ) -> Iterator[BrowsePage]:
+        """Pages of stored messages from `from_offset` up to the head (ends at an empty page)."""
+        while True:
+            page = self.browse(topic, from_offset=from_offset, limit=limit)
+            if not page.messages:
+                return
+            yield page
+            from_offset = page.next_offset
+
+    def iter_topics(self, *, limit: int = 100) -> Iterator[Topic]:
+        after = None
+        while True:
+            page = self.list_topics(after=after, limit=limit)
+            yield from page.items
+            if page.next_after is None or not page.items:
+                return
+            after = page.next_after
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Operations):
+    """Asynchronous client: the same methods as `Client`, each to be awaited."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        self.base_url, all_headers = resolve_config(base_url, api_key, headers)
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=all_headers,
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    async def _run(self, request: _Request) -> Any:
+        try:
+            response = await self._http.send(_build(self._http, request, self.timeout))
+        except httpx.TransportError as exc:
+            raise connection_error(exc) from exc
+        return self._finish(request, response)
+
+    async def browse_pages(
+        self, topic: str, *, from_offset: int = 0, limit: int = 100
+    ) -> AsyncIterator[BrowsePage]:
+        """Pages of stored messages from `from_offset` up to the head (ends at an empty page)."""
+        while True:
+            page = await self.browse(topic, from_offset=from_offset, limit=limit)
+            if not page.messages:
+                return
+            yield page
+            from_offset = page.next_offset
+
+    async def iter_topics(self, *, limit: int = 100) -> AsyncIterator[Topic]:
+        after = None
+        while True:
+            page = await self.list_topics(after=after, limit=limit)
+            for topic in page.items:
+                yield topic
+            if page.next_after is None or not page.items:
+                return
+            after = page.next_after
+
+    def publisher(self, topic: str, **options: Any):
+        """A batching `Publisher` for `topic` on this client (see Publisher)."""
+        from ._publisher import Publisher
+
+        return Publisher(self, topic, **options)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

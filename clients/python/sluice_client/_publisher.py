@@ -1,0 +1,324 @@
+"""`Publisher`: batches messages in the background and retries batches safely."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+import random
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._errors import RateLimited, SluiceError, is_retryable
+from ._models import OutgoingMessage
+
+if TYPE_CHECKING:
+    from ._client import AsyncClient
+
+log = logging.getLogger("sluice_client.publisher")
+
+
+@dataclass
+class _Pending:
+    message: OutgoingMessage
+    size: int
+    future: asyncio.Future[int]
+
+
+class Publisher:
+    """Batches `publish()` calls to one topic into requests of up to `max_batch_messages`
+    messages and about `max_batch_bytes` of JSON, sent at most `linger_seconds` after the
+    first message of a batch is buffered.
+
+    Every message gets a dedup id (uuid4) unless it has one, so a batch that fails with no
+    answer, a timeout or a 503/429 is retried as it was without storing anything twice
+    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order.
+    At most `max_buffered` messages wait or are in flight: `publish()` waits for room
+    (backpressure). `close()` (or leaving `async with`) flushes first.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        topic: str,
+        *,
+        linger_seconds: float = 0.01,
+        max_batch_messages: int = 1000,
+        max_batch_bytes: int = 1_000_000,
+        max_buffered: int = 10_000,
+        max_retries: int = 8,
+        retry_min_seconds: float = 0.1,
+        retry_max_seconds: float = 5.0,
+        auto_dedup: bool = True,
+    ) -> None:
+        if not 1 <= max_batch_messages <= 1000:
+            raise ValueError("max_batch_messages must be 1..1000")
+        self.client = client
+        self.topic = topic
+        self.linger_seconds = linger_seconds
+        self.max_batch_messages = max_batch_messages
+        self.max_batch_bytes = max_batch_bytes
+        self.max_retries = max_retries
+        self.retry_min_seconds = retry_min_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.auto_dedup = auto_dedup
+        self._room = asyncio.Semaphore(max_buffered)
+        self._queue: deque[_Pending] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()  # something was queued, or close/flush was asked
+        self._ready = asyncio.Event()  # a batch is full, or flush/close: skip the linger
+        self._flushing = 0
+        self._closed = False
+        self._sender: asyncio.Task[None] | None = None
+        self._unsettled: set[asyncio.Future[int]] = set()
+        #: requests sent (attempts included) and batches sent, for observing batching
+        self.requests_sent = 0
+        self.batches_sent = 0
+
+    # ---- public ---------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        value: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay_seconds: int = 0,
+        dedup_id: str | None = None,
+    ) -> asyncio.Future[int]:
+        """Buffer one message (waiting while the buffer is full) and return a future that
+        resolves to its offset, or to the SluiceError its batch ended with."""
+        if self._closed:
+            raise RuntimeError("the publisher is closed")
+        if dedup_id is None and self.auto_dedup:
+            dedup_id = uuid.uuid4().hex
+        message = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
+        size = len(json.dumps(message.to_json(), allow_nan=False)) + 1
+        await self._room.acquire()
+        if self._closed:
+            self._room.release()
+            raise RuntimeError("the publisher is closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._settled)
+        self._unsettled.add(future)
+        self._queue.append(_Pending(message, size, future))
+        self._queued_bytes += size
+        self._start()
+        self._wake.set()
+        if (
+            len(self._queue) >= self.max_batch_messages
+            or self._queued_bytes >= self.max_batch_bytes
+        ):
+            self._ready.set()
+        return future
+
+    async def flush(self) -> None:
+        """Send everything buffered now and wait until each of those messages is settled
+        (stored or failed)."""
+        waiting = list(self._unsettled)
+        if not waiting:
+            return
+        self._flushing += 1
+        self._wake.set()
+        self._ready.set()
+        try:
+            await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            self._flushing -= 1
+
+    async def close(self) -> None:
+        """Flush, then stop the background task. publish() raises afterwards."""
+        if self._closed and self._sender is None:
+            return
+        await self.flush()
+        self._closed = True
+        self._wake.set()
+        self._ready.set()
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            await sender
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- the background sender ------------------------------------------------------------
+
+    def _settled(self, future: asyncio.Future[int]) -> None:
+        self._unsettled.discard(future)
+        self._room.release()
+
+    def _start(self) -> None:
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            if not self._flushing and not self._closed and not self._batch_full():
+                self._ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), self.linger_seconds)
+            batch = self._take_batch()
+            try:
+                await self._send(batch)
+            except Exception as exc:  # settle the futures whatever happens
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _batch_full(self) -> bool:
+        return (
+            len(self._queue) >= self.max_batch_messages
+            or self._queued_bytes >= self.max_batch_bytes
+        )
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        while self._queue and len(batch) < self.max_batch_messages:
+            item = self._queue[0]
+            if batch and size + item.size > self.max_batch_bytes:
+                break
+            self._queue.popleft()
+            self._queued_bytes -= item.size
+            size += item.size
+            batch.append(item)
+        return batch
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        live = [item for item in batch if not item.future.cancelled()]
+        if not live:
+            return
+        messages = [item.message for item in live]
+        attempt = 0
+        self.batches_sent += 1
+        while True:
+            self.requests_sent += 1
+            try:
+                results = await self.client.publish(self.topic, messages)
+            except SluiceError as exc:
+                # Without a dedup id on every message only a 429 (nothing stored) is retried.
+                safe = all(m.dedup_id for m in messages) or isinstance(exc, RateLimited)
+                retry = is_retryable(exc) and safe and attempt < self.max_retries
+                if not retry:
+                    for item in live:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    return
+                attempt += 1
+                delay = min(self.retry_max_seconds, self.retry_min_seconds * 2 ** (attempt - 1))
+                delay = random.uniform(delay / 2, delay)
+                retry_after = getattr(exc, "retry_after", None)
+                if retry_after:
+                    delay = max(delay, min(retry_after, self.retry_max_seconds))
+                log.warning(
+                    "publish to %s failed (%s); retry %d in %.2fs", self.topic, exc, attempt, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            for item, result in zip(live, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result.offset)
+            return
+
+
+def _copy_outcome(source: asyncio.Future[int], target: concurrent.futures.Future[int]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
+class SyncPublisher:
+    """`Publisher` for code without an event loop: an `AsyncClient` and a `Publisher` run on
+    an event loop in a background thread. `publish()` blocks while the buffer is full and
+    returns a `concurrent.futures.Future` resolving to the offset. Options as `Publisher`;
+    `base_url`/`api_key` as `Client`."""
+
+    def __init__(
+        self,
+        topic: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        from ._client import AsyncClient
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sluice-publisher", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> tuple[AsyncClient, Publisher]:
+            client = AsyncClient(base_url, api_key=api_key, timeout=timeout)
+            return client, Publisher(client, topic, **options)
+
+        self._client, self._publisher = self._call(make())
+        self._closed = False
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def publisher(self) -> Publisher:
+        return self._publisher
+
+    def publish(
+        self,
+        value: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay_seconds: int = 0,
+        dedup_id: str | None = None,
+    ) -> concurrent.futures.Future[int]:
+        async def buffer() -> concurrent.futures.Future[int]:
+            inner = await self._publisher.publish(
+                value, key=key, headers=headers, delay_seconds=delay_seconds, dedup_id=dedup_id
+            )
+            outer: concurrent.futures.Future[int] = concurrent.futures.Future()
+            inner.add_done_callback(functools.partial(_copy_outcome, target=outer))
+            return outer
+
+        return self._call(buffer())
+
+    def flush(self) -> None:
+        self._call(self._publisher.flush())
+
+    def close(self) -> None:
+        """Flush, then stop the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._publisher.close())
+            self._call(self._client.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,455 @@
+"""`Worker` / `subscribe()`: a consumer loop with concurrency, lease extension, acks in the
+next pull, retries and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._client import AsyncClient
+from ._errors import RateLimited, SluiceError, is_retryable
+from ._models import Delivery
+
+log = logging.getLogger("sluice_client.worker")
+
+Handler = Callable[[Delivery], Awaitable[Any] | Any]
+
+#: the longest nack delay the API takes (12 h)
+MAX_NACK_DELAY = 43200
+
+
+class Retry(Exception):
+    """Raise from a handler to have the message delivered again after `delay_seconds`
+    (None: the subscription's retry backoff)."""
+
+    def __init__(self, delay_seconds: float | None = None) -> None:
+        super().__init__(delay_seconds)
+        self.delay_seconds = delay_seconds
+
+
+class DeadLetter(Exception):
+    """Raise from a handler to park the message in the subscription's dead letters.
+
+    The API has no "dead-letter this now" operation: the worker nacks the message with no
+    delay and, each time it comes back to this worker, nacks it again without calling the
+    handler, until the server parks it after the subscription's `max_deliveries` attempts
+    (then it is listed under dead letters and copied to `dead_letter_topic`, as any dead
+    letter). With `max_deliveries` 0 (unlimited) nothing is ever parked: the message is
+    nacked with the longest delay the API allows (12 h) instead."""
+
+
+@dataclass
+class _Lease:
+    delivery: Delivery
+    extend_at: float
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0  # handler raised (nacked)
+    acked: int = 0  # acks the server applied
+    stale_acks: int = 0
+    nacked: int = 0
+    extended: int = 0
+    lost_leases: int = 0  # extends that came back stale
+    given_back: int = 0  # received while stopping, or cut off by the grace period
+    stale_receipts: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """Pulls from `topic`/`subscription` and runs `handler(delivery)` on each message, at
+    most `concurrency` at a time. Async handlers run on the loop; plain functions in a
+    thread pool of `concurrency` threads.
+
+    - a handler that returns: the message is acked, in the `ack` field of the next pull
+      (or by /ack within `ack_interval_seconds` when no pull is due, e.g. during a
+      long-poll)
+    - raises `Retry(delay)`: nacked with that delay; `DeadLetter()`: see DeadLetter; any
+      other exception: nacked with the subscription's backoff (logged)
+    - a running handler's lease is extended every `ack_deadline * extend_fraction`
+    - 429: waits Retry-After; 5xx / no answer: exponential backoff with jitter
+    - `stop()` (also SIGTERM/SIGINT while `run()` runs on the main thread): stop pulling,
+      wait up to `grace_seconds` for running handlers, ack what finished, return. Handlers
+      still running then are cancelled (async) or abandoned (threads) and their messages
+      given back (nack, no delay).
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        topic: str,
+        subscription: str,
+        handler: Handler,
+        *,
+        concurrency: int = 10,
+        wait_seconds: float = 20.0,
+        max_messages: int | None = None,
+        ack_deadline_seconds: int | None = None,
+        extend_fraction: float = 0.5,
+        ack_interval_seconds: float | None = None,
+        grace_seconds: float = 30.0,
+        handle_signals: bool = True,
+        max_backoff_seconds: float = 30.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.client = client
+        self.topic = topic
+        self.subscription = subscription
+        self.handler = handler
+        self.concurrency = concurrency
+        self.wait_seconds = wait_seconds
+        self.max_messages = min(1000, max_messages or concurrency)
+        self.ack_deadline_seconds = ack_deadline_seconds
+        self.extend_fraction = extend_fraction
+        self.ack_interval_seconds = ack_interval_seconds
+        self.grace_seconds = grace_seconds
+        self.handle_signals = handle_signals
+        self.max_backoff_seconds = max_backoff_seconds
+        self.stats = WorkerStats()
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._in_flight: dict[str, _Lease] = {}
+        self._to_ack: list[str] = []
+        self._oldest_ack: float | None = None
+        self._dead: dict[int, None] = {}
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._deadline = 30
+        self._max_deliveries = 10
+        self.running = False
+
+    # ---- public ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop pulling; `run()` returns once running handlers finished (or the grace
+        period ended) and their acks are sent. Safe to call from a signal handler."""
+        self._stopping.set()
+
+    async def run(self) -> WorkerStats:
+        sub = await self.client.get_subscription(self.topic, self.subscription)
+        self._deadline = self.ack_deadline_seconds or sub.ack_deadline_seconds
+        self._max_deliveries = sub.max_deliveries
+        if self.ack_interval_seconds is None:
+            self.ack_interval_seconds = min(1.0, self._deadline / 4)
+        if not self._is_async:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix="sluice-handler"
+            )
+        loop = asyncio.get_running_loop()
+        signals: list[int] = []
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.stop)
+                    signals.append(sig)
+        self.running = True
+        extender = loop.create_task(self._extend_loop())
+        acker = loop.create_task(self._ack_loop())
+        try:
+            await self._pull_loop()
+        finally:
+            self._stopping.set()
+            await self._drain()
+            extender.cancel()
+            acker.cancel()
+            await asyncio.gather(extender, acker, return_exceptions=True)
+            await self._flush_acks(attempts=5)
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            self.running = False
+        return self.stats
+
+    # ---- pulling --------------------------------------------------------------------------
+
+    async def _wait_or_stop(self, awaitable: Awaitable[Any]) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        other = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({stop, other}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not other.done():
+                other.cancel()
+            await asyncio.gather(stop, other, return_exceptions=True)
+
+    async def _pull_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._wait_or_stop(self._slot_free.wait())
+                continue
+            acks = self._take_acks()
+            pull = asyncio.ensure_future(
+                self.client.pull(
+                    self.topic,
+                    self.subscription,
+                    max_messages=min(free, self.max_messages),
+                    wait_seconds=self.wait_seconds,
+                    ack=acks or None,
+                    ack_deadline_seconds=self.ack_deadline_seconds,
+                )
+            )
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not pull.done():
+                # Stopping during a long-poll: the server gives back what it claimed for a
+                # client that went away. Whether the acks were applied is unknown: resend.
+                pull.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SluiceError):
+                    result = await pull
+                    self._count_acks(result.acked, result.stale)
+                    await self._give_back(result.messages)
+                    acks = []
+                self._requeue_acks(acks)
+                return
+            try:
+                result = pull.result()
+            except RateLimited as exc:
+                if exc.acked is not None:
+                    self._count_acks(exc.acked, exc.stale or [])
+                else:
+                    self._requeue_acks(acks)
+                delay = exc.retry_after if exc.retry_after is not None else 1.0
+                log.info("rate limited; retrying the pull in %.1fs", delay)
+                await self._wait_or_stop(asyncio.sleep(delay))
+                continue
+            except SluiceError as exc:
+                self._requeue_acks(acks)
+                if not is_retryable(exc):
+                    raise
+                failures += 1
+                delay = random.uniform(0, min(self.max_backoff_seconds, 0.1 * 2**failures))
+                retry_after = getattr(exc, "retry_after", None)
+                if retry_after:
+                    delay = max(delay, retry_after)
+                log.warning("pull failed (%s); retrying in %.2fs", exc, delay)
+                await self._wait_or_stop(asyncio.sleep(delay))
+                continue
+            failures = 0
+            self._count_acks(result.acked, result.stale)
+            if self._stopping.is_set():
+                await self._give_back(result.messages)
+                return
+            for delivery in result.messages:
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        self.stats.received += 1
+        lease = _Lease(delivery, time.monotonic() + self._deadline * self.extend_fraction)
+        self._in_flight[delivery.receipt] = lease
+        lease.task = asyncio.get_running_loop().create_task(self._handle(lease))
+
+    # ---- handling -------------------------------------------------------------------------
+
+    async def _call_handler(self, delivery: Delivery) -> None:
+        if delivery.offset in self._dead:
+            raise DeadLetter()
+        if self._is_async:
+            await self.handler(delivery)
+            return
+        assert self._executor is not None
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, self.handler, delivery)
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        if inspect.isawaitable(result):
+            await result
+
+    async def _handle(self, lease: _Lease) -> None:
+        delivery = lease.delivery
+        try:
+            try:
+                await self._call_handler(delivery)
+            except Retry as exc:
+                self.stats.failed += 1
+                await self._nack(delivery, exc.delay_seconds)
+            except DeadLetter:
+                await self._dead_letter(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.failed += 1
+                log.exception("handler failed on offset %d; nacking", delivery.offset)
+                await self._nack(delivery, None)
+            else:
+                self.stats.succeeded += 1
+                if self._oldest_ack is None:
+                    self._oldest_ack = time.monotonic()
+                self._to_ack.append(delivery.receipt)
+        finally:
+            self._in_flight.pop(delivery.receipt, None)
+            self._slot_free.set()
+
+    async def _dead_letter(self, delivery: Delivery) -> None:
+        if self._max_deliveries == 0:
+            log.warning(
+                "DeadLetter on offset %d: the subscription has max_deliveries 0 (no dead "
+                "letters); nacking it for %ds instead",
+                delivery.offset,
+                MAX_NACK_DELAY,
+            )
+            await self._nack(delivery, MAX_NACK_DELAY)
+            return
+        if delivery.delivery_attempt >= self._max_deliveries:
+            self._dead.pop(delivery.offset, None)  # this nack parks it
+        else:
+            self._dead[delivery.offset] = None
+            while len(self._dead) > 100_000:
+                self._dead.pop(next(iter(self._dead)))
+        await self._nack(delivery, 0)
+
+    async def _nack(self, delivery: Delivery, delay: float | None, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                result = await self.client.nack(
+                    self.topic, self.subscription, [delivery.receipt], delay_seconds=delay
+                )
+                self.stats.nacked += result.nacked
+                return
+            except SluiceError as exc:
+                if not is_retryable(exc) or attempt == attempts - 1:
+                    log.warning("nack of offset %d failed: %s", delivery.offset, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    async def _give_back(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        self.stats.given_back += len(deliveries)
+        with contextlib.suppress(SluiceError):
+            await self.client.nack(
+                self.topic, self.subscription, [d.receipt for d in deliveries], delay_seconds=0
+            )
+
+    # ---- acks and leases ------------------------------------------------------------------
+
+    def _take_acks(self) -> list[str]:
+        acks, self._to_ack = self._to_ack[:1000], self._to_ack[1000:]
+        self._oldest_ack = time.monotonic() if self._to_ack else None
+        return acks
+
+    def _requeue_acks(self, acks: list[str]) -> None:
+        if acks:
+            self._to_ack[:0] = acks
+            self._oldest_ack = self._oldest_ack or time.monotonic()
+
+    def _count_acks(self, acked: int | None, stale: list[str]) -> None:
+        if acked is not None:
+            self.stats.acked += acked
+            self.stats.stale_acks += len(stale)
+            self.stats.stale_receipts.extend(stale[:100])
+
+    async def _flush_acks(self, attempts: int = 1) -> None:
+        attempt = 0
+        while self._to_ack:
+            acks = self._take_acks()
+            try:
+                result = await self.client.ack(self.topic, self.subscription, acks)
+            except asyncio.CancelledError:
+                self._requeue_acks(acks)  # the final flush sends them again
+                raise
+            except SluiceError as exc:
+                self._requeue_acks(acks)
+                attempt += 1
+                if not is_retryable(exc) or attempt >= attempts:
+                    log.warning("ack of %d receipts failed: %s", len(acks), exc)
+                    return
+                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                continue
+            self._count_acks(result.acked, result.stale)
+
+    async def _ack_loop(self) -> None:
+        interval = self.ack_interval_seconds or 1.0
+        while True:
+            await asyncio.sleep(interval / 2)
+            if self._oldest_ack is not None and time.monotonic() - self._oldest_ack >= interval:
+                await self._flush_acks()
+
+    async def _extend_loop(self) -> None:
+        step = self._deadline * self.extend_fraction
+        while True:
+            now = time.monotonic()
+            soon = now + self._deadline * 0.1
+            due = [r for r, lease in self._in_flight.items() if lease.extend_at <= soon][:1000]
+            if due:
+                try:
+                    result = await self.client.extend(
+                        self.topic, self.subscription, due, ack_deadline_seconds=self._deadline
+                    )
+                except SluiceError as exc:
+                    log.warning("extending %d leases failed: %s", len(due), exc)
+                    await asyncio.sleep(min(0.5, step / 4))
+                    continue
+                self.stats.extended += result.extended
+                for receipt in due:
+                    lease = self._in_flight.get(receipt)
+                    if lease is not None:
+                        lease.extend_at = now + step
+                if result.stale:
+                    self.stats.lost_leases += len(result.stale)
+                    log.warning(
+                        "%d leases were lost before they could be extended", len(result.stale)
+                    )
+            upcoming = min((lease.extend_at for lease in self._in_flight.values()), default=None)
+            pause = min(step / 2, 1.0) if upcoming is None else upcoming - time.monotonic()
+            await asyncio.sleep(max(0.02, min(pause, step / 2, 1.0)))
+
+    async def _drain(self) -> None:
+        tasks = [lease.task for lease in self._in_flight.values() if lease.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.grace_seconds)
+            if pending:
+                cut = [
+                    lease.delivery
+                    for lease in list(self._in_flight.values())
+                    if lease.task in pending
+                ]
+                log.warning("%d handlers still running after the grace period", len(cut))
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                await self._give_back(cut)
+
+
+async def subscribe(
+    topic: str,
+    subscription: str,
+    handler: Handler,
+    *,
+    concurrency: int = 10,
+    client: AsyncClient | None = None,
+    **options: Any,
+) -> WorkerStats:
+    """Run a `Worker` until it is stopped (SIGTERM/SIGINT); a client is made from
+    SLUICE_URL / SLUICE_API_KEY when none is given."""
+    own = client is None
+    client = client or AsyncClient()
+    try:
+        worker = Worker(client, topic, subscription, handler, concurrency=concurrency, **options)
+        return await worker.run()
+    finally:
+        if own:
+            await client.aclose()

@@ -1,0 +1,163 @@
+"""sluice_client.Publisher against a real `sluice serve` process: batching, futures that
+resolve to offsets, backpressure, and retries that never store a message twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, ServerProcess, unique
+
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+import sluice_client as sc
+
+
+@pytest.fixture(scope="module")
+def server(db_url: str) -> Iterator[ServerProcess]:
+    proc = ServerProcess(db_url)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+class CountingFlaky(httpx.AsyncBaseTransport):
+    """Real HTTP, counting publish requests; `failures` lists what to do to the next publish
+    requests: "503" (answered 503 without reaching the server), "lost" (forwarded and
+    stored, then the answer is replaced by a read timeout), "reset" (connection error
+    before sending)."""
+
+    def __init__(self, failures: list[str] | None = None) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.failures = list(failures or [])
+        self.publishes: list[int] = []  # messages per publish request
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/messages"):
+            body = json.loads(request.content)
+            self.publishes.append(len(body["messages"]))
+            what = self.failures.pop(0) if self.failures else None
+            if what == "503":
+                return httpx.Response(
+                    503,
+                    json={
+                        "type": "x",
+                        "title": "Service unavailable",
+                        "status": 503,
+                        "detail": "x",
+                    },
+                    headers={"retry-after": "0"},
+                )
+            if what == "reset":
+                raise httpx.ConnectError("reset", request=request)
+            if what == "lost":
+                response = await self.inner.handle_async_request(request)
+                await response.aread()
+                assert response.status_code == 201
+                raise httpx.ReadTimeout("answer lost", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def stored_values(client: sc.AsyncClient, topic: str) -> list:
+    return [m.value async for p in client.browse_pages(topic, limit=1000) for m in p.messages]
+
+
+async def test_publisher_batches_and_futures_resolve_to_offsets(server):
+    transport = CountingFlaky()
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        topic = unique("pub")
+        await client.create_topic(topic)
+        async with client.publisher(topic, linger_seconds=0.05) as pub:
+            futures = [await pub.publish({"i": i}, key=f"k{i % 3}") for i in range(300)]
+            offsets = await asyncio.gather(*futures)
+        assert len(transport.publishes) < 10, transport.publishes  # 300 calls, few requests
+        assert sum(transport.publishes) == 300
+        assert offsets == sorted(offsets) and len(set(offsets)) == 300
+        page = await client.browse(topic, limit=1000)
+        assert {m.offset: m.value["i"] for m in page.messages} == {
+            o: i for i, o in enumerate(offsets)
+        }
+        assert page.messages[0].key == "k0"
+        # max_batch_messages caps a batch; flush() sends without waiting for the linger
+        transport.publishes.clear()
+        pub = sc.Publisher(client, topic, linger_seconds=10, max_batch_messages=40)
+        futures = [await pub.publish(i) for i in range(100)]
+        await pub.flush()
+        assert all(f.done() for f in futures)
+        assert max(transport.publishes) <= 40 and sum(transport.publishes) == 100
+        await pub.close()
+        with pytest.raises(RuntimeError):
+            await pub.publish(1)
+
+
+async def test_publisher_byte_limit_and_backpressure(server):
+    async with sc.AsyncClient(server.base_url, transport=CountingFlaky()) as client:
+        topic = unique("pub")
+        await client.create_topic(topic)
+        pub = sc.Publisher(
+            client, topic, linger_seconds=0.01, max_batch_bytes=2_000, max_buffered=10
+        )
+        futures = []
+        for i in range(60):
+            futures.append(await pub.publish("x" * 300 + str(i)))
+            assert len(pub._unsettled) <= 10  # publish() waited for room
+        await pub.close()
+        offsets = [f.result() for f in futures]
+        assert len(set(offsets)) == 60
+        assert client._http._transport.publishes  # type: ignore[attr-defined]
+        assert max(client._http._transport.publishes) <= 7  # ~2,000 bytes per request
+
+
+@pytest.mark.parametrize("failures", [["lost", "lost"], ["503", "reset", "lost"]])
+async def test_a_retried_batch_is_stored_once(server, failures):
+    transport = CountingFlaky(failures)
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        topic = unique("pub")
+        await client.create_topic(topic)
+        async with sc.Publisher(client, topic, linger_seconds=0.05, retry_min_seconds=0.01) as pub:
+            futures = [await pub.publish(i) for i in range(50)]
+            futures.append(await pub.publish("mine", dedup_id="my-own-id"))
+            offsets = await asyncio.gather(*futures)
+        assert len(transport.publishes) == len(failures) + 1  # one batch, retried
+        assert pub.batches_sent == 1 and pub.requests_sent == len(failures) + 1
+        values = await stored_values(client, topic)
+        assert values == [*range(50), "mine"]  # the lost answers stored it once
+        assert len(set(offsets)) == 51
+        assert (await client.get_topic(topic)).message_count == 51
+
+
+async def test_a_refused_batch_fails_its_futures(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        async with sc.Publisher(client, unique("missing"), linger_seconds=0.01) as pub:
+            futures = [await pub.publish(i) for i in range(3)]
+            await pub.flush()
+        for f in futures:
+            assert isinstance(f.exception(), sc.NotFound)
+
+
+def test_sync_publisher_batches_from_plain_threads(server):
+    topic = unique("pub")
+    with sc.Client(server.base_url) as c:
+        c.create_topic(topic)
+        with sc.SyncPublisher(topic, base_url=server.base_url, linger_seconds=0.05) as pub:
+            futures = [pub.publish({"i": i}) for i in range(200)]
+            offsets = [f.result(timeout=10) for f in futures]
+            assert pub.publisher.requests_sent < 10
+            late = pub.publish("last")  # still buffered when close() flushes
+        assert late.result(timeout=0) > max(offsets)
+        assert len(set(offsets)) == 200
+        assert c.get_topic(topic).message_count == 201
+    with sc.SyncPublisher(unique("missing"), base_url=server.base_url) as pub:
+        failed = pub.publish(1)
+        pub.flush()
+        assert isinstance(failed.exception(timeout=0), sc.NotFound)
