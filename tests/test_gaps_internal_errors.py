@@ -15,7 +15,6 @@ import asyncpg
 import httpx
 import pytest
 
-from sluice.api import hot_paths
 from sluice.api.routes import consuming as consuming_routes
 from sluice.api.routes import topics as topic_routes
 from tests.conftest import Harness, run_app, unique
@@ -81,9 +80,6 @@ async def test_unexpected_exception_answers_problem_json_without_its_text(
     try:
         monkeypatch.setattr(topic_routes, "topic_ops", Exploding())
         monkeypatch.setattr(consuming_routes, "consuming", Exploding())
-        # The fast paths of publish and ack call the same queue operations.
-        monkeypatch.setattr(hot_paths, "topic_ops", Exploding())
-        monkeypatch.setattr(hot_paths, "consuming", Exploding())
         requests = [
             ("GET", topic_path(topic), None),
             ("PUT", topic_path(topic), {}),

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from sluice.api import hot_paths
+from sluice.api.routes import topics as topic_routes
 from tests.conftest import unique
 from tests.helpers import create_subscription, create_topic, pull, topic_path
 
@@ -25,6 +26,12 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Which requests the fast paths answered themselves."""
     seen: list[str] = []
     publish_messages, ack_receipts = hot_paths.publish_messages, hot_paths.ack_receipts
+    pull_values = hot_paths.pull_values
+
+    def spy_pull(body: Any) -> Any:
+        result = pull_values(body)
+        seen.append("pull")
+        return result
 
     def spy_publish(body: Any) -> Any:
         result = publish_messages(body)
@@ -38,6 +45,7 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(hot_paths, "publish_messages", spy_publish)
     monkeypatch.setattr(hot_paths, "ack_receipts", spy_ack)
+    monkeypatch.setattr(hot_paths, "pull_values", spy_pull)
     return seen
 
 
@@ -202,7 +210,8 @@ async def test_failures_on_the_fast_path_get_the_apps_problem_answers(
     async with run_app(db_url) as h:
         topic = unique()
         await create_topic(h.client, topic)
-        monkeypatch.setattr(hot_paths, "topic_ops", Raising(exc))
+        # The fast path answers through the route module's publish_answer.
+        monkeypatch.setattr(topic_routes, "topic_ops", Raising(exc))
         transport = httpx.ASGITransport(app=h.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://sluice.test") as c:
             r = await c.post(
@@ -216,3 +225,78 @@ async def test_failures_on_the_fast_path_get_the_apps_problem_answers(
     assert "secret detail" not in r.text
     if status == 503:
         assert r.headers["retry-after"] == "1"
+
+
+PULLS = [
+    {},
+    {"max_messages": 2},
+    {"max_messages": 3, "wait_seconds": 0, "ack_deadline_seconds": 60},
+    {"max_messages": 1, "ack": []},
+    {"max_messages": 1, "wait_seconds": 0.0},
+]
+PULLS_HANDED_OVER = [
+    b'{"max_messages": 0}',
+    b'{"max_messages": 1001}',
+    b'{"max_messages": 2.0}',
+    b'{"max_messages": true}',
+    b'{"wait_seconds": 21}',
+    b'{"wait_seconds": -1}',
+    b'{"ack_deadline_seconds": 0}',
+    b'{"ack_deadline_seconds": 30.0}',
+    b'{"ack": "x"}',
+    b'{"ack": [1]}',
+    b'{"other": 1}',
+    b"[]",
+]
+
+
+async def _two_subscriptions(client: Any) -> tuple[str, str]:
+    topic = unique()
+    await create_topic(client, topic)
+    for sub in ("a", "b"):
+        await create_subscription(client, topic, sub, ack_deadline_seconds=30)
+    await client.post(
+        topic_path(topic) + "/messages", json={"messages": [{"value": i} for i in range(5)]}
+    )
+    return topic, topic_path(topic) + "/subscriptions/{}/pull"
+
+
+def _delivered(r: Any) -> tuple[int, Any]:
+    status, body = comparable(r)
+    for m in (body or {}).get("messages", ()):
+        for varying in ("receipt", "ack_deadline", "published_at"):
+            m.pop(varying)
+    return status, body
+
+
+@pytest.mark.parametrize("body", PULLS, ids=range(len(PULLS)))
+async def test_pulls_answer_the_same_both_ways(client, taken, body):
+    _, path = await _two_subscriptions(client)
+    taken.clear()
+    fast = await client.post(path.format("a"), content=orjson.dumps(body), headers=FAST)
+    reference = await client.post(path.format("b"), content=orjson.dumps(body), headers=REFERENCE)
+    assert _delivered(fast) == _delivered(reference)
+    assert fast.status_code == 200 and fast.json()["messages"]
+    assert taken == ["pull"]
+
+
+@pytest.mark.parametrize("body", PULLS_HANDED_OVER, ids=range(len(PULLS_HANDED_OVER)))
+async def test_pulls_the_fast_path_hands_over_get_the_reference_answer(client, taken, body):
+    _, path = await _two_subscriptions(client)
+    taken.clear()
+    fast = await client.post(path.format("a"), content=body, headers=FAST)
+    reference = await client.post(path.format("b"), content=body, headers=REFERENCE)
+    assert _delivered(fast) == _delivered(reference)
+    assert taken == []
+
+
+async def test_a_pull_acking_its_previous_batch_on_the_fast_path(client, taken):
+    _, path = await _two_subscriptions(client)
+    taken.clear()
+    first = (await client.post(path.format("a"), json={"max_messages": 2})).json()["messages"]
+    receipts = [m["receipt"] for m in first]
+    r = await client.post(path.format("a"), json={"max_messages": 2, "ack": [*receipts, "zz"]})
+    answer = r.json()
+    assert (answer["acked"], answer["stale"]) == (2, ["zz"])
+    assert [m["offset"] for m in answer["messages"]] == [2, 3]
+    assert taken == ["pull", "pull"]

@@ -49,12 +49,33 @@ async def pull(
     acks its previous batch in the same round trip as it asks for the next one. The
     answer then also carries `acked` and `stale`; a problem answer (e.g. 429) carries them
     too, as the acks were applied anyway."""
-    async with watch_disconnect(request, enabled=body.wait_seconds > 0) as client_gone:
+    return await pull_answer(
+        request,
+        topic,
+        subscription,
+        body.max_messages,
+        body.wait_seconds,
+        body.ack_deadline_seconds,
+        body.ack,
+    )
+
+
+async def pull_answer(
+    request: Request,
+    topic: str,
+    subscription: str,
+    max_messages: int,
+    wait_seconds: float,
+    ack_deadline_seconds: int | None,
+    ack: list[str] | None,
+) -> Response:
+    """The pull itself, from checked values (also app.api.hot_paths')."""
+    async with watch_disconnect(request, enabled=wait_seconds > 0) as client_gone:
         params = consuming.PullParams(
-            topic, subscription, body.max_messages, body.wait_seconds, body.ack_deadline_seconds
+            topic, subscription, max_messages, wait_seconds, ack_deadline_seconds
         )
         outcome = await consuming.pull(
-            ctx_of(request), params, ack_first=body.ack, client_gone=client_gone
+            ctx_of(request), params, ack_first=ack, client_gone=client_gone
         )
     messages: list[dict[str, Any]] = [
         {
@@ -88,7 +109,14 @@ async def ack(
 ) -> Response:
     """Receipts of an attempt that is no longer current (expired, redelivered, already
     acked) are not applied and come back under `stale`."""
-    result = await consuming.ack(ctx_of(request), topic, subscription, body.receipts)
+    return await ack_answer(request, topic, subscription, body.receipts)
+
+
+async def ack_answer(
+    request: Request, topic: str, subscription: str, receipts: list[str]
+) -> Response:
+    """The ack itself, from checked receipts (also app.api.hot_paths')."""
+    result = await consuming.ack(ctx_of(request), topic, subscription, receipts)
     return JSONBody({"acked": result.applied, "stale": result.stale})
 
 

@@ -131,7 +131,7 @@ async def delete_topic(topic: TopicName, request: Request) -> Response:
     return Response(status_code=204)
 
 
-def _serialise_value(value: Any) -> str:
+def serialise_value(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except TypeError:
@@ -163,7 +163,7 @@ async def publish(topic: TopicName, body: PublishRequest, request: Request) -> R
     its original offset comes back with `duplicate: true`."""
     messages = [
         NewMessage(
-            value=_serialise_value(m.value),
+            value=serialise_value(m.value),
             key=m.key,
             headers=None if m.headers is None else orjson.dumps(m.headers).decode(),
             delay_seconds=m.delay_seconds,
@@ -171,6 +171,11 @@ async def publish(topic: TopicName, body: PublishRequest, request: Request) -> R
         )
         for m in body.messages
     ]
+    return await publish_answer(request, topic, messages)
+
+
+async def publish_answer(request: Request, topic: str, messages: list[NewMessage]) -> Response:
+    """The publish itself, from checked messages (also app.api.hot_paths')."""
     published = await topic_ops.publish(ctx_of(request), topic, messages)
     return JSONBody(
         {"messages": [{"offset": p.offset, "duplicate": p.duplicate} for p in published]},
