@@ -228,6 +228,7 @@ XDIST_GROUPS = {
     "tests/test_long_poll.py": "timing",
     "tests/test_flow_control.py": "timing",
     "tests/test_sdk_worker.py": "timing",
+    "tests/test_mutation_kills.py": "timing",
     "tests/faults/": "faults",
     "tests/test_docs.py": "browser",
     "tests/test_ui.py": "browser",
