@@ -4,28 +4,12 @@ every operation round-trips, and error answers map to the SDK's exception classe
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, unique
-
-sys.path.insert(0, str(ROOT / "clients" / "python"))
-
-import sluice_client as sc
-
-
-@pytest.fixture(scope="module")
-def server(db_url: str) -> Iterator[ServerProcess]:
-    """One real server process for the module (the same mechanism as `server_factory`)."""
-    proc = ServerProcess(db_url)
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+from tests.conftest import unique
+from tests.sdk_support import sc, server  # noqa: F401 (the fixture)
 
 
 def test_sync_client_round_trips_every_operation(server):

@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, unique
-
-sys.path.insert(0, str(ROOT / "clients" / "python"))
-
-import sluice_client as sc
-
-
-@pytest.fixture(scope="module")
-def server(db_url: str) -> Iterator[ServerProcess]:
-    proc = ServerProcess(db_url)
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+from tests.conftest import unique
+from tests.sdk_support import sc, server  # noqa: F401 (the fixture)
 
 
 class CountingFlaky(httpx.AsyncBaseTransport):
