@@ -127,10 +127,12 @@ async def main() -> None:
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     rows: list[tuple[int, str, dict]] = []
     try:
+        # Sluice first: its port is chosen when it is created, and only bound once it runs,
+        # so a floor started before could be given the same free port.
+        await server.start()
         for name, target in FLOORS.items():
             port = free_port()
             started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
-        await server.start()
         async with httpx.AsyncClient(base_url=server.base_url) as client:
             assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
         for url, _ in started.values():
