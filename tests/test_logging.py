@@ -248,3 +248,15 @@ class _Stream(io.StringIO):
 )
 def test_the_format_follows_the_setting_or_the_terminal(setting, tty, expected):
     assert resolve_format(setting, _Stream(tty)) == expected
+
+
+def test_generated_request_ids_are_unique_and_drawn_again_after_a_fork(monkeypatch):
+    from sluice.api import observability
+
+    first, second = observability._new_request_id(), observability._new_request_id()
+    assert first != second and first[:16] == second[:16]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in (first, second))
+    real_pid = observability.os.getpid()
+    monkeypatch.setattr(observability.os, "getpid", lambda: real_pid + 1)  # a forked child
+    child = observability._new_request_id()
+    assert child[:16] != first[:16]
