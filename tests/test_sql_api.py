@@ -697,3 +697,31 @@ async def test_an_application_role_cannot_move_the_sql_clock(harness, app_conn, 
         await conn.close()
         await app_conn.execute(f"DROP OWNED BY {role}")
         await app_conn.execute(f"DROP ROLE {role}")
+
+
+async def test_a_transaction_in_progress_but_above_the_snapshots_xmax_is_not_lost(db_url, app_conn):
+    """A snapshot lists in xip only in-progress xids below its xmax, which is one past the
+    newest *completed* xid. X takes its xid after W, draws its outbox id before W's, and is
+    still open when W commits and a pass relays W: X's xid is then at or above the pass's
+    xmax, absent from its xip, and its outbox id below the pass's cursor. It must still be
+    relayed when X commits (the pass's bound covers it)."""
+    w_conn, x_conn = await connect(db_url), await connect(db_url)
+    async with run_app(db_url, sql_relay=False) as harness:
+        topic = await topic_with_subscription(harness.client)
+        try:
+            w_tx, x_tx = w_conn.transaction(), x_conn.transaction()
+            await w_tx.start()
+            await x_tx.start()
+            w = int(await w_conn.fetchval("SELECT pg_current_xact_id()::text"))
+            id_x = await x_conn.fetchval("SELECT sluice.send($1, '\"X\"')", topic)
+            x = int(await x_conn.fetchval("SELECT pg_current_xact_id()::text"))
+            id_w = await w_conn.fetchval("SELECT sluice.send($1, '\"W\"')", topic)
+            assert w < x and id_x < id_w
+            await w_tx.commit()
+            assert (await relay_once(harness.ctx)).relayed == 1
+            await x_tx.commit()
+            assert (await relay_once(harness.ctx)).relayed == 1
+            assert [m["value"] for m in await browse(harness, topic)] == ["W", "X"]
+        finally:
+            await w_conn.close()
+            await x_conn.close()

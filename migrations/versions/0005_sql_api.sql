@@ -12,10 +12,11 @@
 --
 -- Which outbox rows has the relay moved? Every row records the transaction that wrote it
 -- (xid8, assigned before the row's seq is drawn). A relay pass reads, in one statement,
--- its snapshot and the rows with seq above its cursor or written by a transaction that was
--- in progress at its previous pass (the xip list of that pass's snapshot). A transaction
--- that started after that snapshot drew its seqs after every seq visible in it, so above the
--- cursor; one in progress then is in the list. A row has been relayed exactly when its seq
+-- its snapshot and the rows with seq above its cursor or written by a transaction that may
+-- have been in progress at its previous pass: in the xip list of that pass's snapshot, or
+-- from the snapshot's xmax (one past the newest completed xid) up to a bound the pass took
+-- after it. A transaction whose xid is above that bound drew its seqs after every seq
+-- visible in the snapshot, so above the cursor. A row has been relayed exactly when its seq
 -- is at most the cursor and its transaction is visible in the snapshot of the newest pass
 -- (docs/design.md proves it). The outbox is insert-only: three partitions in rotation, each
 -- emptied by TRUNCATE once everything in it has been relayed (PgQ's rotation).
@@ -48,6 +49,7 @@ CREATE TABLE sluice.outbox (
     -- relayed: where the relay's pass got to
     cursor    bigint,
     snap      pg_snapshot,
+    bound     xid8,                             -- every xid below it was assigned by then
     PRIMARY KEY (topic_id, seq, part)
 ) PARTITION BY LIST (part);
 CREATE TABLE sluice.outbox_0 PARTITION OF sluice.outbox FOR VALUES IN (0);
@@ -315,7 +317,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_cursor bigint := 0;
     v_snap pg_snapshot;
+    v_bound xid8;
     v_pending xid8[];
+    v_unlisted xid8;
     v_new_snap pg_snapshot;
     v_seqs bigint[];
     v_row record;
@@ -329,10 +333,13 @@ BEGIN
         relayed := -1;
         RETURN;
     END IF;
-    SELECT o.cursor, o.snap INTO v_cursor, v_snap FROM sluice.outbox o
+    SELECT o.cursor, o.snap, o.bound INTO v_cursor, v_snap, v_bound FROM sluice.outbox o
     WHERE o.kind = 'relayed' ORDER BY o.seq DESC LIMIT 1;
     v_cursor := coalesce(v_cursor, 0);
     v_pending := coalesce((SELECT array_agg(x) FROM pg_snapshot_xip(v_snap) x), '{}');
+    -- In progress at that snapshot but not in its xip list: xids from its xmax (one past the
+    -- newest *completed* xid) up to the bound the pass took after it.
+    v_unlisted := pg_snapshot_xmax(v_snap);
     -- The snapshot and the rows it sees, in one statement.
     SELECT pg_current_snapshot(), array_agg(c.seq ORDER BY c.seq)
     INTO v_new_snap, v_seqs
@@ -341,7 +348,11 @@ BEGIN
                WHERE o.seq > v_cursor AND o.kind <> 'relayed' ORDER BY o.seq LIMIT p_limit + 1)
               UNION ALL
               (SELECT o.seq FROM sluice.outbox o
-               WHERE o.xid = ANY(v_pending) AND o.seq <= v_cursor AND o.kind <> 'relayed')) u
+               WHERE o.xid = ANY(v_pending) AND o.seq <= v_cursor AND o.kind <> 'relayed')
+              UNION ALL
+              (SELECT o.seq FROM sluice.outbox o
+               WHERE o.xid >= v_unlisted AND o.xid < v_bound AND o.seq <= v_cursor
+                 AND o.kind <> 'relayed')) u
           ORDER BY u.seq LIMIT p_limit + 1) c;
     v_seqs := coalesce(v_seqs, '{}');
     IF cardinality(v_seqs) > p_limit THEN
@@ -349,6 +360,8 @@ BEGIN
         v_seqs := v_seqs[1:p_limit];
     END IF;
     relayed := cardinality(v_seqs);
+    -- Every xid below this one was assigned by now, after the snapshot above.
+    v_bound := CASE WHEN cardinality(v_seqs) > 0 THEN pg_current_xact_id() END;
     IF relayed = 0 THEN
         -- Nothing new, and no mark either (an idle pass writes nothing): the previous mark
         -- still holds, since a transaction in progress now that was not at its snapshot
@@ -398,10 +411,11 @@ BEGIN
             'applied', coalesce(v_done.n, 0), 'dead_lettered', coalesce(v_done.parked, 0),
             'stale', cardinality(v_row.offsets) - coalesce(v_done.n, 0));
     END LOOP;
-    INSERT INTO sluice.outbox (topic_id, seq, part, xid, kind, at, cursor, snap)
+    INSERT INTO sluice.outbox (topic_id, seq, part, xid, kind, at, cursor, snap, bound)
     SELECT 0, nextval('sluice.outbox_ids'), c.part, pg_current_xact_id(), 'relayed',
            sluice.now(p_skew),
-           greatest(v_cursor, coalesce(v_seqs[cardinality(v_seqs)], v_cursor)), v_new_snap
+           greatest(v_cursor, coalesce(v_seqs[cardinality(v_seqs)], v_cursor)), v_new_snap,
+           v_bound
     FROM sluice.outbox_current c;
 END $$;
 
