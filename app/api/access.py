@@ -39,7 +39,7 @@ def is_protected(path: str) -> bool:
 # ---- who is calling ---------------------------------------------------------------------
 
 
-def _bearer_token(scope: Scope) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or ():
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
@@ -81,7 +81,7 @@ class AuthMiddleware:
             return
         principal: Principal | None = None
         if not snapshot.open:
-            token = _bearer_token(scope)
+            token = bearer_token(scope)
             if token is None:
                 response = problem(
                     401,

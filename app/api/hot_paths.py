@@ -1,41 +1,45 @@
-"""Fast paths for the hottest requests: publish, pull and ack, as plain Starlette routes.
+"""Fast paths for the hottest requests: publish, pull and ack, answered in front of the app.
 
 FastAPI's per-request work (dependency solving, validating the body through the pydantic
-model, building the endpoint's arguments) costs about 70 us of CPU per request on this
-machine, several times what the HTTP server itself needs (bench/wrk, bench/RESULTS.md). A
-request in the common shape does not need it: these routes sit in front of the FastAPI
-routes of the same path, check the key's scope, parse the body with the same strict parser
-and check it with plain code, then call the same queue operation and answer the same JSON.
+model, building the endpoint's arguments) and the ten middleware layers around it cost
+several times what the HTTP server itself needs (bench/wrk, bench/RESULTS.md). A request
+in the common shape needs none of it: HotFront, the outermost ASGI layer, checks its key
+and scope, parses the body with the same strict parser and checks it with plain code, then
+calls the same queue operation and answers the same JSON, with the same request id,
+metrics and access log as the middleware would have given it.
 
 Anything else (a Content-Type other than exactly application/json, a body that does not
-parse, a field out of bounds or of another type, an unknown field, a bad name in the path)
-is handed, body and all, to the FastAPI route, so that every refusal is exactly the
-documented one. The FastAPI routes stay the documentation (OpenAPI) and the reference; the
-tests send every request both ways (tests/test_hot_paths.py).
+parse, a field out of bounds or of another type, an unknown field, a bad name in the path,
+a key that is missing or lacks the scope) is handed, body and all, to the app's middleware
+stack and FastAPI route, so that every refusal is exactly the documented one. The FastAPI
+routes stay the documentation (OpenAPI) and the reference; the tests send every request
+both ways (tests/test_hot_paths.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match, Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.api.access import Access
+from sluice import metrics
+from sluice.api.access import Access, Forbidden, bearer_token
 from sluice.api.limits import StrictJSONRoute, parse_json
 from sluice.api.models import MAX_BATCH, MAX_HEADERS
+from sluice.api.observability import REQUEST_ID_HEADER, record, request_id_of
 from sluice.api.routes.consuming import ack_answer, pull_answer
 from sluice.api.routes.topics import publish_answer, serialise_value
 from sluice.records import NewMessage
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _MESSAGE_FIELDS = frozenset({"value", "key", "headers", "delay_seconds", "dedup_id"})
 
 
@@ -118,63 +122,146 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return again
 
 
+Shape = Callable[[Any], Any]
 Handler = Callable[[Request, dict[str, str], Any], Awaitable[Response]]
 
+# The hot paths, names included (names of another shape go the slow way and get its 422).
+_HOT_PATH = re.compile(
+    r"/v1/topics/([A-Za-z0-9_-]{1,80})/(?:messages|subscriptions/([A-Za-z0-9_-]{1,80})/(pull|ack))"
+)
 
-class HotRoute(Route):
-    """A Starlette route in front of the FastAPI route of the same path and method: answers
-    `handle(request, path_params, parsed_body)` for requests of the common shape, and hands
-    everything else to the router again, which then passes this route by (SLOW_PATH)."""
 
-    def __init__(self, path: str, access: Access | None, handle: Handler) -> None:
-        self.access = access
-        self._handle = handle
-        super().__init__(path, self._endpoint, methods=["POST"])
+@dataclass(frozen=True, slots=True)
+class _Hot:
+    template: str
+    access: Access | None
+    shape: Shape
+    answer: Handler
 
-    async def _endpoint(self, request: Request) -> Response:
-        raise NotImplementedError  # never called: handle() below answers
 
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope.get(SLOW_PATH):
-            return Match.NONE, {}
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self  # what the observability middleware labels requests by
-        return match, child
+class HotFront:
+    """The outermost ASGI layer: answers the hot requests of the common shape itself, and
+    hands everything else, unchanged, to the app's middleware stack.
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST" or not _common_request(scope):
-            await _slow(scope, receive, send)
+    What the middleware stack does for every request is done here in one place for these:
+    the request id, metrics and access log (observability), the key (auth), the body size
+    limit, the route's scope check, and the app's exception handlers for errors of the
+    operation. Any doubt (no or another Content-Type, no Content-Length, a body over the
+    limit, a missing, unknown or insufficient key, a root path, a body that does not parse
+    or is not of the common shape) hands the request to the stack, body and all, before
+    anything was done, so every refusal is the stack's own. A profile under wrk showed the
+    ten middleware layers and send wrappers of the stack costing a fifth of a
+    single-message publish (bench/RESULTS.md).
+    """
+
+    def __init__(self, app: FastAPI, stack: ASGIApp, hot: dict[str, _Hot]) -> None:
+        self.app = app
+        self.stack = stack
+        self.publish = hot["/v1/topics/{topic}/messages"]
+        self.pull = hot["/v1/topics/{topic}/subscriptions/{subscription}/pull"]
+        self.ack = hot["/v1/topics/{topic}/subscriptions/{subscription}/ack"]
+        self.max_body = app.state.settings.max_body_bytes
+        self.max_depth = app.state.settings.max_json_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hot = self._hot_route(scope)
+        if hot is None or not await self._admitted(scope, hot):
+            await self.stack(scope, receive, send)
             return
-        if self.access is not None:
-            self.access.check(scope)  # 403 as a problem, through the app's handlers
-        request = Request(scope, receive)
-        body = await request.body()
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        if len(body) > self.max_body:  # more than its Content-Length said: the stack's 413
+            await self.stack(scope, _replay(body, receive), send)
+            return
+        await self._answer(scope, receive, send, hot, body)
+
+    def _hot_route(self, scope: Scope) -> _Hot | None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+            return None
+        match = _HOT_PATH.fullmatch(scope["path"])
+        if match is None:
+            return None
+        topic, subscription, action = match.groups()
+        if subscription is None:
+            hot, params = self.publish, {"topic": topic}
+        else:
+            hot = self.pull if action == "pull" else self.ack
+            params = {"topic": topic, "subscription": subscription}
+        content_type = length = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = value
+        if content_type != b"application/json" or length is None or not length.isdigit():
+            return None
+        if int(length) > self.max_body:
+            return None
+        scope["path_params"] = params
+        return hot
+
+    async def _admitted(self, scope: Scope, hot: _Hot) -> bool:
+        """The key is known and has the route's scope (the stack answers 401/403/503)."""
         try:
-            parsed = parse_json(body, scope["app"].state.settings.max_json_depth)
-            response = await self._handle(request, scope["path_params"], parsed)
+            keys = await self.app.state.keys.current()
+        except Exception:  # the stack's auth layer answers 503 and logs it
+            return False
+        principal = None
+        if not keys.open:
+            token = bearer_token(scope)
+            principal = keys.authenticate(token) if token is not None else None
+            if principal is None:
+                return False
+        scope.setdefault("state", {})["principal"] = principal
+        if hot.access is not None:
+            try:
+                hot.access.check(scope)
+            except Forbidden:
+                return False
+        return True
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, hot: _Hot, body: bytes
+    ) -> None:
+        start = time.perf_counter()
+        request = Request(scope, receive)
+        try:
+            values = hot.shape(parse_json(body, self.max_depth))
         except (_Slow, json.JSONDecodeError):
-            await _slow(scope, _replay(body, receive), send)
+            await self.stack(scope, _replay(body, receive), send)
             return
-        await response(scope, receive, send)
+        request_id = request_id_of(scope)
+        scope["state"]["request_id"] = request_id
+        status = 500
+        metrics.IN_PROGRESS.inc()
+        try:
+            try:
+                response = await hot.answer(request, scope["path_params"], values)
+            except Exception as exc:
+                response = await self._problem(request, exc)
+            headers = response.raw_headers
+            if not any(name == REQUEST_ID_HEADER for name, _ in headers):  # 500s carry it
+                headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
+            status = response.status_code
+            await response(scope, receive, send)
+        finally:
+            metrics.IN_PROGRESS.dec()
+            record(scope, request_id, hot.template, status, start)
 
-
-# Set in the scope of a request handed over: the router passes the HotRoutes by.
-SLOW_PATH = "sluice.slow_path"
-
-
-async def _slow(scope: Scope, receive: Receive, send: Send) -> None:
-    scope[SLOW_PATH] = True
-    await scope["app"].router(scope, receive, send)
-
-
-def _common_request(scope: Scope) -> bool:
-    if not all(_NAME.fullmatch(value) for value in scope["path_params"].values()):
-        return False
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value == b"application/json"
-    return False
+    async def _problem(self, request: Request, exc: Exception) -> Response:
+        """The app's own answer to an exception: its handler for the nearest class."""
+        handlers = self.app.exception_handlers
+        for cls in type(exc).__mro__:
+            handler = handlers.get(cls)
+            if handler is not None:
+                return await handler(request, exc)  # type: ignore[no-any-return]
+        raise exc
 
 
 def pull_values(body: Any) -> tuple[int, float, int | None, list[str] | None]:
@@ -203,38 +290,45 @@ def pull_values(body: Any) -> tuple[int, float, int | None, list[str] | None]:
 _PULL_FIELDS = frozenset({"max_messages", "wait_seconds", "ack_deadline_seconds", "ack"})
 
 
-async def _publish(request: Request, params: dict[str, str], body: Any) -> Response:
-    return await publish_answer(request, params["topic"], publish_messages(body))
+async def _publish(request: Request, params: dict[str, str], messages: Any) -> Response:
+    return await publish_answer(request, params["topic"], messages)
 
 
-async def _ack(request: Request, params: dict[str, str], body: Any) -> Response:
-    receipts = ack_receipts(body)
+async def _ack(request: Request, params: dict[str, str], receipts: Any) -> Response:
     return await ack_answer(request, params["topic"], params["subscription"], receipts)
 
 
-async def _pull(request: Request, params: dict[str, str], body: Any) -> Response:
-    values = pull_values(body)
+async def _pull(request: Request, params: dict[str, str], values: Any) -> Response:
     return await pull_answer(request, params["topic"], params["subscription"], *values)
 
 
-HOT = {
-    "/v1/topics/{topic}/messages": _publish,
-    "/v1/topics/{topic}/subscriptions/{subscription}/ack": _ack,
-    "/v1/topics/{topic}/subscriptions/{subscription}/pull": _pull,
+# Per hot route: the check of the body's shape (raises _Slow), then the operation. The
+# checks are looked up when called, so that tests can watch which requests they see.
+HANDLERS: dict[str, tuple[Shape, Handler]] = {
+    "/v1/topics/{topic}/messages": (lambda body: publish_messages(body), _publish),
+    "/v1/topics/{topic}/subscriptions/{subscription}/ack": (lambda body: ack_receipts(body), _ack),
+    "/v1/topics/{topic}/subscriptions/{subscription}/pull": (
+        lambda body: pull_values(body),
+        _pull,
+    ),
 }
 
 
 def install_hot_paths(app: FastAPI) -> None:
-    """Put a HotRoute in front of each hot FastAPI route (first in the router: matched
-    before anything else), with the scope that route requires."""
+    """Put a HotFront outside the app's middleware stack (built on the first request), for
+    the hot routes with the scopes their FastAPI routes require."""
     from sluice.api.observability import flat_routes
 
-    found = {}
+    hot = {}
     for context in flat_routes(app):
-        if "POST" in (context.methods or set()) and context.path in HOT:
+        if "POST" in (context.methods or set()) and context.path in HANDLERS:
             original = getattr(context, "original_route", context)
             assert isinstance(original, StrictJSONRoute), context.path
-            found[context.path] = (context.path_format, original.access)
-    for path, handle in HOT.items():
-        path_format, access = found[path]
-        app.router.routes.insert(0, HotRoute(path_format, access, handle))
+            hot[context.path] = _Hot(context.path, original.access, *HANDLERS[context.path])
+    assert hot.keys() == HANDLERS.keys(), hot.keys()
+    build_stack = app.build_middleware_stack
+
+    def build() -> ASGIApp:
+        return HotFront(app, build_stack(), hot)
+
+    app.build_middleware_stack = build  # type: ignore[method-assign]

@@ -112,19 +112,23 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             metrics.IN_PROGRESS.dec()
-            elapsed = time.perf_counter() - start
-            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-            route = route_template(scope)
-            metrics.observe_request(method, route, status, elapsed)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "request_id": request_id,
-                        "method": method,
-                        "route": route,
-                        "path": scope["path"][:512],
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                    },
-                )
+            record(scope, request_id, route_template(scope), status, start)
+
+
+def record(scope: Scope, request_id: str, route: str, status: int, start: float) -> None:
+    """The request's metrics and access log line, once it is answered."""
+    elapsed = time.perf_counter() - start
+    method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+    metrics.observe_request(method, route, status, elapsed)
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "path": scope["path"][:512],
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
+        )

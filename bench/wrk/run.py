@@ -5,7 +5,11 @@ app on the same uvicorn, and the same answer through a Starlette and a FastAPI r
 connection counts. Reports requests/s and each server's CPU time per request (its process
 tree, from /proc), and their ratio to the floor.
 
-    .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64]
+    .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64] [--profile DIR]
+
+With --profile, after the measured rows Sluice is run once more per connection count under
+py-spy (not measured: the sampler costs the server CPU), and the summary of each profile
+(bench/wrk/profile.py) is printed after the table.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.infra import Postgres, SluiceServer, free_port, tree_cpu_seconds
+from bench.wrk.profile import summarise
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "publish.lua"
@@ -116,6 +121,8 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", default="4,16,64")
+    p.add_argument("--profile", type=Path, help="write py-spy profiles of Sluice here")
+    p.add_argument("--only-sluice", action="store_true", help="skip the floors")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
@@ -126,11 +133,12 @@ async def main() -> None:
     server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp)
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     rows: list[tuple[int, str, dict]] = []
+    profiles: list[Path] = []
     try:
         # Sluice first: its port is chosen when it is created, and only bound once it runs,
         # so a floor started before could be given the same free port.
         await server.start()
-        for name, target in FLOORS.items():
+        for name, target in ({} if args.only_sluice else FLOORS).items():
             port = free_port()
             started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
         async with httpx.AsyncClient(base_url=server.base_url) as client:
@@ -144,6 +152,10 @@ async def main() -> None:
             for name, url, pid in targets:
                 wrk(url, c, 2, "wrk")  # warm-up
                 rows.append((c, name, measure(url, pid, c, args.seconds, "wrk")))
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for c in connections:
+                profiles.append(profile(server.base_url, server.pid, c, args.seconds, args.profile))
     finally:
         await server.stop()
         for _, proc in started.values():
@@ -159,11 +171,43 @@ async def main() -> None:
     print("|---|---|---|---|---|---|---|")
     floor = {c: r for c, name, r in rows if name == "bare ASGI (floor)"}
     for c, name, r in rows:
-        ratio = r["us_per_request"] / floor[c]["us_per_request"]
+        ratio = r["us_per_request"] / floor[c]["us_per_request"] if c in floor else float("nan")
         print(
             f"| {c} | {name} | {r['rate']:,.0f} | {r['us_per_request']:.0f} | "
             f"{r['cpu_pct']:.0f} | {ratio:.1f}x | {r['errors']} |"
         )
+    for path in profiles:
+        print()
+        print(summarise(path, top=40))
+
+
+def profile(url: str, pid: int, connections: int, seconds: float, into: Path) -> Path:
+    """py-spy on the server (and its children) while wrk runs; raw (collapsed) stacks."""
+    path = into / f"sluice-c{connections}.txt"
+    spy = subprocess.Popen(
+        [
+            shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--duration",
+            f"{int(seconds)}",
+            "-o",
+            str(path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    wrk(url, connections, seconds, "wrk")
+    spy.wait(seconds + 30)
+    return path
 
 
 if __name__ == "__main__":
