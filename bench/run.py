@@ -329,7 +329,7 @@ class Run:
                 for round_, peer in self.rounds(batch == cfg.batch):
                     topic = f"con{batch}r{round_}"
                     await self.phase(label, peer, w.consume(ctx, peer, topic, batch, count, drain))
-                    if peer.name == "sluice" and batch == cfg.batch:
+                    if peer.name == "sluice":
                         # The same work with Sluice's one-request-per-batch consumer.
                         variant = f"{label} {ACK_IN_PULL}"
                         job = w.consume(

@@ -123,6 +123,7 @@ async def main() -> None:
     p.add_argument("--connections", default="4,16,64")
     p.add_argument("--profile", type=Path, help="write py-spy profiles of Sluice here")
     p.add_argument("--only-sluice", action="store_true", help="skip the floors")
+    p.add_argument("--log-level", default="WARNING", help="Sluice's SLUICE_LOG_LEVEL")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
@@ -130,7 +131,9 @@ async def main() -> None:
     postgres = Postgres(None)
     await asyncio.to_thread(postgres.start)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-wrk-"))
-    server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp)
+    # WARNING by default like bench/run.py; INFO adds an access log line per request.
+    env = {"SLUICE_LOG_LEVEL": args.log_level}
+    server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp, env=env)
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     rows: list[tuple[int, str, dict]] = []
     profiles: list[Path] = []
@@ -165,7 +168,7 @@ async def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
-        f"--connections {args.connections}"
+        f"--connections {args.connections} --log-level {args.log_level}"
     )
     print("| connections | server | req/s | server us/req | server cpu % | vs floor | errors |")
     print("|---|---|---|---|---|---|---|")
