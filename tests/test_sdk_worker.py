@@ -238,10 +238,44 @@ async def test_retry_and_dead_letter_with_a_sync_handler(server):
         await asyncio.wait_for(task, 10)
         parked = await client.dead_letters(topic, "s")
     assert [m.value for m in parked.messages] == [2]
-    assert parked.messages[0].delivery_attempts == 3
-    assert calls == {0: 1, 1: 2, 2: 1}  # the DeadLetter redeliveries skip the handler
+    assert parked.messages[0].delivery_attempts == 1  # parked at once (nack dead_letter)
+    assert calls == {0: 1, 1: 2, 2: 1}
     assert retried_at[1] - retried_at[0] >= 0.45
     assert threads and all(name.startswith("sluice-handler") for name in threads)
+
+
+async def test_dead_letter_parks_even_with_unlimited_deliveries(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 0, max_deliveries=0)
+        await client.create_topic(topic + "-dlq")
+        await client.update_subscription(topic, "s", dead_letter_topic=topic + "-dlq")
+        await client.publish(topic, [{"value": v} for v in ("ok", "poison", "ok2")])
+        calls: collections.Counter[str] = collections.Counter()
+
+        async def handler(d: sc.Delivery) -> None:
+            calls[d.value] += 1
+            if d.value == "poison":
+                raise sc.DeadLetter()
+
+        worker = sc.Worker(
+            client, topic, "s", handler, concurrency=3, wait_seconds=1, handle_signals=False
+        )
+        task = asyncio.create_task(worker.run())
+
+        async def settled() -> bool:
+            sub = await client.get_subscription(topic, "s")
+            return sub.dead_lettered == 1 and sub.lag == 0 and worker.stats.acked == 2
+
+        await wait_for(settled, 15)
+        await asyncio.sleep(0.3)  # a redelivery (there must be none) would show up now
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+        parked = await client.dead_letters(topic, "s")
+        copies = await client.browse(topic + "-dlq")
+    assert calls == {"ok": 1, "poison": 1, "ok2": 1}
+    assert [(m.value, m.delivery_attempts) for m in parked.messages] == [("poison", 1)]
+    assert [m.value for m in copies.messages] == ["poison"]
+    assert stats.dead_lettered == 1 and stats.nacked == 1 and stats.failed == 0
 
 
 async def test_worker_honours_retry_after_on_429_and_backs_off_on_503(server):

@@ -357,12 +357,16 @@ class _Operations:
         receipts: Receipts,
         *,
         delay_seconds: float | None = None,
+        dead_letter: bool = False,
     ) -> NackResult:
         """Make the messages deliverable again after `delay_seconds` (None: the
-        subscription's retry backoff)."""
+        subscription's retry backoff), or with `dead_letter` park them now as dead letters
+        (whatever the attempt; servers from schema revision 0006 on)."""
         body: dict[str, Any] = {"receipts": _receipts(receipts)}
         if delay_seconds is not None:
             body["delay_seconds"] = delay_seconds
+        if dead_letter:
+            body["dead_letter"] = True
         return self._run(
             _Request(
                 "POST",
