@@ -146,3 +146,47 @@ def test_sync_publisher_batches_from_plain_threads(server):
         failed = pub.publish(1)
         pub.flush()
         assert isinstance(failed.exception(timeout=0), sc.NotFound)
+
+
+class Overlap(CountingFlaky):
+    """Counts how many publish requests were under way at once (at most)."""
+
+    def __init__(self, failures: list[str] | None = None) -> None:
+        super().__init__(failures)
+        self.now = 0
+        self.most = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.01)  # long enough for the next batch to start
+            return await super().handle_async_request(request)
+        finally:
+            self.now -= 1
+
+
+async def test_several_batches_in_flight_store_everything_once(server):
+    transport = Overlap(failures=["lost", "503"])
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        topic = unique("pubconc")
+        await client.create_topic(topic)
+        publisher = sc.Publisher(
+            client,
+            topic,
+            linger_seconds=0.001,
+            max_batch_messages=100,
+            max_in_flight_batches=4,
+            retry_min_seconds=0.01,
+        )
+        futures = [await publisher.publish(i) for i in range(3000)]
+        await publisher.close()
+        offsets = [f.result() for f in futures]
+        stored = await stored_values(client, topic)
+    assert transport.most == 4  # never more than asked, and really concurrent
+    assert len(set(offsets)) == 3000
+    # The lost answer and the 503 were retried: each message stored exactly once.
+    assert sorted(stored) == list(range(3000))
+    assert publisher.requests_sent == publisher.batches_sent + 2
+    with pytest.raises(ValueError):
+        sc.Publisher(client, topic, max_in_flight_batches=0)

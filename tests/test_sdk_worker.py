@@ -75,7 +75,13 @@ async def setup(client: sc.AsyncClient, n: int, **sub_settings) -> str:
     return topic
 
 
-async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
+@pytest.mark.parametrize(
+    ("concurrency", "max_messages", "pullers"),
+    [(32, None, 1), (40, 10, 4)],  # one pull at a time; four pulls of 10 overlapping
+)
+async def test_worker_drains_2000_messages_with_first_attempt_failures(
+    server, concurrency, max_messages, pullers
+):
     audit = Audit()
     async with sc.AsyncClient(server.base_url, transport=audit) as client:
         topic = await setup(client, 2000, retry_min_seconds=0, retry_max_seconds=0)
@@ -99,8 +105,16 @@ async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
                 running -= 1
 
         worker = sc.Worker(
-            client, topic, "s", handler, concurrency=32, wait_seconds=1, handle_signals=False
+            client,
+            topic,
+            "s",
+            handler,
+            concurrency=concurrency,
+            max_messages=max_messages,
+            wait_seconds=1,
+            handle_signals=False,
         )
+        assert worker.pullers == pullers
         task = asyncio.create_task(worker.run())
 
         async def drained() -> bool:
@@ -118,8 +132,8 @@ async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
     assert stats.succeeded == 2000 and stats.failed == 200 and stats.nacked == 200
     # A pull cut off by stop() may have applied its acks before the worker resent them
     # (then they come back stale): every receipt was acked once by the server.
-    assert stats.acked + stats.stale_acks == 2000 and stats.stale_acks <= 32
-    assert most_running <= 32
+    assert stats.acked + stats.stale_acks == 2000 and stats.stale_acks <= concurrency
+    assert most_running <= concurrency
     assert sub.lag == 0 and sub.in_flight == 0 and sub.committed_offset == sub.head_offset + 1
 
 
@@ -334,7 +348,8 @@ async def test_sigterm_stops_the_worker_gracefully(server):
     assert sub.lag == 0
 
 
-async def test_fatal_errors_end_run_with_the_exception(server):
+@pytest.mark.parametrize("pullers", [1, 3])
+async def test_fatal_errors_end_run_with_the_exception(server, pullers):
     async with sc.AsyncClient(server.base_url) as client:
         topic = await setup(client, 0)
 
@@ -343,7 +358,9 @@ async def test_fatal_errors_end_run_with_the_exception(server):
 
         with pytest.raises(sc.NotFound):
             await sc.Worker(client, topic, "missing", handler, handle_signals=False).run()
-        worker = sc.Worker(client, topic, "s", handler, wait_seconds=0.2, handle_signals=False)
+        worker = sc.Worker(
+            client, topic, "s", handler, wait_seconds=0.2, handle_signals=False, pullers=pullers
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.sleep(0.3)
         await client.delete_subscription(topic, "s")

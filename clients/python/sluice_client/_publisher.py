@@ -27,8 +27,12 @@ log = logging.getLogger("sluice_client.publisher")
 @dataclass
 class _Pending:
     message: OutgoingMessage
-    size: int
+    encoded: bytes  # the message as a JSON object, serialized once when buffered
     future: asyncio.Future[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.encoded) + 1
 
 
 class Publisher:
@@ -38,7 +42,10 @@ class Publisher:
 
     Every message gets a dedup id (uuid4) unless it has one, so a batch that fails with no
     answer, a timeout or a 503/429 is retried as it was without storing anything twice
-    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order.
+    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order;
+    `max_in_flight_batches` > 1 sends up to that many at once (more throughput from one
+    publisher; then a later batch may be stored before an earlier one: no order across
+    batches, as Kafka's producer with several requests in flight).
     At most `max_buffered` messages wait or are in flight: `publish()` waits for room
     (backpressure). `close()` (or leaving `async with`) flushes first.
     """
@@ -56,9 +63,15 @@ class Publisher:
         retry_min_seconds: float = 0.1,
         retry_max_seconds: float = 5.0,
         auto_dedup: bool = True,
+        max_in_flight_batches: int = 1,
     ) -> None:
         if not 1 <= max_batch_messages <= 1000:
             raise ValueError("max_batch_messages must be 1..1000")
+        if max_in_flight_batches < 1:
+            raise ValueError("max_in_flight_batches must be >= 1")
+        self.max_in_flight_batches = max_in_flight_batches
+        self._in_flight = asyncio.Semaphore(max_in_flight_batches)
+        self._sending: set[asyncio.Task[None]] = set()
         self.client = client
         self.topic = topic
         self.linger_seconds = linger_seconds
@@ -99,7 +112,8 @@ class Publisher:
         if dedup_id is None and self.auto_dedup:
             dedup_id = uuid.uuid4().hex
         message = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
-        size = len(json.dumps(message.to_json(), allow_nan=False)) + 1
+        # Serialized once, here: a value JSON cannot carry fails this call, not its batch.
+        encoded = json.dumps(message.to_json(), allow_nan=False, separators=(",", ":")).encode()
         await self._room.acquire()
         if self._closed:
             self._room.release()
@@ -107,8 +121,9 @@ class Publisher:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(self._settled)
         self._unsettled.add(future)
-        self._queue.append(_Pending(message, size, future))
-        self._queued_bytes += size
+        pending = _Pending(message, encoded, future)
+        self._queue.append(pending)
+        self._queued_bytes += pending.size
         self._start()
         self._wake.set()
         if (
@@ -167,17 +182,34 @@ class Publisher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+            concurrent = self.max_in_flight_batches > 1
+            if concurrent:
+                # A slot first, then the linger: messages buffered while every slot was
+                # busy go into this batch rather than wait for the next one.
+                await self._in_flight.acquire()
             if not self._flushing and not self._closed and not self._batch_full():
                 self._ready.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), self.linger_seconds)
             batch = self._take_batch()
-            try:
-                await self._send(batch)
-            except Exception as exc:  # settle the futures whatever happens
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            if not concurrent:
+                await self._send_settled(batch)
+                continue
+            task = asyncio.get_running_loop().create_task(self._send_settled(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._in_flight.release()
+
+    async def _send_settled(self, batch: list[_Pending]) -> None:
+        try:
+            await self._send(batch)
+        except Exception as exc:  # settle the futures whatever happens
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     def _batch_full(self) -> bool:
         return (
@@ -203,12 +235,13 @@ class Publisher:
         if not live:
             return
         messages = [item.message for item in live]
+        encoded = [item.encoded for item in live]
         attempt = 0
         self.batches_sent += 1
         while True:
             self.requests_sent += 1
             try:
-                results = await self.client.publish(self.topic, messages)
+                results = await self.client._publish_encoded(self.topic, encoded)
             except SluiceError as exc:
                 # Without a dedup id on every message only a 429 (nothing stored) is retried.
                 safe = all(m.dedup_id for m in messages) or isinstance(exc, RateLimited)

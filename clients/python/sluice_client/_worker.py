@@ -98,9 +98,12 @@ class Worker:
         grace_seconds: float = 30.0,
         handle_signals: bool = True,
         max_backoff_seconds: float = 30.0,
+        pullers: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if pullers is not None and pullers < 1:
+            raise ValueError("pullers must be >= 1")
         self.client = client
         self.topic = topic
         self.subscription = subscription
@@ -108,6 +111,9 @@ class Worker:
         self.concurrency = concurrency
         self.wait_seconds = wait_seconds
         self.max_messages = min(1000, max_messages or concurrency)
+        # Pulls outstanding at once: one round trip per batch leaves the server idle while
+        # the answer travels; with room for several batches, several pulls overlap.
+        self.pullers = pullers or max(1, min(4, -(-concurrency // self.max_messages)))
         self.ack_deadline_seconds = ack_deadline_seconds
         self.extend_fraction = extend_fraction
         self.ack_interval_seconds = ack_interval_seconds
@@ -121,6 +127,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._in_flight: dict[str, _Lease] = {}
+        self._reserved = 0  # slots held for pulls under way
         self._to_ack: list[str] = []
         self._oldest_ack: float | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -184,27 +191,48 @@ class Worker:
             await asyncio.gather(stop, other, return_exceptions=True)
 
     async def _pull_loop(self) -> None:
+        """`pullers` pull loops; the first fatal error stops them all and is raised."""
+        if self.pullers == 1:
+            await self._puller()
+            return
+        tasks = [asyncio.ensure_future(self._puller()) for _ in range(self.pullers)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self._stopping.set()  # the others give back what they hold and return
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _puller(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._in_flight)
+            free = self.concurrency - len(self._in_flight) - self._reserved
             if free <= 0:
                 self._slot_free.clear()
                 await self._wait_or_stop(self._slot_free.wait())
                 continue
-            acks = self._take_acks()
-            pull = asyncio.ensure_future(
-                self.client.pull(
-                    self.topic,
-                    self.subscription,
-                    max_messages=min(free, self.max_messages),
-                    wait_seconds=self.wait_seconds,
-                    ack=acks or None,
-                    ack_deadline_seconds=self.ack_deadline_seconds,
+            want = min(free, self.max_messages)
+            self._reserved += want
+            try:
+                acks = self._take_acks()
+                pull = asyncio.ensure_future(
+                    self.client.pull(
+                        self.topic,
+                        self.subscription,
+                        max_messages=want,
+                        wait_seconds=self.wait_seconds,
+                        ack=acks or None,
+                        ack_deadline_seconds=self.ack_deadline_seconds,
+                    )
                 )
-            )
-            stop = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+                stop = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+            finally:
+                self._reserved -= want
+                self._slot_free.set()  # what this pull did not fill is free again
             if not pull.done():
                 # Stopping during a long-poll: the server gives back what it claimed for a
                 # client that went away. Whether the acks were applied is unknown: resend.
