@@ -31,6 +31,7 @@ from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ACK_IN_PULL = "ack-in-pull"
 SDK_LINGER = 0.005  # seconds: the sdk workload's Publisher linger
+SDK_IN_FLIGHT = (1, 4)  # its batches under way at once (1: in order, the default)
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
 # Run only when named in --workloads: held-xmin takes ~5 minutes per system by default;
 # sdk measures the Python client library (clients/python) against the bench's own client.
@@ -408,8 +409,11 @@ class Run:
             if "publish" not in self.workloads:
                 job = w.publish(ctx, peer, f"sdkpref{round_}", cfg.batch)
                 await self.phase(f"publish b{cfg.batch}", peer, job)
-            job = sdk.publisher_linger(ctx, peer, f"sdkp{round_}", SDK_LINGER, 1000)
-            await self.phase(f"sdk publisher linger {SDK_LINGER * 1000:g}ms", peer, job)
+            for in_flight in SDK_IN_FLIGHT:
+                job = sdk.publisher_linger(
+                    ctx, peer, f"sdkp{in_flight}r{round_}", SDK_LINGER, 1000, in_flight
+                )
+                await self.phase(sdk.publisher_label(SDK_LINGER, in_flight), peer, job)
 
     async def run_held_xmin(self) -> None:
         """Each system in turn on a fresh database of its own (Sluice: a fresh server)."""
@@ -498,6 +502,7 @@ class Run:
         return {
             f"sdk worker b{cfg.batch}": f"consume b{cfg.batch} {ACK_IN_PULL}",
             f"sdk publisher linger {SDK_LINGER * 1000:g}ms": f"publish b{cfg.batch}",
+            f"sdk publisher linger {SDK_LINGER * 1000:g}ms x4 in flight": f"publish b{cfg.batch}",
             f"publish b{cfg.batch} x{cfg.fanout} subs": f"publish b{cfg.batch}",
             f"publish b{cfg.batch} {tag}": f"publish b{cfg.batch}",
             f"consume b{cfg.batch} {tag}": f"consume b{cfg.batch}",

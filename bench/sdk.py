@@ -84,11 +84,17 @@ async def worker_drain(
     return result
 
 
+def publisher_label(linger: float, in_flight: int) -> str:
+    return f"sdk publisher linger {linger * 1000:g}ms" + (
+        f" x{in_flight} in flight" if in_flight > 1 else ""
+    )
+
+
 async def publisher_linger(
-    ctx: w.Context, peer: SluicePeer, queue: str, linger: float, max_batch: int
+    ctx: w.Context, peer: SluicePeer, queue: str, linger: float, max_batch: int, in_flight: int
 ) -> Result:
-    """One Publisher (one batch in flight at a time, as it always sends in order) fed by one
-    coroutine as fast as it takes messages; a message counts when its future resolved
+    """One Publisher (`in_flight` batches under way at most; 1 keeps their order) fed by
+    one coroutine as fast as it takes messages; a message counts when its future resolved
     inside the measured window."""
     cfg = ctx.cfg
     await peer.create_queue(queue)
@@ -109,7 +115,12 @@ async def publisher_linger(
     meter = ctx.meter(peer)
     async with AsyncClient(peer.base_url, timeout=60) as client:
         publisher = Publisher(
-            client, queue, linger_seconds=linger, max_batch_messages=max_batch, max_buffered=20_000
+            client,
+            queue,
+            linger_seconds=linger,
+            max_batch_messages=max_batch,
+            max_buffered=20_000,
+            max_in_flight_batches=in_flight,
         )
 
         async def start_meter() -> None:
@@ -124,7 +135,7 @@ async def publisher_linger(
         await metering
         cpu = meter.stop()
     result = Result(
-        workload=f"sdk publisher linger {linger * 1000:g}ms",
+        workload=publisher_label(linger, in_flight),
         system=peer.name,
         messages=counted,
         seconds=cfg.seconds,

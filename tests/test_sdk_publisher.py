@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -190,3 +191,19 @@ async def test_several_batches_in_flight_store_everything_once(server):
     assert publisher.requests_sent == publisher.batches_sent + 2
     with pytest.raises(ValueError):
         sc.Publisher(client, topic, max_in_flight_batches=0)
+
+
+@pytest.mark.parametrize("with_orjson", [True, False])
+def test_messages_encode_as_json_would_and_refuse_what_json_refuses(monkeypatch, with_orjson):
+    from sluice_client import _publisher
+
+    if not with_orjson:
+        monkeypatch.setattr(_publisher, "orjson", None)
+    elif _publisher.orjson is None:
+        pytest.skip("orjson is not installed")
+    for value in ({"a": 1, "b": None, "c": "é", "d": [1.5, True]}, "x" * 2000, {1: "int key"}):
+        expected = json.loads(json.dumps({"value": value}))
+        assert json.loads(_publisher._encode({"value": value})) == expected
+    for bad in (float("nan"), [float("inf")], datetime.now(UTC)):
+        with pytest.raises((ValueError, TypeError)):
+            _publisher._encode({"value": bad})

@@ -8,9 +8,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import threading
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,21 +18,49 @@ from typing import TYPE_CHECKING, Any
 from ._errors import RateLimited, SluiceError, is_retryable
 from ._models import OutgoingMessage
 
+try:  # optional: several times faster than json for large values; not a dependency
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None  # type: ignore[assignment]
+
+
+_ORJSON_OPTIONS = 0
+if orjson is not None:
+    # What json refuses, orjson must not take either (datetimes, dataclasses; subclasses go
+    # to json, which handles them its own way): the result is the same with or without it.
+    _ORJSON_OPTIONS = (
+        orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_PASSTHROUGH_SUBCLASS
+    )
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """The message as compact JSON; NaN and infinities are refused (ValueError)."""
+    if orjson is not None:
+        try:
+            encoded = orjson.dumps(body, option=_ORJSON_OPTIONS)
+        except TypeError:
+            pass  # something only json takes (or refuses with its own error)
+        else:
+            # orjson writes NaN and infinities as null; json (below) refuses them.
+            if b"null" not in encoded:
+                return encoded
+    return json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 if TYPE_CHECKING:
     from ._client import AsyncClient
 
 log = logging.getLogger("sluice_client.publisher")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     message: OutgoingMessage
     encoded: bytes  # the message as a JSON object, serialized once when buffered
     future: asyncio.Future[int]
-
-    @property
-    def size(self) -> int:
-        return len(self.encoded) + 1
+    size: int  # bytes it adds to a request body
 
 
 class Publisher:
@@ -110,10 +138,10 @@ class Publisher:
         if self._closed:
             raise RuntimeError("the publisher is closed")
         if dedup_id is None and self.auto_dedup:
-            dedup_id = uuid.uuid4().hex
+            dedup_id = os.urandom(16).hex()  # 128 random bits, as a uuid4, at a third the cost
         message = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
         # Serialized once, here: a value JSON cannot carry fails this call, not its batch.
-        encoded = json.dumps(message.to_json(), allow_nan=False, separators=(",", ":")).encode()
+        encoded = _encode(message.to_json())
         await self._room.acquire()
         if self._closed:
             self._room.release()
@@ -121,7 +149,7 @@ class Publisher:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(self._settled)
         self._unsettled.add(future)
-        pending = _Pending(message, encoded, future)
+        pending = _Pending(message, encoded, future, len(encoded) + 1)
         self._queue.append(pending)
         self._queued_bytes += pending.size
         self._start()
