@@ -109,7 +109,11 @@ class Publisher:
         self.retry_min_seconds = retry_min_seconds
         self.retry_max_seconds = retry_max_seconds
         self.auto_dedup = auto_dedup
-        self._room = asyncio.Semaphore(max_buffered)
+        self.max_buffered = max_buffered
+        # Set when a message settled: publish() waits on it while the buffer is full. An
+        # event, not a semaphore: a settled batch wakes a waiting publish() once, not once
+        # per message (with a full buffer that was a task switch per message).
+        self._has_room = asyncio.Event()
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0
         self._wake = asyncio.Event()  # something was queued, or close/flush was asked
@@ -142,9 +146,10 @@ class Publisher:
         message = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
         # Serialized once, here: a value JSON cannot carry fails this call, not its batch.
         encoded = _encode(message.to_json())
-        await self._room.acquire()
+        while len(self._unsettled) >= self.max_buffered and not self._closed:
+            self._has_room.clear()
+            await self._has_room.wait()
         if self._closed:
-            self._room.release()
             raise RuntimeError("the publisher is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(self._settled)
@@ -181,6 +186,7 @@ class Publisher:
             return
         await self.flush()
         self._closed = True
+        self._has_room.set()  # a publish() waiting for room raises now
         self._wake.set()
         self._ready.set()
         if self._sender is not None:
@@ -197,7 +203,7 @@ class Publisher:
 
     def _settled(self, future: asyncio.Future[int]) -> None:
         self._unsettled.discard(future)
-        self._room.release()
+        self._has_room.set()
 
     def _start(self) -> None:
         if self._sender is None or self._sender.done():
