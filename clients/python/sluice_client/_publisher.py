@@ -164,6 +164,10 @@ class Publisher:
             or self._queued_bytes >= self.max_batch_bytes
         ):
             self._ready.set()
+            # A batch is full: let the sender start its request now. A caller publishing in
+            # a loop never waits while there is room, and would otherwise hold the event
+            # loop until the whole buffer is full, sending nothing meanwhile.
+            await asyncio.sleep(0)
         return future
 
     async def flush(self) -> None:
