@@ -572,6 +572,8 @@ def _add_connection_options(p: argparse.ArgumentParser, *, suppress: bool) -> No
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that end a command line (`topics list`, `publish`, ...). argparse has no
+    public way to walk its sub-parsers; `_actions` has been stable since Python 3.2."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         yield parser
