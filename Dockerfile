@@ -8,7 +8,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations
-RUN pip wheel --wheel-dir /wheels .
+# The service depends on the client distribution (its `sluice topics|publish|tail|...`).
+COPY clients/python ./clients/python
+RUN pip wheel --wheel-dir /wheels ./clients/python .
 
 # ---- runtime ------------------------------------------------------------------------------
 FROM python:3.11-slim

@@ -1,4 +1,6 @@
-"""The `sluice` command: serve, migrate, openapi, keys."""
+"""The `sluice` command: serve, migrate, openapi, keys, sql, and the client commands of
+`sluice-client` (topics, publish, tail, subscriptions, dead-letters, stats), which come from
+sluice_client's own parser: defined once, there."""
 
 from __future__ import annotations
 
@@ -297,7 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice.access.sql_cli import add_sql_parser
 
     add_sql_parser(sub)
+    _add_client_commands(sub)
     return parser
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """The client's commands, over HTTP (--url / $SLUICE_URL, default this host's :8000).
+
+    sluice-client is a dependency of this distribution; an environment set up before it
+    was (an older virtualenv) still serves, migrates and manages keys without them."""
+    try:
+        from sluice_client import cli as client_cli
+    except ImportError:
+        # Named, so that using one says what to install instead of "invalid choice".
+        for name in ("topics", "publish", "tail", "subscriptions", "dead-letters", "stats"):
+            missing = sub.add_parser(name, help="(needs sluice-client)", add_help=False)
+            missing.add_argument("rest", nargs=argparse.REMAINDER)
+            missing.set_defaults(func=_client_missing)
+        return
+    for parser in client_cli.add_commands(sub).values():
+        parser.set_defaults(func=_run_client_command)
+
+
+def _client_missing(args: argparse.Namespace) -> int:
+    from sluice.startup import EXIT_USAGE
+
+    _report(
+        args.command,
+        "The client commands come with sluice-client: pip install ./clients/python "
+        "(from a checkout of this repository).",
+        EXIT_USAGE,
+    )
+    return EXIT_USAGE
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    from sluice_client import cli as client_cli
+
+    return client_cli.run(args, prog="sluice")
 
 
 def _report(command: str, sentence: str, code: int) -> None:

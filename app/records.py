@@ -31,6 +31,9 @@ class Settlement(StrEnum):
     # The messages go back at once and the attempt is not counted: the client that pulled
     # them went away before it could see them.
     GIVE_BACK = "give_back"
+    # Parked at once as a dead letter, whatever the attempt: the consumer knows it will
+    # never succeed (nack with dead_letter; revision 0006).
+    DEAD_LETTER = "dead_letter"
 
 
 @dataclass(frozen=True, slots=True)

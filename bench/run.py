@@ -30,9 +30,12 @@ from bench.peers.sluice import HTTP_CLIENTS, SluicePeer, SluiceSqlPeer
 from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ACK_IN_PULL = "ack-in-pull"
+SDK_LINGER = 0.005  # seconds: the sdk workload's Publisher linger
+SDK_IN_FLIGHT = (1, 4)  # its batches under way at once (1: in order, the default)
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
-# Run only when named in --workloads: held-xmin takes ~5 minutes per system by default.
-OPTIONAL_WORKLOADS = ("held-xmin",)
+# Run only when named in --workloads: held-xmin takes ~5 minutes per system by default;
+# sdk measures the Python client library (clients/python) against the bench's own client.
+OPTIONAL_WORKLOADS = ("held-xmin", "sdk")
 HELD_XMIN_SYSTEMS = ("sluice", "raw", "pgmq")
 ALL_SYSTEMS = ("sluice", "sluice-sql", "raw", "pgmq", "rabbitmq")
 # Systems measured on the publish and mixed workloads only (they consume like `sluice`).
@@ -371,8 +374,46 @@ class Run:
                 w.consume(ctx, peer, "wcon", cfg.batch, cfg.prefill, True, workload=label),
             )
 
+        if "sdk" in self.workloads and "sluice" in self.peers:
+            await self.run_sdk()
+
         if "held-xmin" in self.workloads:
             await self.run_held_xmin()
+
+    async def run_sdk(self) -> None:
+        """The SDK's Worker and Publisher, each round right after the bench's own aiohttp
+        client on the same work (unless the consume / publish workloads ran it already)."""
+        from bench import sdk
+
+        cfg, ctx = self.cfg, self.ctx
+        peer = self.peers["sluice"]
+        assert isinstance(peer, SluicePeer)
+        label = f"consume b{cfg.batch}"
+        for round_ in range(self.args.repeat):
+            if "consume" not in self.workloads:
+                job = w.consume(
+                    ctx,
+                    peer,
+                    f"sdkref{round_}",
+                    cfg.batch,
+                    cfg.prefill,
+                    True,
+                    f"{label} {ACK_IN_PULL}",
+                    ack_in_pull=True,
+                )
+                await self.phase(f"{label} {ACK_IN_PULL}", peer, job)
+            job = sdk.worker_drain(
+                ctx, peer, f"sdkw{round_}", cfg.prefill, cfg.consumers * cfg.batch, cfg.batch
+            )
+            await self.phase(f"sdk worker b{cfg.batch}", peer, job)
+            if "publish" not in self.workloads:
+                job = w.publish(ctx, peer, f"sdkpref{round_}", cfg.batch)
+                await self.phase(f"publish b{cfg.batch}", peer, job)
+            for in_flight in SDK_IN_FLIGHT:
+                job = sdk.publisher_linger(
+                    ctx, peer, f"sdkp{in_flight}r{round_}", SDK_LINGER, 1000, in_flight
+                )
+                await self.phase(sdk.publisher_label(SDK_LINGER, in_flight), peer, job)
 
     async def run_held_xmin(self) -> None:
         """Each system in turn on a fresh database of its own (Sluice: a fresh server)."""
@@ -459,6 +500,9 @@ class Run:
     def references(self) -> dict[str, str]:
         cfg, tag = self.cfg, f"({self.args.workers} workers)"
         return {
+            f"sdk worker b{cfg.batch}": f"consume b{cfg.batch} {ACK_IN_PULL}",
+            f"sdk publisher linger {SDK_LINGER * 1000:g}ms": f"publish b{cfg.batch}",
+            f"sdk publisher linger {SDK_LINGER * 1000:g}ms x4 in flight": f"publish b{cfg.batch}",
             f"publish b{cfg.batch} x{cfg.fanout} subs": f"publish b{cfg.batch}",
             f"publish b{cfg.batch} {tag}": f"publish b{cfg.batch}",
             f"consume b{cfg.batch} {tag}": f"consume b{cfg.batch}",

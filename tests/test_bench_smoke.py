@@ -174,3 +174,30 @@ def test_bench_rounds_default_to_five_three_when_quick_and_at_least_one() -> Non
     assert parse_args(["--quick", "--repeat", "2"]).repeat == 2
     with pytest.raises(SystemExit):
         parse_args(["--repeat", "0"])
+
+
+def test_bench_sdk_smoke(pg_server: str, tmp_path: Path) -> None:
+    """The sdk workload: the SDK's Worker and Publisher rows beside the aiohttp client's,
+    each with its ratio to it."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "bench.run",
+        "--database-url", pg_server,
+        "--systems", "sluice", "--workloads", "sdk",
+        "--seconds", "0.5", "--warmup", "0",
+        "--prefill", "500", "--consume-cap", "20",
+        "--repeat", "1", "--timeout", "150",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
+    worker = rows["sdk worker b100"]
+    assert worker["messages"] == 500 and worker["errors"] == 0, worker
+    assert worker["ratios"]["ref"] > 0 and rows["consume b100 ack-in-pull"]["messages"] == 500
+    for name in ("sdk publisher linger 5ms", "sdk publisher linger 5ms x4 in flight"):
+        assert rows[name]["rate"] > 0 and rows[name]["errors"] == 0, rows[name]
+        assert rows[name]["ratios"]["ref"] > 0
+    assert rows["publish b100"]["rate"] > 0

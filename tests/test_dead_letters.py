@@ -328,3 +328,87 @@ async def test_a_lapsed_last_attempt_counts_as_dead_lettered_before_it_is_parked
     assert numbers["backlog"] == 1  # "other" only
     assert numbers["committed_offset"] == 1
     assert numbers["lag"] == 1
+
+
+# ---- dead letters asked for: nack with dead_letter (revision 0006) ------------------------
+
+
+async def test_nack_with_dead_letter_parks_at_once_and_copies(harness):
+    client, clock = harness.client, harness.clock
+    topic, dlq = unique(), unique("dlq")
+    await create_topic(client, topic)
+    await create_topic(client, dlq)
+    await create_subscription(client, dlq, "inspect", start="earliest")
+    # max_deliveries 0: unlimited retries, yet a dead letter asked for is parked.
+    await create_subscription(
+        client, topic, "s", max_deliveries=0, dead_letter_topic=dlq, retry_min_seconds=1
+    )
+    bad, good, other = await publish(client, topic, {"poison": 1}, "fine", "other")
+    got = await pull(client, topic, "s", 10)
+    assert offsets_of(got) == [bad, good, other]
+    by_offset = {m["offset"]: m["receipt"] for m in got}
+
+    result = await nack(client, topic, "s", [by_offset[bad]], dead_letter=True)
+    assert result == {"nacked": 1, "stale": []}
+    await ack(client, topic, "s", [by_offset[good]])
+    await nack(client, topic, "s", [by_offset[other]])  # an ordinary nack beside it
+    # Its receipt is settled: neither an ack nor another nack applies.
+    r = await client.post(sub_path(topic, "s") + "/ack", json={"receipts": [by_offset[bad]]})
+    assert r.json() == {"acked": 0, "stale": [by_offset[bad]]}
+    await harness.ctx.rates.flush(harness.ctx.pool, clock.skew)
+    rates = (await stats(client, topic, "s"))["rates_per_second"]
+    # Counted as a dead letter, not as a nack (the nack of `other` is the one nack).
+    assert rates["dead_lettered"] == pytest.approx(1 / 60, abs=0.002)
+    assert rates["nacked"] == pytest.approx(1 / 60, abs=0.002)
+
+    clock.advance(3600)
+    again = await pull(client, topic, "s", 10)
+    assert offsets_of(again) == [other]  # the parked one never comes back
+    assert again[0]["delivery_attempt"] == 2
+    await ack(client, topic, "s", [again[0]["receipt"]])
+    s = await stats(client, topic, "s")
+    assert (s["dead_lettered"], s["lag"], s["backlog"], s["delayed"]) == (1, 0, 0, 0)
+
+    [parked] = (await dead_letters(client, topic, "s"))["messages"]
+    assert (parked["offset"], parked["value"], parked["delivery_attempts"]) == (
+        bad,
+        {"poison": 1},
+        1,
+    )
+    [copy] = await pull(client, dlq, "inspect", 10)
+    assert copy["value"] == {"poison": 1}
+    assert copy["headers"]["sluice-origin-offset"] == str(bad)
+    assert copy["headers"]["sluice-delivery-attempts"] == "1"
+
+    # Re-driven, it is delivered again from attempt 1.
+    assert await redrive(client, topic, "s") == 1
+    [back] = await pull(client, topic, "s", 10)
+    assert (back["offset"], back["delivery_attempt"]) == (bad, 1)
+
+
+async def test_nack_with_dead_letter_releases_the_next_message_of_its_key(client):
+    topic = await topic_with_subscription(client, ordered_by_key=True)
+    first, second = await publish(client, topic, "a1", "a2", key="a")
+    [m] = await pull(client, topic, "s", 10)
+    assert m["offset"] == first
+    await nack(client, topic, "s", [m["receipt"]], dead_letter=True)
+    [n] = await pull(client, topic, "s", 10)
+    assert n["offset"] == second
+
+
+async def test_nack_with_dead_letter_and_a_delay_is_refused(client):
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, "m")
+    [m] = await pull(client, topic, "s")
+    r = await client.post(
+        sub_path(topic, "s") + "/nack",
+        json={"receipts": [m["receipt"]], "dead_letter": True, "delay_seconds": 5},
+    )
+    assert_problem(r, 422)
+    r = await client.post(
+        sub_path(topic, "s") + "/nack", json={"receipts": [m["receipt"]], "dead_letter": 1}
+    )
+    assert_problem(r, 422)  # strict: a boolean, not a number
+    # Nothing was applied: the receipt still parks it.
+    assert (await nack(client, topic, "s", [m["receipt"]], dead_letter=True))["nacked"] == 1
+    assert (await stats(client, topic, "s"))["dead_lettered"] == 1

@@ -1,14 +1,18 @@
-"""sluice_client.cli (`sluice-client`) in-process against a real `sluice serve` process: each
-command's output and exit code, in text and in JSON."""
+"""sluice_client.cli (`sluice-client`) against a real `sluice serve` process: each command's
+output and exit code, in text and in JSON (in-process); then as a subprocess: 100k lines
+piped into publish, `tail | head`, the progress bar on a terminal, and the same commands
+under the server's own `sluice` command."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import pty
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -216,3 +220,139 @@ def test_stats_watch_repeats_until_interrupted(cli, monkeypatch):
     sleeps.clear()
     code, out, _ = cli("stats", topic, "s1", "--watch", "1")
     assert code == 0 and out.count("backlog") == 2 and out.startswith("# ")
+
+
+# ---- as a subprocess: pipes, a terminal, and the server's own `sluice` command -------------
+
+CLIENT = [sys.executable, "-m", "sluice_client"]
+SERVER_COMMAND = [sys.executable, "-m", "sluice.cli"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "clients" / "python")}
+
+
+def test_a_pipe_of_100k_lines_into_publish_stores_them_all(server):
+    topic = unique("cli-bulk")
+    n = 100_000
+    with sc.Client(server.base_url) as c:
+        c.create_topic(topic)
+    data = "".join(f'{{"i": {i}}}\n' for i in range(n)).encode()
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*CLIENT, "--url", server.base_url, "publish", topic],
+        input=data,
+        capture_output=True,
+        env=_env(),
+        timeout=180,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    # In a pipe: one offset a line on stdout, no progress bar (no carriage return).
+    assert proc.stdout.decode().split() == [str(i) for i in range(n)]
+    assert b"\r" not in proc.stderr and b"published 100000 messages" in proc.stderr
+    # 100 requests of 1000; about 10 s on a busy 2-core machine.
+    assert elapsed < 90, elapsed
+    stored: list[int] = []
+    with sc.Client(server.base_url) as c:
+        for page in c.browse_pages(topic, limit=1000):
+            stored.extend(m.value["i"] for m in page.messages)
+    assert stored == list(range(n))
+
+    # `tail TOPIC | head -n 10`: head leaves after ten lines; tail exits 0 at its next
+    # write (documented: the reader went away is not an error), without a traceback.
+    for follow in ([], ["--follow"]):
+        tail = subprocess.Popen(
+            [*CLIENT, "--url", server.base_url, "tail", topic, *follow],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+        head = subprocess.Popen(["head", "-n", "10"], stdin=tail.stdout, stdout=subprocess.PIPE)
+        assert tail.stdout is not None and tail.stderr is not None
+        tail.stdout.close()  # only head holds the pipe now
+        out, _ = head.communicate(timeout=60)
+        try:
+            code = tail.wait(timeout=60)
+        finally:
+            if tail.poll() is None:
+                tail.kill()
+        err = tail.stderr.read().decode()
+        tail.stderr.close()
+        assert [json.loads(line)["value"]["i"] for line in out.splitlines()] == list(range(10))
+        assert code == 0 and err == "", err
+
+
+def test_publish_on_a_terminal_shows_progress_with_rate_and_eta(server, tmp_path):
+    topic = unique("cli-tty")
+    with sc.Client(server.base_url) as c:
+        c.create_topic(topic)
+    source = tmp_path / "lines.txt"
+    source.write_text("".join(f"{i}\n" for i in range(20_000)))
+    master, slave = pty.openpty()
+    with source.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [*CLIENT, "--url", server.base_url, "publish", topic],
+            stdin=stdin,
+            stdout=slave,
+            stderr=slave,
+            env=_env(),
+        )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    screen = b"".join(chunks).decode()
+    assert "\r" in screen and "ETA" in screen and "/s)" in screen
+    assert "100% published 20000" in screen
+    # the bar replaces the offsets on a terminal
+    assert "\n19999" not in screen
+    with sc.Client(server.base_url) as c:
+        assert c.get_topic(topic).message_count == 20_000
+
+
+def test_the_server_command_offers_the_client_commands(server):
+    topic = unique("cli-srv")
+
+    def sluice(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SERVER_COMMAND, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**_env(), "SLUICE_URL": server.base_url},
+            timeout=60,
+            check=False,
+        )
+
+    helped = sluice("--help")
+    assert helped.returncode == 0
+    for command in ("serve", "migrate", "keys", "topics", "publish", "tail", "stats"):
+        assert command in helped.stdout
+    assert sluice("topics", "create", topic).returncode == 0
+    published = sluice("publish", topic, "--output", "json", stdin="1\n2\n3\n")
+    assert published.returncode == 0, published.stderr
+    assert [m["offset"] for m in json.loads(published.stdout)["messages"]] == [0, 1, 2]
+    listed = sluice("topics", "list", "--url", server.base_url)  # options after the command
+    assert listed.returncode == 0 and topic in listed.stdout.splitlines()
+    tailed = sluice("tail", topic, "-n", "2")
+    assert [json.loads(line)["value"] for line in tailed.stdout.splitlines()] == [1, 2]
+    assert sluice("subscriptions", "create", topic, "s", "--start", "earliest").returncode == 0
+    stats = sluice("stats", topic, "s", "--output", "json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["lag"] == 3
+    missing = sluice("topics", "show", unique("nope"))
+    assert missing.returncode == 3 and missing.stderr.startswith("sluice: 404")

@@ -101,6 +101,13 @@ def test_sync_client_round_trips_every_operation(server):
         assert c.dead_letters(topic, "dl").messages == []
         assert c.pull(topic, "dl", max_messages=1, wait_seconds=2).messages[0].offset == d.offset
         assert c.redrive(topic, "dl").redriven == 0
+        # a dead letter asked for: parked at once with max_deliveries 0 (unlimited)
+        c.create_subscription(topic, "dl0", start="earliest", max_deliveries=0)
+        d = c.pull(topic, "dl0", max_messages=1).messages[0]
+        with pytest.raises(sc.BadRequest):  # a delay and a dead letter contradict
+            c.nack(topic, "dl0", [d], delay_seconds=1, dead_letter=True)
+        assert c.nack(topic, "dl0", [d], dead_letter=True).nacked == 1
+        assert [m.offset for m in c.dead_letters(topic, "dl0").messages] == [d.offset]
 
         c.delete_subscription(topic, "s2")
         with pytest.raises(sc.NotFound):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -146,3 +147,63 @@ def test_sync_publisher_batches_from_plain_threads(server):
         failed = pub.publish(1)
         pub.flush()
         assert isinstance(failed.exception(timeout=0), sc.NotFound)
+
+
+class Overlap(CountingFlaky):
+    """Counts how many publish requests were under way at once (at most)."""
+
+    def __init__(self, failures: list[str] | None = None) -> None:
+        super().__init__(failures)
+        self.now = 0
+        self.most = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.01)  # long enough for the next batch to start
+            return await super().handle_async_request(request)
+        finally:
+            self.now -= 1
+
+
+async def test_several_batches_in_flight_store_everything_once(server):
+    transport = Overlap(failures=["lost", "503"])
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        topic = unique("pubconc")
+        await client.create_topic(topic)
+        publisher = sc.Publisher(
+            client,
+            topic,
+            linger_seconds=0.001,
+            max_batch_messages=100,
+            max_in_flight_batches=4,
+            retry_min_seconds=0.01,
+        )
+        futures = [await publisher.publish(i) for i in range(3000)]
+        await publisher.close()
+        offsets = [f.result() for f in futures]
+        stored = await stored_values(client, topic)
+    assert transport.most == 4  # never more than asked, and really concurrent
+    assert len(set(offsets)) == 3000
+    # The lost answer and the 503 were retried: each message stored exactly once.
+    assert sorted(stored) == list(range(3000))
+    assert publisher.requests_sent == publisher.batches_sent + 2
+    with pytest.raises(ValueError):
+        sc.Publisher(client, topic, max_in_flight_batches=0)
+
+
+@pytest.mark.parametrize("with_orjson", [True, False])
+def test_messages_encode_as_json_would_and_refuse_what_json_refuses(monkeypatch, with_orjson):
+    from sluice_client import _publisher
+
+    if not with_orjson:
+        monkeypatch.setattr(_publisher, "orjson", None)
+    elif _publisher.orjson is None:
+        pytest.skip("orjson is not installed")
+    for value in ({"a": 1, "b": None, "c": "é", "d": [1.5, True]}, "x" * 2000, {1: "int key"}):
+        expected = json.loads(json.dumps({"value": value}))
+        assert json.loads(_publisher._encode({"value": value})) == expected
+    for bad in (float("nan"), [float("inf")], datetime.now(UTC)):
+        with pytest.raises((ValueError, TypeError)):
+            _publisher._encode({"value": bad})

@@ -75,7 +75,13 @@ async def setup(client: sc.AsyncClient, n: int, **sub_settings) -> str:
     return topic
 
 
-async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
+@pytest.mark.parametrize(
+    ("concurrency", "max_messages", "pullers"),
+    [(32, None, 1), (40, 10, 4)],  # one pull at a time; four pulls of 10 overlapping
+)
+async def test_worker_drains_2000_messages_with_first_attempt_failures(
+    server, concurrency, max_messages, pullers
+):
     audit = Audit()
     async with sc.AsyncClient(server.base_url, transport=audit) as client:
         topic = await setup(client, 2000, retry_min_seconds=0, retry_max_seconds=0)
@@ -99,8 +105,16 @@ async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
                 running -= 1
 
         worker = sc.Worker(
-            client, topic, "s", handler, concurrency=32, wait_seconds=1, handle_signals=False
+            client,
+            topic,
+            "s",
+            handler,
+            concurrency=concurrency,
+            max_messages=max_messages,
+            wait_seconds=1,
+            handle_signals=False,
         )
+        assert worker.pullers == pullers
         task = asyncio.create_task(worker.run())
 
         async def drained() -> bool:
@@ -118,8 +132,8 @@ async def test_worker_drains_2000_messages_with_first_attempt_failures(server):
     assert stats.succeeded == 2000 and stats.failed == 200 and stats.nacked == 200
     # A pull cut off by stop() may have applied its acks before the worker resent them
     # (then they come back stale): every receipt was acked once by the server.
-    assert stats.acked + stats.stale_acks == 2000 and stats.stale_acks <= 32
-    assert most_running <= 32
+    assert stats.acked + stats.stale_acks == 2000 and stats.stale_acks <= concurrency
+    assert most_running <= concurrency
     assert sub.lag == 0 and sub.in_flight == 0 and sub.committed_offset == sub.head_offset + 1
 
 
@@ -238,10 +252,44 @@ async def test_retry_and_dead_letter_with_a_sync_handler(server):
         await asyncio.wait_for(task, 10)
         parked = await client.dead_letters(topic, "s")
     assert [m.value for m in parked.messages] == [2]
-    assert parked.messages[0].delivery_attempts == 3
-    assert calls == {0: 1, 1: 2, 2: 1}  # the DeadLetter redeliveries skip the handler
+    assert parked.messages[0].delivery_attempts == 1  # parked at once (nack dead_letter)
+    assert calls == {0: 1, 1: 2, 2: 1}
     assert retried_at[1] - retried_at[0] >= 0.45
     assert threads and all(name.startswith("sluice-handler") for name in threads)
+
+
+async def test_dead_letter_parks_even_with_unlimited_deliveries(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 0, max_deliveries=0)
+        await client.create_topic(topic + "-dlq")
+        await client.update_subscription(topic, "s", dead_letter_topic=topic + "-dlq")
+        await client.publish(topic, [{"value": v} for v in ("ok", "poison", "ok2")])
+        calls: collections.Counter[str] = collections.Counter()
+
+        async def handler(d: sc.Delivery) -> None:
+            calls[d.value] += 1
+            if d.value == "poison":
+                raise sc.DeadLetter()
+
+        worker = sc.Worker(
+            client, topic, "s", handler, concurrency=3, wait_seconds=1, handle_signals=False
+        )
+        task = asyncio.create_task(worker.run())
+
+        async def settled() -> bool:
+            sub = await client.get_subscription(topic, "s")
+            return sub.dead_lettered == 1 and sub.lag == 0 and worker.stats.acked == 2
+
+        await wait_for(settled, 15)
+        await asyncio.sleep(0.3)  # a redelivery (there must be none) would show up now
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+        parked = await client.dead_letters(topic, "s")
+        copies = await client.browse(topic + "-dlq")
+    assert calls == {"ok": 1, "poison": 1, "ok2": 1}
+    assert [(m.value, m.delivery_attempts) for m in parked.messages] == [("poison", 1)]
+    assert [m.value for m in copies.messages] == ["poison"]
+    assert stats.dead_lettered == 1 and stats.nacked == 1 and stats.failed == 0
 
 
 async def test_worker_honours_retry_after_on_429_and_backs_off_on_503(server):
@@ -300,7 +348,8 @@ async def test_sigterm_stops_the_worker_gracefully(server):
     assert sub.lag == 0
 
 
-async def test_fatal_errors_end_run_with_the_exception(server):
+@pytest.mark.parametrize("pullers", [1, 3])
+async def test_fatal_errors_end_run_with_the_exception(server, pullers):
     async with sc.AsyncClient(server.base_url) as client:
         topic = await setup(client, 0)
 
@@ -309,7 +358,9 @@ async def test_fatal_errors_end_run_with_the_exception(server):
 
         with pytest.raises(sc.NotFound):
             await sc.Worker(client, topic, "missing", handler, handle_signals=False).run()
-        worker = sc.Worker(client, topic, "s", handler, wait_seconds=0.2, handle_signals=False)
+        worker = sc.Worker(
+            client, topic, "s", handler, wait_seconds=0.2, handle_signals=False, pullers=pullers
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.sleep(0.3)
         await client.delete_subscription(topic, "s")

@@ -426,11 +426,29 @@ class NackRequest(Strict):
     delay_seconds: float | None = Field(
         default=None, ge=0, le=43200, description="default: the subscription's backoff"
     )
+    dead_letter: bool = Field(
+        default=False,
+        description=(
+            "park the messages now as dead letters (listed under dead-letters, copied to "
+            "dead_letter_topic), whatever the attempt and max_deliveries; not with "
+            "delay_seconds"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _delay_or_dead_letter(self) -> NackRequest:
+        # A delay means "deliver again later": it contradicts parking the message.
+        if self.dead_letter and self.delay_seconds is not None:
+            raise ValueError("give either 'delay_seconds' or 'dead_letter', not both")
+        return self
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "delay_seconds": 5}]
+            "examples": [
+                {"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "delay_seconds": 5},
+                {"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "dead_letter": True},
+            ]
         },
     )
 

@@ -252,7 +252,7 @@ async def _settle(
             done.discard(receipt.key)
         else:
             stale.append(text)
-    if kind in (Settlement.ACK, Settlement.NACK):
+    if kind in (Settlement.ACK, Settlement.NACK, Settlement.DEAD_LETTER):
         ctx.rates.record(
             settled.topic_id,
             settled.sub_id,
@@ -272,8 +272,17 @@ async def ack(ctx: QueueContext, topic: str, sub: str, receipt_list: list[str]) 
 
 
 async def nack(
-    ctx: QueueContext, topic: str, sub: str, receipt_list: list[str], delay: float | None
+    ctx: QueueContext,
+    topic: str,
+    sub: str,
+    receipt_list: list[str],
+    delay: float | None,
+    dead_letter: bool = False,
 ) -> SettleOutcome:
+    """Deliverable again after `delay` (None: the backoff); with `dead_letter`, parked now
+    as a dead letter instead, whatever the attempt and max_deliveries."""
+    if dead_letter:
+        return await _settle(ctx, topic, sub, receipt_list, Settlement.DEAD_LETTER)
     return await _settle(ctx, topic, sub, receipt_list, Settlement.NACK, delay)
 
 

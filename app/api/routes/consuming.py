@@ -123,15 +123,18 @@ async def ack_answer(
 @router.post(
     "/nack",
     response_model=NackResponse,
-    summary="Give deliveries back, deliverable again after delay_seconds",
+    summary="Give deliveries back: deliverable again after delay_seconds, or dead-lettered",
     dependencies=[require(Kind.consume)],
     responses=errors(*WITH_BODY, 404),
 )
 async def nack(
     topic: TopicName, subscription: SubscriptionName, body: NackRequest, request: Request
 ) -> Response:
+    """`nacked` counts the receipts applied. With `dead_letter: true` those are parked at
+    once, as after the last of `max_deliveries` attempts (even with max_deliveries 0):
+    listed under dead-letters, re-drivable, copied to `dead_letter_topic`."""
     result = await consuming.nack(
-        ctx_of(request), topic, subscription, body.receipts, body.delay_seconds
+        ctx_of(request), topic, subscription, body.receipts, body.delay_seconds, body.dead_letter
     )
     return JSONBody({"nacked": result.applied, "stale": result.stale})
 

@@ -8,9 +8,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import threading
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,17 +18,49 @@ from typing import TYPE_CHECKING, Any
 from ._errors import RateLimited, SluiceError, is_retryable
 from ._models import OutgoingMessage
 
+try:  # optional: several times faster than json for large values; not a dependency
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None  # type: ignore[assignment]
+
+
+_ORJSON_OPTIONS = 0
+if orjson is not None:
+    # What json refuses, orjson must not take either (datetimes, dataclasses; subclasses go
+    # to json, which handles them its own way): the result is the same with or without it.
+    _ORJSON_OPTIONS = (
+        orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_PASSTHROUGH_SUBCLASS
+    )
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """The message as compact JSON; NaN and infinities are refused (ValueError)."""
+    if orjson is not None:
+        try:
+            encoded = orjson.dumps(body, option=_ORJSON_OPTIONS)
+        except TypeError:
+            pass  # something only json takes (or refuses with its own error)
+        else:
+            # orjson writes NaN and infinities as null; json (below) refuses them.
+            if b"null" not in encoded:
+                return encoded
+    return json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 if TYPE_CHECKING:
     from ._client import AsyncClient
 
 log = logging.getLogger("sluice_client.publisher")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     message: OutgoingMessage
-    size: int
+    encoded: bytes  # the message as a JSON object, serialized once when buffered
     future: asyncio.Future[int]
+    size: int  # bytes it adds to a request body
 
 
 class Publisher:
@@ -38,7 +70,10 @@ class Publisher:
 
     Every message gets a dedup id (uuid4) unless it has one, so a batch that fails with no
     answer, a timeout or a 503/429 is retried as it was without storing anything twice
-    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order.
+    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order;
+    `max_in_flight_batches` > 1 sends up to that many at once (more throughput from one
+    publisher; then a later batch may be stored before an earlier one: no order across
+    batches, as Kafka's producer with several requests in flight).
     At most `max_buffered` messages wait or are in flight: `publish()` waits for room
     (backpressure). `close()` (or leaving `async with`) flushes first.
     """
@@ -56,9 +91,15 @@ class Publisher:
         retry_min_seconds: float = 0.1,
         retry_max_seconds: float = 5.0,
         auto_dedup: bool = True,
+        max_in_flight_batches: int = 1,
     ) -> None:
         if not 1 <= max_batch_messages <= 1000:
             raise ValueError("max_batch_messages must be 1..1000")
+        if max_in_flight_batches < 1:
+            raise ValueError("max_in_flight_batches must be >= 1")
+        self.max_in_flight_batches = max_in_flight_batches
+        self._in_flight = asyncio.Semaphore(max_in_flight_batches)
+        self._sending: set[asyncio.Task[None]] = set()
         self.client = client
         self.topic = topic
         self.linger_seconds = linger_seconds
@@ -68,7 +109,11 @@ class Publisher:
         self.retry_min_seconds = retry_min_seconds
         self.retry_max_seconds = retry_max_seconds
         self.auto_dedup = auto_dedup
-        self._room = asyncio.Semaphore(max_buffered)
+        self.max_buffered = max_buffered
+        # Set when a message settled: publish() waits on it while the buffer is full. An
+        # event, not a semaphore: a settled batch wakes a waiting publish() once, not once
+        # per message (with a full buffer that was a task switch per message).
+        self._has_room = asyncio.Event()
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0
         self._wake = asyncio.Event()  # something was queued, or close/flush was asked
@@ -97,18 +142,21 @@ class Publisher:
         if self._closed:
             raise RuntimeError("the publisher is closed")
         if dedup_id is None and self.auto_dedup:
-            dedup_id = uuid.uuid4().hex
+            dedup_id = os.urandom(16).hex()  # 128 random bits, as a uuid4, at a third the cost
         message = OutgoingMessage(value, key, headers, delay_seconds, dedup_id)
-        size = len(json.dumps(message.to_json(), allow_nan=False)) + 1
-        await self._room.acquire()
+        # Serialized once, here: a value JSON cannot carry fails this call, not its batch.
+        encoded = _encode(message.to_json())
+        while len(self._unsettled) >= self.max_buffered and not self._closed:
+            self._has_room.clear()
+            await self._has_room.wait()
         if self._closed:
-            self._room.release()
             raise RuntimeError("the publisher is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(self._settled)
         self._unsettled.add(future)
-        self._queue.append(_Pending(message, size, future))
-        self._queued_bytes += size
+        pending = _Pending(message, encoded, future, len(encoded) + 1)
+        self._queue.append(pending)
+        self._queued_bytes += pending.size
         self._start()
         self._wake.set()
         if (
@@ -116,6 +164,10 @@ class Publisher:
             or self._queued_bytes >= self.max_batch_bytes
         ):
             self._ready.set()
+            # A batch is full: let the sender start its request now. A caller publishing in
+            # a loop never waits while there is room, and would otherwise hold the event
+            # loop until the whole buffer is full, sending nothing meanwhile.
+            await asyncio.sleep(0)
         return future
 
     async def flush(self) -> None:
@@ -138,6 +190,7 @@ class Publisher:
             return
         await self.flush()
         self._closed = True
+        self._has_room.set()  # a publish() waiting for room raises now
         self._wake.set()
         self._ready.set()
         if self._sender is not None:
@@ -154,7 +207,7 @@ class Publisher:
 
     def _settled(self, future: asyncio.Future[int]) -> None:
         self._unsettled.discard(future)
-        self._room.release()
+        self._has_room.set()
 
     def _start(self) -> None:
         if self._sender is None or self._sender.done():
@@ -167,17 +220,34 @@ class Publisher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+            concurrent = self.max_in_flight_batches > 1
+            if concurrent:
+                # A slot first, then the linger: messages buffered while every slot was
+                # busy go into this batch rather than wait for the next one.
+                await self._in_flight.acquire()
             if not self._flushing and not self._closed and not self._batch_full():
                 self._ready.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), self.linger_seconds)
             batch = self._take_batch()
-            try:
-                await self._send(batch)
-            except Exception as exc:  # settle the futures whatever happens
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            if not concurrent:
+                await self._send_settled(batch)
+                continue
+            task = asyncio.get_running_loop().create_task(self._send_settled(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._in_flight.release()
+
+    async def _send_settled(self, batch: list[_Pending]) -> None:
+        try:
+            await self._send(batch)
+        except Exception as exc:  # settle the futures whatever happens
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     def _batch_full(self) -> bool:
         return (
@@ -203,12 +273,13 @@ class Publisher:
         if not live:
             return
         messages = [item.message for item in live]
+        encoded = [item.encoded for item in live]
         attempt = 0
         self.batches_sent += 1
         while True:
             self.requests_sent += 1
             try:
-                results = await self.client.publish(self.topic, messages)
+                results = await self.client._publish_encoded(self.topic, encoded)
             except SluiceError as exc:
                 # Without a dedup id on every message only a 429 (nothing stored) is retried.
                 safe = all(m.dedup_id for m in messages) or isinstance(exc, RateLimited)

@@ -26,9 +26,6 @@ log = logging.getLogger("sluice_client.worker")
 
 Handler = Callable[[Delivery], Awaitable[Any] | Any]
 
-#: the longest nack delay the API takes (12 h)
-MAX_NACK_DELAY = 43200
-
 
 class Retry(Exception):
     """Raise from a handler to have the message delivered again after `delay_seconds`
@@ -40,14 +37,9 @@ class Retry(Exception):
 
 
 class DeadLetter(Exception):
-    """Raise from a handler to park the message in the subscription's dead letters.
-
-    The API has no "dead-letter this now" operation: the worker nacks the message with no
-    delay and, each time it comes back to this worker, nacks it again without calling the
-    handler, until the server parks it after the subscription's `max_deliveries` attempts
-    (then it is listed under dead letters and copied to `dead_letter_topic`, as any dead
-    letter). With `max_deliveries` 0 (unlimited) nothing is ever parked: the message is
-    nacked with the longest delay the API allows (12 h) instead."""
+    """Raise from a handler to park the message in the subscription's dead letters now
+    (a nack with `dead_letter`): listed under dead letters, re-drivable, copied to
+    `dead_letter_topic`, whatever the attempt and the subscription's `max_deliveries`."""
 
 
 @dataclass
@@ -64,7 +56,8 @@ class WorkerStats:
     failed: int = 0  # handler raised (nacked)
     acked: int = 0  # acks the server applied
     stale_acks: int = 0
-    nacked: int = 0
+    nacked: int = 0  # nacks the server applied (dead letters asked for included)
+    dead_lettered: int = 0  # handler raised DeadLetter
     extended: int = 0
     lost_leases: int = 0  # extends that came back stale
     given_back: int = 0  # received while stopping, or cut off by the grace period
@@ -105,9 +98,12 @@ class Worker:
         grace_seconds: float = 30.0,
         handle_signals: bool = True,
         max_backoff_seconds: float = 30.0,
+        pullers: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if pullers is not None and pullers < 1:
+            raise ValueError("pullers must be >= 1")
         self.client = client
         self.topic = topic
         self.subscription = subscription
@@ -115,6 +111,9 @@ class Worker:
         self.concurrency = concurrency
         self.wait_seconds = wait_seconds
         self.max_messages = min(1000, max_messages or concurrency)
+        # Pulls outstanding at once: one round trip per batch leaves the server idle while
+        # the answer travels; with room for several batches, several pulls overlap.
+        self.pullers = pullers or max(1, min(4, -(-concurrency // self.max_messages)))
         self.ack_deadline_seconds = ack_deadline_seconds
         self.extend_fraction = extend_fraction
         self.ack_interval_seconds = ack_interval_seconds
@@ -128,13 +127,12 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._in_flight: dict[str, _Lease] = {}
+        self._reserved = 0  # slots held for pulls under way
         self._to_ack: list[str] = []
         self._oldest_ack: float | None = None
-        self._dead: dict[int, None] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._deadline = 30
-        self._max_deliveries = 10
         self.running = False
 
     # ---- public ---------------------------------------------------------------------------
@@ -147,7 +145,6 @@ class Worker:
     async def run(self) -> WorkerStats:
         sub = await self.client.get_subscription(self.topic, self.subscription)
         self._deadline = self.ack_deadline_seconds or sub.ack_deadline_seconds
-        self._max_deliveries = sub.max_deliveries
         if self.ack_interval_seconds is None:
             self.ack_interval_seconds = min(1.0, self._deadline / 4)
         if not self._is_async:
@@ -194,27 +191,48 @@ class Worker:
             await asyncio.gather(stop, other, return_exceptions=True)
 
     async def _pull_loop(self) -> None:
+        """`pullers` pull loops; the first fatal error stops them all and is raised."""
+        if self.pullers == 1:
+            await self._puller()
+            return
+        tasks = [asyncio.ensure_future(self._puller()) for _ in range(self.pullers)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self._stopping.set()  # the others give back what they hold and return
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _puller(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._in_flight)
+            free = self.concurrency - len(self._in_flight) - self._reserved
             if free <= 0:
                 self._slot_free.clear()
                 await self._wait_or_stop(self._slot_free.wait())
                 continue
-            acks = self._take_acks()
-            pull = asyncio.ensure_future(
-                self.client.pull(
-                    self.topic,
-                    self.subscription,
-                    max_messages=min(free, self.max_messages),
-                    wait_seconds=self.wait_seconds,
-                    ack=acks or None,
-                    ack_deadline_seconds=self.ack_deadline_seconds,
+            want = min(free, self.max_messages)
+            self._reserved += want
+            try:
+                acks = self._take_acks()
+                pull = asyncio.ensure_future(
+                    self.client.pull(
+                        self.topic,
+                        self.subscription,
+                        max_messages=want,
+                        wait_seconds=self.wait_seconds,
+                        ack=acks or None,
+                        ack_deadline_seconds=self.ack_deadline_seconds,
+                    )
                 )
-            )
-            stop = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+                stop = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+            finally:
+                self._reserved -= want
+                self._slot_free.set()  # what this pull did not fill is free again
             if not pull.done():
                 # Stopping during a long-poll: the server gives back what it claimed for a
                 # client that went away. Whether the acks were applied is unknown: resend.
@@ -266,8 +284,6 @@ class Worker:
     # ---- handling -------------------------------------------------------------------------
 
     async def _call_handler(self, delivery: Delivery) -> None:
-        if delivery.offset in self._dead:
-            raise DeadLetter()
         if self._is_async:
             await self.handler(delivery)
             return
@@ -287,7 +303,8 @@ class Worker:
                 self.stats.failed += 1
                 await self._nack(delivery, exc.delay_seconds)
             except DeadLetter:
-                await self._dead_letter(delivery)
+                self.stats.dead_lettered += 1
+                await self._nack(delivery, None, dead_letter=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -303,29 +320,21 @@ class Worker:
             self._in_flight.pop(delivery.receipt, None)
             self._slot_free.set()
 
-    async def _dead_letter(self, delivery: Delivery) -> None:
-        if self._max_deliveries == 0:
-            log.warning(
-                "DeadLetter on offset %d: the subscription has max_deliveries 0 (no dead "
-                "letters); nacking it for %ds instead",
-                delivery.offset,
-                MAX_NACK_DELAY,
-            )
-            await self._nack(delivery, MAX_NACK_DELAY)
-            return
-        if delivery.delivery_attempt >= self._max_deliveries:
-            self._dead.pop(delivery.offset, None)  # this nack parks it
-        else:
-            self._dead[delivery.offset] = None
-            while len(self._dead) > 100_000:
-                self._dead.pop(next(iter(self._dead)))
-        await self._nack(delivery, 0)
-
-    async def _nack(self, delivery: Delivery, delay: float | None, attempts: int = 3) -> None:
+    async def _nack(
+        self,
+        delivery: Delivery,
+        delay: float | None,
+        attempts: int = 3,
+        dead_letter: bool = False,
+    ) -> None:
         for attempt in range(attempts):
             try:
                 result = await self.client.nack(
-                    self.topic, self.subscription, [delivery.receipt], delay_seconds=delay
+                    self.topic,
+                    self.subscription,
+                    [delivery.receipt],
+                    delay_seconds=delay,
+                    dead_letter=dead_letter,
                 )
                 self.stats.nacked += result.nacked
                 return

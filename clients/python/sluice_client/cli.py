@@ -1,7 +1,9 @@
 """`sluice-client`: a command-line client over the HTTP API (works against a remote server).
 
 Run as `sluice-client ...` (console script) or `python -m sluice_client ...`; `main(argv)`
-returns the exit code instead of exiting, so it can be called in-process.
+returns the exit code instead of exiting, so it can be called in-process. The server's own
+command, `sluice`, offers the same commands: it adds them to its parser with
+`add_commands()` and runs a parsed command with `run()` (one definition of each).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -41,7 +44,11 @@ EXIT_UNAVAILABLE = 6
 EXIT_RATE_LIMITED = 7
 EXIT_INTERRUPTED = 130
 
-PUBLISH_BATCH = 100
+# Lines of stdin per publish request: the API takes up to 1000 messages in one; a batch
+# also ends at about PUBLISH_BATCH_BYTES of JSON, far below the request size limit.
+PUBLISH_BATCH = 1000
+PUBLISH_BATCH_BYTES = 1_000_000
+PROGRESS_INTERVAL_SECONDS = 0.2
 FOLLOW_INTERVAL_SECONDS = 0.5
 
 EPILOG = """\
@@ -55,8 +62,13 @@ exit codes:
   6  unavailable (503 or another 5xx, or no answer: connection refused, timeout)
   7  rate limited (429)
   130 interrupted (Ctrl-C) outside --follow / --watch
+  A reader that goes away (`tail TOPIC | head -n 10`) ends the command quietly with 0,
+  not 141 (SIGPIPE) and no traceback: the output it took was complete.
 
 Messages (tail, dead-letters list) are printed as JSON lines in both output modes.
+publish from stdin prints one offset a line; on a terminal a progress bar (rate, and with
+`< file` the share done and an ETA) on stderr instead. No colours, never a prompt.
+`sluice` (the server's command) offers the same commands, options after the command name.
 Errors: one line `sluice-client: <detail>` on stderr; with --output json also a JSON
 object {"error": {...}} on stdout.
 """
@@ -97,10 +109,11 @@ def _dumps(obj: Any) -> str:
 
 
 class _Out:
-    def __init__(self, mode: str, stdout: TextIO, stderr: TextIO) -> None:
+    def __init__(self, mode: str, stdout: TextIO, stderr: TextIO, prog: str = PROG) -> None:
         self.json = mode == "json"
         self.stdout = stdout
         self.stderr = stderr
+        self.prog = prog  # what error lines start with: sluice-client or sluice
 
     def line(self, text: str = "") -> None:
         print(text, file=self.stdout, flush=True)
@@ -189,12 +202,54 @@ def _parse_headers(pairs: list[str] | None) -> dict[str, str] | None:
     return headers
 
 
-def _stdin_values(stream: TextIO, as_string: bool) -> Iterator[Any]:
+def _stdin_values(
+    stream: TextIO, as_string: bool, progress: _Progress | None = None
+) -> Iterator[tuple[Any, int]]:
+    """(value, size of its line) per non-blank line."""
     for number, raw in enumerate(stream, start=1):
+        if progress is not None:
+            progress.read += len(raw)
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
-        yield _parse_value(line, as_string, f"stdin line {number}")
+        yield _parse_value(line, as_string, f"stdin line {number}"), len(raw)
+
+
+def _input_size(stream: TextIO) -> int | None:
+    """The size of stdin when it is a regular file (`< file`): what an ETA needs."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) and info.st_size > 0 else None
+
+
+class _Progress:
+    """One line on stderr, rewritten in place: messages published, rate, and with a known
+    input size the share done and an ETA. Only on a terminal (never in a pipe)."""
+
+    def __init__(self, stderr: TextIO, total_bytes: int | None) -> None:
+        self.stderr = stderr
+        self.total = total_bytes
+        self.read = 0  # characters of input read (bytes for ASCII input)
+        self.started = time.monotonic()
+        self.shown_at = 0.0
+
+    def update(self, published: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.shown_at < PROGRESS_INTERVAL_SECONDS:
+            return
+        self.shown_at = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = published / elapsed
+        text = f"published {published} ({rate:,.0f}/s)"
+        if self.total:
+            share = min(1.0, self.read / self.total)
+            eta = elapsed * (1 - share) / share if share > 0 else 0.0
+            filled = int(share * 20)
+            text = f"[{'#' * filled}{'.' * (20 - filled)}] {share:4.0%} {text} ETA {eta:.0f}s"
+        self.stderr.write("\r" + text + "\033[K" + ("\n" if final else ""))
+        self.stderr.flush()
 
 
 def cmd_publish(c: Client, a: argparse.Namespace, out: _Out, stdin: TextIO) -> int:
@@ -219,26 +274,41 @@ def cmd_publish(c: Client, a: argparse.Namespace, out: _Out, stdin: TextIO) -> i
 
     results: list[Any] = []
     batch: list[OutgoingMessage] = []
+    batch_bytes = 0
+    # On a terminal a progress bar replaces the offsets (100k lines of numbers help nobody
+    # there); in a pipe the offsets are printed, one a line, and no bar.
+    interactive = out.stdout.isatty() and out.stderr.isatty()
+    progress = _Progress(out.stderr, _input_size(stdin)) if interactive else None
 
     def send() -> None:
+        nonlocal batch_bytes
         rs = c.publish(a.topic, batch)
         results.extend(rs)
-        if not out.json:
-            for r in rs:
-                out.line(f"{r.offset}{' (duplicate)' if r.duplicate else ''}")
+        if progress is not None:
+            progress.update(len(results))
+        elif not out.json:
+            out.stdout.write(
+                "".join(f"{r.offset}{' (duplicate)' if r.duplicate else ''}\n" for r in rs)
+            )
+            out.stdout.flush()
         batch.clear()
+        batch_bytes = 0
 
     try:
-        for value in _stdin_values(stdin, a.string):
+        for value, size in _stdin_values(stdin, a.string, progress):
             batch.append(message(value))
-            if len(batch) >= PUBLISH_BATCH:
+            batch_bytes += size
+            if len(batch) >= PUBLISH_BATCH or batch_bytes >= PUBLISH_BATCH_BYTES:
                 send()
         if batch:
             send()
     except (SluiceError, InputError):
         if results:
-            out.note(f"{PROG}: {len(results)} messages were published before the error")
+            out.note(f"{out.prog}: {len(results)} messages were published before the error")
         raise
+    finally:
+        if progress is not None and results:
+            progress.update(len(results), final=True)
     if out.json:
         out.doc({"messages": results})
     else:
@@ -464,34 +534,70 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Command-line client for the Sluice HTTP message queue.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+#: the commands this module defines (the server's `sluice` command offers them too)
+COMMANDS = ("topics", "publish", "tail", "subscriptions", "dead-letters", "stats")
+
+_OPTION_DEFAULTS: dict[str, Any] = {"url": None, "api_key": None, "output": "text", "timeout": 30.0}
+
+
+def _add_connection_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--url, --api-key, --output, --timeout. `suppress`: no default of their own (the
+    options of a command: given after it, they override those given before it)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
     p.add_argument(
         "--url",
-        default=os.environ.get("SLUICE_URL"),
+        default=default(os.environ.get("SLUICE_URL")),
         help="server base URL (default: $SLUICE_URL, else http://127.0.0.1:8000)",
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("SLUICE_API_KEY"),
+        default=default(os.environ.get("SLUICE_API_KEY")),
         help="API key, sent as a Bearer token (default: $SLUICE_API_KEY)",
     )
     p.add_argument(
         "--output",
         choices=("text", "json"),
-        default="text",
+        default=default("text"),
         help="text (default) or json: one JSON document, or JSON lines for streams",
     )
     p.add_argument(
-        "--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)"
+        "--timeout",
+        type=float,
+        default=default(30.0),
+        help="HTTP timeout in seconds (default 30)",
     )
-    cmds = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that end a command line (`topics list`, `publish`, ...). argparse has no
+    public way to walk its sub-parsers; `_actions` has been stable since Python 3.2."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to one parser
+            yield from _leaf_parsers(child)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Command-line client for the Sluice HTTP message queue.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection_options(p, suppress=False)
+    add_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return p
+
+
+def add_commands(cmds: Any) -> dict[str, argparse.ArgumentParser]:
+    """Add the client commands to `cmds` (what `add_subparsers()` returned, with
+    dest="command"); each command also takes the connection options after its name.
+    Returns the commands' parsers by name."""
     # topics
     tp = cmds.add_parser("topics", help="list, show, create, delete topics")
     tcmds = tp.add_subparsers(dest="topics_cmd", required=True, metavar="ACTION")
@@ -594,7 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="read again every SECONDS until interrupted (json: one line per reading)",
     )
-    return p
+    parsers = {name: cmds.choices[name] for name in COMMANDS}
+    for parser in parsers.values():
+        for leaf in _leaf_parsers(parser):
+            _add_connection_options(leaf, suppress=True)
+    return parsers
 
 
 def _run(c: Client, a: argparse.Namespace, out: _Out, stdin: TextIO) -> int:
@@ -612,7 +722,7 @@ def _run(c: Client, a: argparse.Namespace, out: _Out, stdin: TextIO) -> int:
 
 
 def _fail(out: _Out, code: int, detail: str, exc: SluiceError | None = None) -> int:
-    out.note(f"{PROG}: {detail}")
+    out.note(f"{out.prog}: {detail}")
     if out.json:
         error: dict[str, Any] = {"exit_code": code, "detail": detail}
         if exc is not None:
@@ -623,13 +733,22 @@ def _fail(out: _Out, code: int, detail: str, exc: SluiceError | None = None) -> 
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    stdout, stderr, stdin = sys.stdout, sys.stderr, sys.stdin
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     try:
-        a = build_parser().parse_args(argv)
+        a = build_parser(prog).parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    out = _Out(a.output, stdout, stderr)
+    return run(a, prog)
+
+
+def run(a: argparse.Namespace, prog: str = PROG) -> int:
+    """Run a command parsed by a parser that `add_commands()` built; the exit code."""
+    stdout, stderr, stdin = sys.stdout, sys.stderr, sys.stdin
+    for name, value in _OPTION_DEFAULTS.items():
+        if not hasattr(a, name):  # a parser without the options before the command
+            env = {"url": "SLUICE_URL", "api_key": "SLUICE_API_KEY"}.get(name)
+            setattr(a, name, os.environ.get(env) if env else value)
+    out = _Out(a.output, stdout, stderr, prog)
     try:
         with Client(a.url, api_key=a.api_key, timeout=a.timeout) as c:
             return _run(c, a, out, stdin)
