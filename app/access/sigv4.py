@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote, unquote
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 ACCESS_KEY_PREFIX = "SLU"
 _ACCESS_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-_ACCESS_KEY = re.compile(r"[A-Z0-9]{16,128}")
+_ACCESS_KEY = re.compile(r"[A-Za-z0-9]{1,128}")
 # A signature made longer ago (or further ahead) than this is refused, as AWS does.
 MAX_SKEW = timedelta(minutes=15)
 _AUTH = re.compile(
@@ -90,7 +90,11 @@ def parse_authorization(header: str | None) -> SignedRequest:
 
 
 def _canonical_query(query: str) -> str:
-    pairs = parse_qsl(query, keep_blank_values=True)
+    """Each name and value percent-encoded the AWS way, sorted (a `+` is not a space)."""
+    pairs = []
+    for pair in query.split("&") if query else ():
+        name, _, value = pair.partition("=")
+        pairs.append((unquote(name), unquote(value)))
     return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs))
 
 
