@@ -284,7 +284,7 @@ def _delay(queue: QueueRow, given: object, fifo: bool) -> int:
     if given is None:
         return int(queue.attributes.get("DelaySeconds", "0"))
     if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= 900:
-        raise invalid_value("DelaySeconds", given, "must be between 0 and 900, if provided.")
+        raise invalid_value("DelaySeconds", given, "DelaySeconds must be >= 0 and <= 900.")
     if fifo and given:
         raise invalid_value(
             "DelaySeconds",
