@@ -41,8 +41,7 @@ from sluice.queue.sqs_errors import (
     too_many_entries,
 )
 from sluice.queue.sqs_queues import SQS_SUBSCRIPTION, is_fifo
-from sluice.records import Delivery, NewMessage
-from sluice.storage.sqs import QueueRow
+from sluice.records import Delivery, NewMessage, SqsQueue
 
 # Headers of a message sent over SQS (a native subscriber sees them too).
 H_ID = "sqs-message-id"
@@ -206,7 +205,7 @@ class Prepared:
 
 
 def prepare(
-    queue: QueueRow, request: SendRequest, sender: str, content_dedup: bool | None = None
+    queue: SqsQueue, request: SendRequest, sender: str, content_dedup: bool | None = None
 ) -> Prepared:
     """Validate one message for the queue; raises SqsError (the whole call, or one entry
     of a batch)."""
@@ -280,7 +279,7 @@ def prepare(
     )
 
 
-def _delay(queue: QueueRow, given: object, fifo: bool) -> int:
+def _delay(queue: SqsQueue, given: object, fifo: bool) -> int:
     if given is None:
         return int(queue.attributes.get("DelaySeconds", "0"))
     if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= 900:
@@ -322,7 +321,7 @@ def sequence_number(offset: int) -> str:
     return f"{offset:020d}"
 
 
-async def send(ctx: QueueContext, queue: QueueRow, prepared: list[Prepared]) -> list[Sent]:
+async def send(ctx: QueueContext, queue: SqsQueue, prepared: list[Prepared]) -> list[Sent]:
     """Store the messages atomically (one publish). A duplicate (FIFO deduplication id
     seen within five minutes) answers with the first message's id, as SQS does."""
     try:
@@ -348,7 +347,7 @@ async def send(ctx: QueueContext, queue: QueueRow, prepared: list[Prepared]) -> 
     return sent
 
 
-async def _message_id_at(ctx: QueueContext, queue: QueueRow, offset: int) -> str | None:
+async def _message_id_at(ctx: QueueContext, queue: SqsQueue, offset: int) -> str | None:
     try:
         message = await topics.get_message(ctx, queue.topic, offset)
     except SluiceError:
@@ -390,7 +389,7 @@ def _bounded(name: str, value: object, low: int, high: int, default: int) -> int
 
 
 def receive_request(
-    queue: QueueRow,
+    queue: SqsQueue,
     max_messages: object,
     wait_seconds: object,
     visibility_timeout: object,
@@ -434,7 +433,7 @@ class Received:
 
 
 async def receive(
-    ctx: QueueContext, queue: QueueRow, request: ReceiveRequest, client_gone: Any = None
+    ctx: QueueContext, queue: SqsQueue, request: ReceiveRequest, client_gone: Any = None
 ) -> list[Received]:
     params = consuming.PullParams(
         queue.topic,
@@ -463,7 +462,7 @@ def _wanted_attribute(name: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def _received(queue: QueueRow, m: Delivery, request: ReceiveRequest) -> Received:
+def _received(queue: SqsQueue, m: Delivery, request: ReceiveRequest) -> Received:
     headers = _headers(m.headers)
     value = orjson.loads(m.value)
     # A message published natively may hold any JSON: its text is the body.
@@ -525,7 +524,7 @@ def check_handle(handle: object) -> str:
     return handle
 
 
-async def delete(ctx: QueueContext, queue: QueueRow, handles: list[str]) -> None:
+async def delete(ctx: QueueContext, queue: SqsQueue, handles: list[str]) -> None:
     """Ack. A valid handle of an attempt that is over (expired, redelivered, deleted)
     succeeds without effect, as SQS does."""
     if not handles:
@@ -537,7 +536,7 @@ async def delete(ctx: QueueContext, queue: QueueRow, handles: list[str]) -> None
 
 
 async def change_visibility(
-    ctx: QueueContext, queue: QueueRow, handles: list[str], seconds: int
+    ctx: QueueContext, queue: SqsQueue, handles: list[str], seconds: int
 ) -> list[str]:
     """New visibility timeout from now (0: visible at once); returns the stale handles
     (their message is not in flight with that handle)."""
@@ -592,7 +591,7 @@ def _failure(entry_id: str, error: SqsError) -> BatchFailure:
 
 
 async def send_batch(
-    ctx: QueueContext, queue: QueueRow, entries: list[tuple[str, SendRequest]], sender: str
+    ctx: QueueContext, queue: SqsQueue, entries: list[tuple[str, SendRequest]], sender: str
 ) -> tuple[list[tuple[str, Sent]], list[BatchFailure]]:
     """The valid entries go in one atomic publish; invalid ones are reported in Failed."""
     prepared: list[tuple[str, Prepared]] = []
@@ -610,7 +609,7 @@ async def send_batch(
 
 
 async def delete_batch(
-    ctx: QueueContext, queue: QueueRow, entries: list[tuple[str, object]]
+    ctx: QueueContext, queue: SqsQueue, entries: list[tuple[str, object]]
 ) -> tuple[list[str], list[BatchFailure]]:
     valid: list[tuple[str, str]] = []
     failed: list[BatchFailure] = []
@@ -624,7 +623,7 @@ async def delete_batch(
 
 
 async def change_visibility_batch(
-    ctx: QueueContext, queue: QueueRow, entries: list[tuple[str, object, object]]
+    ctx: QueueContext, queue: SqsQueue, entries: list[tuple[str, object, object]]
 ) -> tuple[list[str], list[BatchFailure]]:
     """Entries with the same timeout go in one call."""
     by_timeout: dict[int, list[tuple[str, str]]] = {}

@@ -31,11 +31,10 @@ from sluice.queue.sqs_errors import (
     queue_does_not_exist,
     queue_name_exists,
 )
-from sluice.records import SUBSCRIPTION_DEFAULTS, SubscriptionConfig, TopicConfig
+from sluice.records import SUBSCRIPTION_DEFAULTS, SqsQueue, SubscriptionConfig, TopicConfig
 from sluice.storage import sqs as sqs_sql
 from sluice.storage import subscriptions as subs_sql
 from sluice.storage import topics as topics_sql
-from sluice.storage.sqs import QueueRow
 
 # The subscription each queue's messages are received through.
 SQS_SUBSCRIPTION = "sqs"
@@ -106,7 +105,7 @@ def topic_of(queue_name: str) -> str:
     return queue_name
 
 
-def is_fifo(queue: QueueRow) -> bool:
+def is_fifo(queue: SqsQueue) -> bool:
     return queue.attributes.get("FifoQueue") == "true"
 
 
@@ -270,7 +269,7 @@ def _check_tags(tags: Mapping[str, object]) -> dict[str, str]:
 
 async def create_queue(
     ctx: QueueContext, name: str, given: Mapping[str, object], tags: Mapping[str, object]
-) -> QueueRow:
+) -> SqsQueue:
     """Create the queue, or return it when it exists with the same given attributes (as
     SQS: different ones are QueueNameExists). A native topic of the same name is not
     taken over."""
@@ -327,7 +326,7 @@ def _subscription_defaults() -> dict[str, Any]:
     }
 
 
-def _same_or_refuse(existing: QueueRow, attributes: Mapping[str, str]) -> QueueRow:
+def _same_or_refuse(existing: SqsQueue, attributes: Mapping[str, str]) -> SqsQueue:
     for key, value in attributes.items():
         if key == "FifoQueue" and value == "false" and not is_fifo(existing):
             continue
@@ -336,7 +335,7 @@ def _same_or_refuse(existing: QueueRow, attributes: Mapping[str, str]) -> QueueR
     return existing
 
 
-async def get_queue(ctx: QueueContext, name: str) -> QueueRow:
+async def get_queue(ctx: QueueContext, name: str) -> SqsQueue:
     async with ctx.pool.acquire() as conn:
         queue = await sqs_sql.get_queue(conn, name)
     if queue is None:

@@ -5,22 +5,10 @@ here is written per message."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 
-
-@dataclass(frozen=True, slots=True)
-class QueueRow:
-    topic_id: int
-    topic: str
-    name: str
-    attributes: dict[str, str]
-    tags: dict[str, str]
-    created_at: datetime
-    updated_at: datetime
-
+from sluice.records import SqsQueue
 
 _COLUMNS = (
     "q.topic_id, t.name AS topic, q.queue_name, q.attributes::text AS attributes, "
@@ -69,8 +57,8 @@ WHERE topic_id = $1
 SET_TAGS = "UPDATE sluice.sqs_queues SET tags = $2::jsonb WHERE topic_id = $1"
 
 
-def _queue(row: asyncpg.Record) -> QueueRow:
-    return QueueRow(
+def _queue(row: asyncpg.Record) -> SqsQueue:
+    return SqsQueue(
         row["topic_id"],
         row["topic"],
         row["queue_name"],
@@ -87,25 +75,25 @@ async def create_queue(
     name: str,
     attributes: dict[str, str],
     tags: dict[str, str],
-) -> QueueRow | None:
+) -> SqsQueue | None:
     row = await conn.fetchrow(
         CREATE_QUEUE, topic_id, name, json.dumps(attributes), json.dumps(tags)
     )
     return None if row is None else _queue(row)
 
 
-async def get_queue(conn: asyncpg.Connection, name: str) -> QueueRow | None:
+async def get_queue(conn: asyncpg.Connection, name: str) -> SqsQueue | None:
     row = await conn.fetchrow(GET_QUEUE, name)
     return None if row is None else _queue(row)
 
 
 async def list_queues(
     conn: asyncpg.Connection, prefix: str, after: str | None, limit: int
-) -> list[QueueRow]:
+) -> list[SqsQueue]:
     return [_queue(row) for row in await conn.fetch(LIST_QUEUES, prefix, after, limit)]
 
 
-async def dead_letter_sources(conn: asyncpg.Connection, name: str) -> list[QueueRow]:
+async def dead_letter_sources(conn: asyncpg.Connection, name: str) -> list[SqsQueue]:
     return [_queue(row) for row in await conn.fetch(DEAD_LETTER_SOURCES, name)]
 
 

@@ -40,7 +40,7 @@ from sluice.queue.sqs_errors import (
     unavailable,
     unsupported_operation,
 )
-from sluice.storage.sqs import QueueRow
+from sluice.records import SqsQueue
 
 log = logging.getLogger("sluice.sqs")
 
@@ -138,7 +138,7 @@ class Call:
         scopes = principal.scopes
         return lambda topic: satisfies(scopes, Requirement(Kind.read, Reach.topic, topic))
 
-    async def queue(self, kind: Kind) -> QueueRow:
+    async def queue(self, kind: Kind) -> SqsQueue:
         """The queue of QueueUrl, once the key may act on it with `kind`."""
         name = queues.queue_name_of_url(self.text("QueueUrl") or "")
         self.allow(kind, name)
