@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     sqs_account_id: str = Field(default="000000000000", pattern=r"^[0-9]{12}$")
     sqs_region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{1,40}$")
     sqs_secret: str | None = Field(default=None, repr=False)
+    # During a rotation of sqs_secret: the one before, still accepted (docs/sqs.md).
+    sqs_previous_secret: str | None = Field(default=None, repr=False)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from tests.conftest import ROOT, ServerProcess, remove_log
 from tests.sqs_support import boto_client, queue_name
 
 SERVER_SECRET = "test-server-secret-0123456789"
+NEW_SECRET = "test-server-secret-rotated-9876"
 
 
 def _cli(url: str, *args: str, secret: str | None = SERVER_SECRET) -> subprocess.CompletedProcess:
@@ -66,18 +67,21 @@ def keyed(pg_server: str):
     asyncio.run(migrate.upgrade(url))
     server = ServerProcess(url, env={"SLUICE_SQS_SECRET": SERVER_SECRET})
     bare = ServerProcess(url, env={"SLUICE_SQS_SECRET": ""})
+    rotating = ServerProcess(
+        url, env={"SLUICE_SQS_SECRET": NEW_SECRET, "SLUICE_SQS_PREVIOUS_SECRET": SERVER_SECRET}
+    )
     try:
-        server.wait_ready()
-        bare.wait_ready()
-        yield url, server, bare
+        for proc in (server, bare, rotating):
+            proc.wait_ready()
+        yield url, server, bare, rotating
     finally:
-        for proc in (server, bare):
+        for proc in (server, bare, rotating):
             proc.stop()
             remove_log(proc.log_path)
 
 
 def test_open_until_a_key_exists_then_signatures_and_scopes(keyed):
-    url, server, bare = keyed
+    url, server, bare, _ = keyed
     endpoint = server.base_url + "/sqs"
     anyone = boto_client(endpoint)
     opened = anyone.create_queue(QueueName=queue_name("open"))["QueueUrl"]
@@ -185,7 +189,7 @@ def test_open_until_a_key_exists_then_signatures_and_scopes(keyed):
 
 
 def test_keys_create_sqs_needs_the_server_secret(keyed):
-    url, _, _ = keyed
+    url, *_ = keyed
     result = _cli(url, "keys", "create", "--scope", "admin", "--sqs", secret=None)
     assert result.returncode == 2
     assert "SLUICE_SQS_SECRET" in result.stderr
@@ -240,3 +244,41 @@ def test_signatures_match_botocore(url):
     for header in (None, "Bearer x", "AWS4-HMAC-SHA256 Credential=a/b, Signature=zz"):
         with pytest.raises(SignatureRefused):
             parse_authorization(header)
+
+
+def test_rotating_the_server_secret(keyed):
+    """docs/sqs.md: servers take the new secret with the old one as previous; credentials
+    issued under either sign; once the previous one is dropped, only the new ones do."""
+    url, server, _, rotating = keyed
+    old = _credentials(_cli(url, "keys", "create", "--scope", "admin", "--sqs").stdout)
+    new = _credentials(
+        _cli(url, "keys", "create", "--scope", "admin", "--sqs", secret=NEW_SECRET).stdout
+    )
+    assert old["aws_access_key_id"] != new["aws_access_key_id"]
+
+    def client(creds: dict[str, str], base: str):
+        return boto_client(
+            base + "/sqs",
+            aws_access_key_id=creds["aws_access_key_id"],
+            aws_secret_access_key=creds["aws_secret_access_key"],
+        )
+
+    def call(creds: dict[str, str], base: str) -> str:
+        # A new key reaches each server's key cache within a few seconds.
+        for _ in range(100):
+            try:
+                client(creds, base).list_queues()
+                return "ok"
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response["Error"]["Code"]
+                if code != "InvalidClientTokenId":
+                    return code
+            time.sleep(0.1)
+        return "InvalidClientTokenId"
+
+    assert call(old, rotating.base_url) == "ok"
+    assert call(new, rotating.base_url) == "ok"
+    assert call(old, server.base_url) == "ok"
+    # A server on the old secret alone (as one whose previous secret was dropped is on the
+    # new alone) refuses what the other secret derives.
+    assert call(new, server.base_url) == "SignatureDoesNotMatch"

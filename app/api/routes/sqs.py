@@ -421,15 +421,25 @@ async def _authenticate(request: Request, body: bytes) -> tuple[Principal | None
             raise SignatureRefused(
                 Refusal.unknown_key, "The security token included in the request is invalid."
             )
-        check_signature(
-            signed,
-            derive_secret(server_secret, signed.access_key_id),
-            request.method,
-            request.url.path,
-            request.url.query,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
-            body,
-        )
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        previous = request.app.state.settings.sqs_previous_secret
+        # While the server secret rotates, secrets derived from the previous one still sign.
+        candidates = [server_secret, *([previous] if previous else [])]
+        for index, candidate in enumerate(candidates):
+            try:
+                check_signature(
+                    signed,
+                    derive_secret(candidate, signed.access_key_id),
+                    request.method,
+                    request.url.path,
+                    request.url.query,
+                    headers,
+                    body,
+                )
+                break
+            except SignatureRefused as refused:
+                if refused.refusal != Refusal.mismatch or index == len(candidates) - 1:
+                    raise
     except SignatureRefused as refused:
         raise SqsError(_REFUSALS[refused.refusal], refused.detail, status=403) from None
     return principal, signed.access_key_id
