@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -335,12 +336,32 @@ def _same_or_refuse(existing: SqsQueue, attributes: Mapping[str, str]) -> SqsQue
     return existing
 
 
+# How long a process uses a queue's row before reading it again. Changes made through this
+# process apply at once (forget); another process's SetQueueAttributes within this long.
+# A deleted queue is noticed at once anyway: its topic is gone.
+QUEUE_CACHE_SECONDS = 1.0
+QUEUE_CACHE_SIZE = 10_000
+
+
 async def get_queue(ctx: QueueContext, name: str) -> SqsQueue:
+    now = time.monotonic()
+    cached = ctx.sqs_queues.get(name)
+    if cached is not None and now - cached[0] < QUEUE_CACHE_SECONDS:
+        return cached[1]  # type: ignore[return-value]
     async with ctx.pool.acquire() as conn:
         queue = await sqs_sql.get_queue(conn, name)
     if queue is None:
+        ctx.sqs_queues.pop(name, None)
         raise queue_does_not_exist()
+    if len(ctx.sqs_queues) >= QUEUE_CACHE_SIZE:
+        ctx.sqs_queues.clear()
+    ctx.sqs_queues[name] = (now, queue)
     return queue
+
+
+def forget(ctx: QueueContext, name: str) -> None:
+    """This process changed the queue: read it again next time."""
+    ctx.sqs_queues.pop(name, None)
 
 
 @dataclass(slots=True)
@@ -390,6 +411,7 @@ async def list_queues(
 async def delete_queue(ctx: QueueContext, name: str) -> None:
     """The topic goes, with its subscriptions and the queue's row (cascade)."""
     queue = await get_queue(ctx, name)
+    forget(ctx, name)
     async with ctx.pool.acquire() as conn:
         await topics_sql.delete_topic(conn, queue.topic)
 
@@ -453,6 +475,7 @@ async def set_attributes(ctx: QueueContext, name: str, given: Mapping[str, objec
         )
         await topics_sql.upsert_topic(conn, queue.topic, config, ["retention_seconds"])
         await sqs_sql.set_attributes(conn, queue.topic_id, merged)
+    forget(ctx, name)
 
 
 async def purge(ctx: QueueContext, name: str) -> None:
@@ -470,6 +493,7 @@ async def tag(ctx: QueueContext, name: str, tags: Mapping[str, object]) -> None:
     merged = _check_tags({**queue.tags, **tags})
     async with ctx.pool.acquire() as conn:
         await sqs_sql.set_tags(conn, queue.topic_id, merged)
+    forget(ctx, name)
 
 
 async def untag(ctx: QueueContext, name: str, keys: list[str]) -> None:
@@ -477,6 +501,7 @@ async def untag(ctx: QueueContext, name: str, keys: list[str]) -> None:
     remaining = {key: value for key, value in queue.tags.items() if key not in keys}
     async with ctx.pool.acquire() as conn:
         await sqs_sql.set_tags(conn, queue.topic_id, remaining)
+    forget(ctx, name)
 
 
 async def dead_letter_sources(
