@@ -184,6 +184,18 @@ def test_redrive_policy_and_dead_letter_sources(sqs, sqs_server):
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         sqs.set_queue_attributes(QueueUrl=src, Attributes={"RedrivePolicy": "{not json"})
     assert _code(exc) == "InvalidParameterValue"
+    # An empty policy removes it: no more redrive, no longer a source of the DLQ.
+    sqs.set_queue_attributes(QueueUrl=src, Attributes={"RedrivePolicy": ""})
+    assert "Attributes" not in sqs.get_queue_attributes(
+        QueueUrl=src, AttributeNames=["RedrivePolicy"]
+    )
+    sub = httpx.get(f"{sqs_server.base_url}/v1/topics/{name}/subscriptions/sqs").json()
+    assert sub["max_deliveries"] == 0 and sub["dead_letter_topic"] is None
+    assert sqs.list_dead_letter_source_queues(QueueUrl=dlq)["queueUrls"] == []
+    # The dead-letter queue can be deleted while a queue still names it (as in SQS).
+    sqs.set_queue_attributes(QueueUrl=src, Attributes={"RedrivePolicy": policy})
+    sqs.delete_queue(QueueUrl=dlq)
+    sqs.send_message(QueueUrl=src, MessageBody="still works")
 
 
 def test_delete_queue_deletes_the_topic(sqs, sqs_server):

@@ -290,6 +290,8 @@ async def create_queue(
             full["FifoQueue"] = "true"
         else:
             full.pop("FifoQueue", None)
+        if full.get("RedrivePolicy") == "":
+            full.pop("RedrivePolicy")
         async with conn.transaction():
             dead_letter_topic = await _dead_letter_topic(conn, full, fifo)
             retention, fields = _configs(ctx, full, dead_letter_topic)
