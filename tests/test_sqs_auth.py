@@ -162,12 +162,16 @@ def test_open_until_a_key_exists_then_signatures_and_scopes(keyed):
 
     # Scopes: publish:pub-* may send to pub-* queues, and nothing else.
     limited = client(pub_creds)
+    # Looking the queue up comes with any scope on it (producers do it before sending).
+    assert limited.get_queue_url(QueueName=queue.rsplit("/", 1)[1])["QueueUrl"] == queue
     limited.send_message(QueueUrl=queue, MessageBody="allowed")
     for call in (
         lambda: limited.receive_message(QueueUrl=queue),
         lambda: limited.create_queue(QueueName=queue_name("pub")),
         lambda: limited.purge_queue(QueueUrl=queue),
         lambda: limited.send_message(QueueUrl=opened, MessageBody="not my queue"),
+        lambda: limited.get_queue_url(QueueName=opened.rsplit("/", 1)[1]),
+        lambda: limited.list_queue_tags(QueueUrl=queue),
     ):
         with pytest.raises(botocore.exceptions.ClientError) as exc:
             call()

@@ -115,18 +115,23 @@ class Call:
             raise invalid_parameter(f"{name} must be a map.")
         return value
 
-    def allow(self, kind: Kind, queue_name: str | None = None) -> None:
-        """AccessDenied unless the key has the scope (on the queue's topic)."""
+    def allow(self, kind: Kind | tuple[Kind, ...], queue_name: str | None = None) -> None:
+        """AccessDenied unless the key has the scope (one of them) on the queue's topic."""
         if self.principal is None:
             return
-        if kind == Kind.admin or queue_name is None:
-            need = Requirement(kind, Reach.any) if kind != Kind.admin else Requirement(kind)
-        else:
-            need = Requirement(kind, Reach.topic, queues.topic_of(queue_name))
-        if not satisfies(self.principal.scopes, need):
+        needs = []
+        for one in kind if isinstance(kind, tuple) else (kind,):
+            if one == Kind.admin:
+                needs.append(Requirement(one))
+            elif queue_name is None:
+                needs.append(Requirement(one, Reach.any))
+            else:
+                needs.append(Requirement(one, Reach.topic, queues.topic_of(queue_name)))
+        if not any(satisfies(self.principal.scopes, need) for need in needs):
+            wanted = " or ".join(str(need) for need in needs)
             raise SqsError(
                 "AccessDenied",
-                f"Access to the resource is denied: the key needs {need} or admin.",
+                f"Access to the resource is denied: the key needs {wanted} or admin.",
                 status=403,
             )
 
@@ -138,7 +143,7 @@ class Call:
         scopes = principal.scopes
         return lambda topic: satisfies(scopes, Requirement(Kind.read, Reach.topic, topic))
 
-    async def queue(self, kind: Kind) -> SqsQueue:
+    async def queue(self, kind: Kind | tuple[Kind, ...]) -> SqsQueue:
         """The queue of QueueUrl, once the key may act on it with `kind`."""
         name = queues.queue_name_of_url(self.text("QueueUrl") or "")
         self.allow(kind, name)
@@ -155,6 +160,10 @@ class Call:
 
 # ---- actions -------------------------------------------------------------------------------
 
+# Any scope on a queue may look it up: producers and consumers call GetQueueUrl and
+# GetQueueAttributes before they send or receive.
+ANY_USE = (Kind.read, Kind.publish, Kind.consume)
+
 
 async def create_queue(call: Call) -> dict[str, Any]:
     name = call.text("QueueName") or ""
@@ -167,7 +176,7 @@ async def create_queue(call: Call) -> dict[str, Any]:
 
 async def get_queue_url(call: Call) -> dict[str, Any]:
     name = call.text("QueueName") or ""
-    call.allow(Kind.read, name)
+    call.allow(ANY_USE, name)
     queue = await queues.get_queue(call.ctx, name)
     return {"QueueUrl": queues.url_of(call.ctx, call.base_url, queue.name)}
 
@@ -205,7 +214,7 @@ async def delete_queue(call: Call) -> dict[str, Any]:
 
 
 async def get_queue_attributes(call: Call) -> dict[str, Any]:
-    queue = await call.queue(Kind.read)
+    queue = await call.queue(ANY_USE)
     names = [str(n) for n in call.items("AttributeNames")]
     if not names:
         return {}
