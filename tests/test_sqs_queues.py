@@ -243,7 +243,7 @@ def test_protocol_errors_are_sqs_errors_never_500(sqs_server):
         ),
         (
             {**headers, "X-Amz-Target": "AmazonSQS.SendMessage"},
-            b'{"QueueUrl": "x", "MessageBody": {"a": 1}}',
+            b'{"QueueUrl": "never-created-0f3c9", "MessageBody": {"a": 1}}',
             "QueueDoesNotExist",
         ),
     ]
