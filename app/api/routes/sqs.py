@@ -27,6 +27,7 @@ from sluice.access.sigv4 import (
     derive_secret,
     parse_authorization,
 )
+from sluice.api import sqs_query
 from sluice.api.deps import ctx_of
 from sluice.api.disconnect import watch_disconnect
 from sluice.errors import SluiceError
@@ -238,7 +239,10 @@ async def purge_queue(call: Call) -> dict[str, Any]:
 
 async def tag_queue(call: Call) -> dict[str, Any]:
     queue = await call.queue(Kind.admin)
-    await queues.tag(call.ctx, queue.name, call.mapping("Tags"))
+    tags = call.mapping("Tags")
+    if not tags:
+        raise missing_parameter("Tags")
+    await queues.tag(call.ctx, queue.name, tags)
     return {}
 
 
@@ -457,38 +461,79 @@ async def _authenticate(request: Request, body: bytes) -> tuple[Principal | None
 # ---- the endpoint --------------------------------------------------------------------------
 
 
+def _is_query_protocol(request: Request) -> bool:
+    """Older SDKs send `Action=...` as a form (the query protocol) and read XML."""
+    content_type = request.headers.get("content-type", "")
+    return content_type.startswith("application/x-www-form-urlencoded")
+
+
+def _json_call(request: Request, body: bytes) -> tuple[str, dict[str, Any]]:
+    target = request.headers.get("x-amz-target", "")
+    action = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
+    if action not in ACTIONS:
+        return action or target, {}
+    try:
+        params = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        raise SqsError("SerializationException", "The request body is not JSON.") from None
+    if not isinstance(params, dict):
+        raise SqsError("SerializationException", "The request body is not a JSON object.")
+    return action, params
+
+
+async def _dispatch(request: Request, body: bytes, query: bool) -> tuple[str, dict[str, Any]]:
+    """(action, the JSON protocol's answer); raises SqsError."""
+    principal, access_key_id = await _authenticate(request, body)
+    action, params = sqs_query.parse_form(body) if query else _json_call(request, body)
+    handler = ACTIONS.get(action)
+    if handler is None:
+        if action in UNSUPPORTED:
+            raise unsupported_operation(action)
+        raise SqsError(
+            "InvalidAction",
+            f"The action {action or '(none)'} is not valid for this endpoint; "
+            "Sluice speaks the SQS JSON protocol (X-Amz-Target: AmazonSQS.<Action>) "
+            "and the query protocol (Action=<Action>).",
+        )
+    call = Call(request, ctx_of(request), params, principal, access_key_id)
+    return action, await handler(call)
+
+
+def _error(error: SqsError, query: bool) -> Response:
+    if not query:
+        return error_response(error)
+    request_id = str(uuid.uuid4())
+    xml = sqs_query.error_xml(error.legacy, error.message, error.sender_fault, request_id)
+    return Response(
+        xml,
+        status_code=error.status,
+        media_type="text/xml",
+        headers={"x-amzn-RequestId": request_id},
+    )
+
+
 async def _handle(request: Request) -> Response:
     body = await request.body()
+    query = _is_query_protocol(request)
     try:
-        principal, access_key_id = await _authenticate(request, body)
-        target = request.headers.get("x-amz-target", "")
-        action = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
-        handler = ACTIONS.get(action)
-        if handler is None:
-            if action in UNSUPPORTED:
-                raise unsupported_operation(action)
-            raise SqsError(
-                "InvalidAction",
-                f"The action {action or target or '(none)'} is not valid for this endpoint; "
-                "Sluice speaks the SQS JSON protocol (X-Amz-Target: AmazonSQS.<Action>).",
-            )
-        try:
-            params = orjson.loads(body) if body.strip() else {}
-        except orjson.JSONDecodeError:
-            raise SqsError("SerializationException", "The request body is not JSON.") from None
-        if not isinstance(params, dict):
-            raise SqsError("SerializationException", "The request body is not a JSON object.")
-        call = Call(request, ctx_of(request), params, principal, access_key_id)
-        return _answer(await handler(call))
+        action, answer = await _dispatch(request, body, query)
     except SqsError as error:
-        return error_response(error)
+        return _error(error, query)
     except SluiceError as error:
         if error.status >= 500:
-            return error_response(unavailable())
-        return error_response(invalid_parameter(error.detail))
+            return _error(unavailable(), query)
+        return _error(invalid_parameter(error.detail), query)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("SQS request failed on the database", extra={"error": type(exc).__name__})
-        return error_response(unavailable())
+        return _error(unavailable(), query)
+    if not query:
+        return _answer(answer)
+    request_id = str(uuid.uuid4())
+    return Response(
+        sqs_query.result_xml(action, answer, request_id),
+        media_type="text/xml",
+        headers={"x-amzn-RequestId": request_id},
+    )
 
 
 @router.post("/sqs")
