@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 import time
@@ -25,14 +26,13 @@ from sluice.errors import SluiceError
 from sluice.queue import subscriptions
 from sluice.queue.context import QueueContext
 from sluice.queue.sqs_errors import (
-    SqsError,
     invalid_attribute_name,
     invalid_parameter,
     invalid_value,
     queue_does_not_exist,
     queue_name_exists,
 )
-from sluice.records import SUBSCRIPTION_DEFAULTS, SqsQueue, SubscriptionConfig, TopicConfig
+from sluice.records import SUBSCRIPTION_DEFAULTS, SqsQueue, TopicConfig
 from sluice.storage import sqs as sqs_sql
 from sluice.storage import subscriptions as subs_sql
 from sluice.storage import topics as topics_sql
@@ -310,9 +310,7 @@ async def create_queue(
                 raise queue_name_exists(
                     f"A topic named '{topic.name}' exists and is not an SQS queue."
                 )
-            sub_config = SubscriptionConfig(
-                **{**_subscription_defaults(), **fields}  # type: ignore[arg-type]
-            )
+            sub_config = dataclasses.replace(SUBSCRIPTION_DEFAULTS, **fields)
             await subs_sql.create_subscription(
                 conn, topic.topic_id, SQS_SUBSCRIPTION, sub_config, "earliest", ctx.clock.skew
             )
@@ -320,13 +318,6 @@ async def create_queue(
             if row is None:
                 raise queue_name_exists()
     return row
-
-
-def _subscription_defaults() -> dict[str, Any]:
-    return {
-        field: getattr(SUBSCRIPTION_DEFAULTS, field)
-        for field in SUBSCRIPTION_DEFAULTS.__dataclass_fields__
-    }
 
 
 def _same_or_refuse(existing: SqsQueue, attributes: Mapping[str, str]) -> SqsQueue:
@@ -513,6 +504,3 @@ async def dead_letter_sources(
     async with ctx.pool.acquire() as conn:
         sources = await sqs_sql.dead_letter_sources(conn, name)
     return [q.name for q in sources if visible is None or visible(q.topic)]
-
-
-__all__ = ["SqsError"]
