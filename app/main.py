@@ -20,7 +20,7 @@ from sluice.api.limits import LimitBodyMiddleware
 from sluice.api.observability import ObservabilityMiddleware
 from sluice.api.problems import install_problem_handlers
 from sluice.api.responses import JSONBody
-from sluice.api.routes import consuming, docs, health, subscriptions, topics, ui
+from sluice.api.routes import consuming, docs, health, sqs, subscriptions, topics, ui
 from sluice.api.routes import metrics as metrics_route
 from sluice.queue.clock import Clock
 from sluice.queue.context import QueueContext
@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.settings = settings
     app.state.clock = clock or Clock()
     install_problem_handlers(app)
-    for module in (health, topics, subscriptions, consuming, metrics_route, ui, docs):
+    for module in (health, topics, subscriptions, consuming, metrics_route, ui, docs, sqs):
         app.include_router(module.router)
     install_hot_paths(app)
     app.add_middleware(LimitBodyMiddleware, max_bytes=settings.max_body_bytes)

@@ -250,3 +250,16 @@ class LogStats:
     oldest_offset: int | None
     head_offset: int | None
     minute_ago_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SqsQueue:
+    """A queue of the SQS endpoint: its topic, and what SQS keeps beside it."""
+
+    topic_id: int
+    topic: str
+    name: str  # the SQS name (`orders.fifo` for the topic `orders-fifo`)
+    attributes: dict[str, str]  # as SQS shows them, e.g. {"VisibilityTimeout": "30"}
+    tags: dict[str, str]
+    created_at: datetime
+    updated_at: datetime

@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     # Each of the outbox's three partitions takes new rows for this long before the next
     # one does; a partition is emptied (TRUNCATE) once all of it has been relayed.
     outbox_rotate_seconds: float = Field(default=30.0, gt=0)
+    # The SQS endpoint (docs/sqs.md): the account id and region of its queue URLs and
+    # ARNs, and the server secret every SQS signing secret is derived from
+    # (HMAC-SHA256(secret, access key id)); without it, SQS credentials cannot be issued
+    # or checked. Rotating it changes every SQS secret at once.
+    sqs_account_id: str = Field(default="000000000000", pattern=r"^[0-9]{12}$")
+    sqs_region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{1,40}$")
+    sqs_secret: str | None = Field(default=None, repr=False)
+    # During a rotation of sqs_secret: the one before, still accepted (docs/sqs.md).
+    sqs_previous_secret: str | None = Field(default=None, repr=False)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -229,6 +229,7 @@ XDIST_GROUPS = {
     "tests/test_flow_control.py": "timing",
     "tests/test_sdk_worker.py": "timing",
     "tests/test_mutation_kills.py": "timing",
+    "tests/test_sqs_timing.py": "timing",
     "tests/faults/": "faults",
     "tests/test_docs.py": "browser",
     "tests/test_ui.py": "browser",

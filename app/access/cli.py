@@ -20,6 +20,7 @@ import asyncpg
 
 from sluice.access.keys import issue_key
 from sluice.access.scopes import parse_scope
+from sluice.access.sigv4 import derive_secret, new_access_key_id
 from sluice.embedded import command_database
 from sluice.logs import configure_logging
 from sluice.settings import get_settings
@@ -72,8 +73,30 @@ def cmd_create(args: argparse.Namespace) -> int:
             f"sluice keys create: --name must be 1..{MAX_NAME_LENGTH} characters", file=sys.stderr
         )
         return 2
-    key, secret = _run(lambda conn: issue_key(conn, args.scopes, args.name))
-    print(secret, flush=True)
+    access_key_id = None
+    if args.sqs:
+        server_secret = get_settings().sqs_secret
+        if not server_secret:
+            print(
+                "sluice keys create: --sqs needs SLUICE_SQS_SECRET (the server secret SQS "
+                "secrets are derived from; the servers need the same value)",
+                file=sys.stderr,
+            )
+            return 2
+        access_key_id = new_access_key_id()
+    key, secret = _run(lambda conn: issue_key(conn, args.scopes, args.name, access_key_id))
+    if access_key_id is None:
+        print(secret, flush=True)
+    else:
+        assert server_secret
+        # Shell assignments (values are base64url / base32: nothing to quote), so that
+        # `eval "$(sluice keys create ... --sqs)"` sets up boto3 and the AWS CLI.
+        print(
+            f"SLUICE_API_KEY={secret}\n"
+            f"AWS_ACCESS_KEY_ID={access_key_id}\n"
+            f"AWS_SECRET_ACCESS_KEY={derive_secret(server_secret, access_key_id)}",
+            flush=True,
+        )
     print(
         f"created key {key.id} with scopes {' '.join(key.scopes)}; "
         "store the secret now: it is not shown again",
@@ -173,6 +196,12 @@ def add_keys_parser(sub: Any) -> None:
         help="admin | publish:<glob> | consume:<glob> | read:<glob> (repeatable)",
     )
     create.add_argument("--name", help="a label shown by `keys list`")
+    create.add_argument(
+        "--sqs",
+        action="store_true",
+        help="also issue SQS credentials (AWS access key id and secret, SigV4) with the "
+        "same scopes; needs SLUICE_SQS_SECRET",
+    )
     create.set_defaults(func=cmd_create)
 
     listing = actions.add_parser("list", help="list keys (never their secrets)")

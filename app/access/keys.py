@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import asyncpg
@@ -51,16 +51,20 @@ def hash_secret(secret: str) -> str:
 
 
 async def issue_key(
-    conn: asyncpg.Connection, scopes: Iterable[str], name: str | None = None
+    conn: asyncpg.Connection,
+    scopes: Iterable[str],
+    name: str | None = None,
+    sqs_access_key_id: str | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key with these scopes; returns (the key, its secret). The secret exists
-    only in the return value: the database keeps its hash."""
+    only in the return value: the database keeps its hash. With `sqs_access_key_id` the
+    key also signs SQS requests (access.sigv4 derives that secret)."""
     parsed = [parse_scope(s) for s in scopes]
     if not parsed:
         raise ValueError("a key needs at least one scope")
     unique = list(dict.fromkeys(str(s) for s in parsed))
     secret = new_secret()
-    key = await keys_sql.create_key(conn, name, hash_secret(secret), unique)
+    key = await keys_sql.create_key(conn, name, hash_secret(secret), unique, sqs_access_key_id)
     return key, secret
 
 
@@ -86,6 +90,8 @@ class KeySnapshot:
     by_hash: Mapping[str, Principal]  # the active (unrevoked) keys
     any_key: bool  # whether a key was ever created (revoked keys count)
     loaded_at: float  # time.monotonic() when the query started
+    # The active keys that sign SQS requests, by access key id.
+    by_sqs_access_key: Mapping[str, Principal] = field(default_factory=dict)
 
     @property
     def open(self) -> bool:
@@ -112,6 +118,7 @@ class KeySnapshot:
 
 def _snapshot(keys: Iterable[ActiveKey], any_key: bool, loaded_at: float) -> KeySnapshot:
     by_hash: dict[str, Principal] = {}
+    by_sqs: dict[str, Principal] = {}
     for key in keys:
         scopes: list[KeyScope] = []
         for text in key.scopes:
@@ -119,8 +126,11 @@ def _snapshot(keys: Iterable[ActiveKey], any_key: bool, loaded_at: float) -> Key
                 scopes.append(parse_scope(text))
             except ValueError:
                 log.warning("ignoring an invalid scope of an API key", extra={"key_id": key.id})
-        by_hash[key.secret_hash] = Principal(key.id, key.secret_hash, tuple(scopes))
-    return KeySnapshot(by_hash, any_key or bool(by_hash), loaded_at)
+        principal = Principal(key.id, key.secret_hash, tuple(scopes))
+        by_hash[key.secret_hash] = principal
+        if key.sqs_access_key_id:
+            by_sqs[key.sqs_access_key_id] = principal
+    return KeySnapshot(by_hash, any_key or bool(by_hash), loaded_at, by_sqs)
 
 
 def log_lock(lock: Lock) -> None:

@@ -40,6 +40,10 @@ class QueueContext:
         default_factory=weakref.WeakValueDictionary
     )
 
+    # The SQS endpoint's queues, name -> (loaded at, queue): queue.sqs_queues.get_queue
+    # reads a queue's row at most once a second per process, not on every message call.
+    sqs_queues: dict[str, tuple[float, object]] = field(default_factory=dict)
+
     def claim_gate(self, topic: str, subscription: str) -> asyncio.Lock:
         gate = self.claim_gates.get((topic, subscription))
         if gate is None:

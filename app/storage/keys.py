@@ -32,6 +32,7 @@ class ActiveKey:
     id: int
     secret_hash: str
     scopes: tuple[str, ...]
+    sqs_access_key_id: str | None = None
 
 
 def _api_key(row: asyncpg.Record) -> ApiKey:
@@ -42,7 +43,7 @@ def _api_key(row: asyncpg.Record) -> ApiKey:
 
 # create_key: store a key by the hash of its secret.
 CREATE_KEY = """
-INSERT INTO sluice.api_keys (name, secret_hash, scopes) VALUES ($1, $2, $3)
+INSERT INTO sluice.api_keys (name, secret_hash, scopes, sqs_access_key_id) VALUES ($1, $2, $3, $4)
 RETURNING id, name, scopes, created_at, revoked_at
 """
 
@@ -56,8 +57,10 @@ WHERE id = $1
 RETURNING id, name, scopes, created_at, revoked_at
 """
 
-# active_keys: hash and scopes of every unrevoked key.
-ACTIVE_KEYS = "SELECT id, secret_hash, scopes FROM sluice.api_keys WHERE revoked_at IS NULL"
+# active_keys: hash, scopes and SQS access key id of every unrevoked key.
+ACTIVE_KEYS = """
+SELECT id, secret_hash, scopes, sqs_access_key_id FROM sluice.api_keys WHERE revoked_at IS NULL
+"""
 
 # any_key_exists: whether a key was ever created (revoked keys keep their row).
 ANY_KEY_EXISTS = "SELECT EXISTS (SELECT FROM sluice.api_keys)"
@@ -70,9 +73,15 @@ SELECT count(*) AS keys, count(*) FILTER (WHERE revoked_at IS NULL) AS active FR
 
 
 async def create_key(
-    conn: asyncpg.Connection, name: str | None, secret_hash: str, scopes: list[str]
+    conn: asyncpg.Connection,
+    name: str | None,
+    secret_hash: str,
+    scopes: list[str],
+    sqs_access_key_id: str | None = None,
 ) -> ApiKey:
-    row = await conn.fetchrow(CREATE_KEY, name, secret_hash, scopes)
+    """`sqs_access_key_id`: the key also signs SQS requests (its secret is derived, never
+    stored: access.sigv4)."""
+    row = await conn.fetchrow(CREATE_KEY, name, secret_hash, scopes, sqs_access_key_id)
     assert row is not None
     return _api_key(row)
 
@@ -89,7 +98,7 @@ async def revoke_key(conn: asyncpg.Connection, key_id: int) -> ApiKey | None:
 
 async def active_keys(conn: asyncpg.Connection) -> list[ActiveKey]:
     return [
-        ActiveKey(row["id"], row["secret_hash"], tuple(row["scopes"]))
+        ActiveKey(row["id"], row["secret_hash"], tuple(row["scopes"]), row["sqs_access_key_id"])
         for row in await conn.fetch(ACTIVE_KEYS)
     ]
 
