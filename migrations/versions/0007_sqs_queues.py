@@ -9,8 +9,8 @@ and goes with it (ON DELETE CASCADE).
 An API key may carry an SQS access key id. Its signing secret is never stored: it is
 derived from the server's SLUICE_SQS_SECRET and the id (app/access/sigv4.py).
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
