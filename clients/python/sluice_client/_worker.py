@@ -125,6 +125,8 @@ class Worker:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self._stopping = asyncio.Event()
+        # Receipts whose ack went out in a pull cancelled by stopping (outcome unknown).
+        self._unknown_outcome: set[str] = set()
         self._slot_free = asyncio.Event()
         self._in_flight: dict[str, _Lease] = {}
         self._reserved = 0  # slots held for pulls under way
@@ -242,6 +244,7 @@ class Worker:
                     self._count_acks(result.acked, result.stale)
                     await self._give_back(result.messages)
                     acks = []
+                self._unknown_outcome.update(acks)
                 self._requeue_acks(acks)
                 return
             try:
@@ -367,6 +370,14 @@ class Worker:
 
     def _count_acks(self, acked: int | None, stale: list[str]) -> None:
         if acked is not None:
+            if self._unknown_outcome and stale:
+                # Resent after a pull cut off by stopping: the server applies a pull's acks
+                # before it waits, so "stale" now means that pull applied them (their lease
+                # would have had to expire within the shutdown to mean anything else).
+                applied_before = [r for r in stale if r in self._unknown_outcome]
+                acked += len(applied_before)
+                stale = [r for r in stale if r not in self._unknown_outcome]
+                self._unknown_outcome.difference_update(applied_before)
             self.stats.acked += acked
             self.stats.stale_acks += len(stale)
             self.stats.stale_receipts.extend(stale[:100])
