@@ -233,15 +233,29 @@ XDIST_GROUPS = {
     "tests/faults/": "faults",
     "tests/test_docs.py": "browser",
     "tests/test_ui.py": "browser",
+    # Its wheel is built in the checkout's build/ directory: two workers building at once
+    # collide there ("File exists: build/bdist...").
+    "tests/test_packaging.py": "packaging",
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        if item.name not in item.nodeid:
+            # schemathesis names its items per operation (`test_x[POST /v1/...]`) but keeps
+            # the function's node id for all of them: pytest-xdist, which schedules by node
+            # id, then ran one of the 22 fuzzed operations instead of all of them.
+            # Its id made as pytest makes any other item's (parent's id + the item's name).
+            item._id = item.parent.id.child(item.name)  # type: ignore[union-attr]
         path = item.nodeid.split("::", 1)[0]
         for prefix, group in XDIST_GROUPS.items():
             if path.startswith(prefix):
                 item.add_marker(pytest.mark.xdist_group(group))
+    seen = [item.nodeid for item in items]
+    if len(set(seen)) != len(seen):  # xdist would silently run one of each
+        raise pytest.UsageError(
+            f"duplicate test ids: {sorted({i for i in seen if seen.count(i) > 1})}"
+        )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -445,10 +445,19 @@ class NackRequest(Strict):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            # What _delay_or_dead_letter refuses, said in the schema too: dead_letter true
+            # together with a delay.
+            "not": {
+                "required": ["dead_letter", "delay_seconds"],
+                "properties": {
+                    "dead_letter": {"const": True},
+                    "delay_seconds": {"type": "number"},
+                },
+            },
             "examples": [
                 {"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "delay_seconds": 5},
                 {"receipts": ["AAAAAAAAAAC7JjI0aF2HRbqv1pSe3Q0e"], "dead_letter": True},
-            ]
+            ],
         },
     )
 
