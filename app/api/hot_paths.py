@@ -168,14 +168,15 @@ class HotFront:
         if hot is None or not await self._admitted(scope, hot):
             await self.stack(scope, receive, send)
             return
-        body = b""
+        chunks = []
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 return  # the client went away before sending its body
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(body) > self.max_body:  # more than its Content-Length said: the stack's 413
             await self.stack(scope, _replay(body, receive), send)
             return
