@@ -217,6 +217,18 @@ def remove_log(log_path: Path) -> None:
     log_path.unlink(missing_ok=True)
 
 
+def running_server(db_url: str) -> Iterator[ServerProcess]:
+    """A real `sluice serve` on `db_url` for a fixture's lifetime (`yield from` it), its log
+    removed when it stops."""
+    proc = ServerProcess(db_url)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+        remove_log(proc.log_path)
+
+
 # ---- parallel runs (pytest-xdist, `-n N --dist loadgroup`) --------------------------------
 
 # Modules kept apart from each other's load (pytest-xdist, `--dist loadgroup`): each group

@@ -10,7 +10,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.conftest import ServerProcess, remove_log
+from tests.conftest import ServerProcess, running_server
 
 __all__ = ["boto_client", "queue_name", "sqs", "sqs_server"]
 
@@ -36,13 +36,7 @@ def queue_name(prefix: str = "q", fifo: bool = False) -> str:
 
 @pytest.fixture(scope="module")
 def sqs_server(db_url: str) -> Iterator[ServerProcess]:
-    proc = ServerProcess(db_url)
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
-        remove_log(proc.log_path)
+    yield from running_server(db_url)
 
 
 @pytest.fixture(scope="module")
