@@ -35,7 +35,7 @@ from sluice import metrics
 from sluice.api.access import Access, Forbidden, bearer_token
 from sluice.api.limits import StrictJSONRoute, parse_json
 from sluice.api.models import MAX_BATCH, MAX_HEADERS
-from sluice.api.observability import REQUEST_ID_HEADER, record, request_id_of
+from sluice.api.observability import REQUEST_ID_HEADER, flat_routes, record, request_id_of
 from sluice.api.routes.consuming import ack_answer, pull_answer
 from sluice.api.routes.topics import publish_answer, serialise_value
 from sluice.records import NewMessage
@@ -318,8 +318,6 @@ HANDLERS: dict[str, tuple[Shape, Handler]] = {
 def install_hot_paths(app: FastAPI) -> None:
     """Put a HotFront outside the app's middleware stack (built on the first request), for
     the hot routes with the scopes their FastAPI routes require."""
-    from sluice.api.observability import flat_routes
-
     hot = {}
     for context in flat_routes(app):
         if "POST" in (context.methods or set()) and context.path in HANDLERS:
