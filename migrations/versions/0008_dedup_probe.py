@@ -40,8 +40,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     # The body of revision 0004, taken from its file (one definition of it, not a copy).
     text = (HERE / "0004_insert_only_storage.sql").read_text()
-    found = re.search(
-        r"^CREATE FUNCTION sluice\.append_messages\(.*?^END \$\$;", text, re.S | re.M
-    )
+    found = re.search(r"^CREATE FUNCTION sluice\.append_messages\(.*?^END \$\$;", text, re.S | re.M)
     assert found is not None, "sluice.append_messages not found in revision 0004"
     _run("CREATE OR REPLACE" + found.group(0)[len("CREATE") :])
