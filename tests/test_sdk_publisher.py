@@ -96,7 +96,7 @@ async def test_publisher_byte_limit_and_backpressure(server):
         futures = []
         for i in range(60):
             futures.append(await pub.publish("x" * 300 + str(i)))
-            assert len(pub._unsettled) <= 10  # publish() waited for room
+            assert pub.outstanding <= 10  # publish() waited for room
         await pub.close()
         offsets = [f.result() for f in futures]
         assert len(set(offsets)) == 60
