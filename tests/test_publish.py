@@ -269,6 +269,38 @@ async def test_batch_mixing_new_messages_and_earlier_duplicates(client):
     ]
 
 
+async def test_a_batch_of_new_ids_is_stored_with_its_ids(client):
+    """New distinct ids (some messages without one) take consecutive offsets, and each id
+    is kept: a later message with it is a duplicate (the append's path for new ids)."""
+    topic = unique()
+    await create_topic(client, topic)
+    await publish(client, topic, "before")
+    r = await post(
+        client,
+        topic,
+        {"value": "p", "dedup_id": "p"},
+        {"value": "no id"},
+        {"value": "q", "dedup_id": "q"},
+    )
+    assert r.json()["messages"] == [
+        {"offset": 1, "duplicate": False},
+        {"offset": 2, "duplicate": False},
+        {"offset": 3, "duplicate": False},
+    ]
+    r = await post(client, topic, {"value": "q again", "dedup_id": "q"}, {"value": "no id"})
+    assert r.json()["messages"] == [
+        {"offset": 3, "duplicate": True},
+        {"offset": 4, "duplicate": False},
+    ]
+    assert [m["value"] for m in await browse_all(client, topic)] == [
+        "before",
+        "p",
+        "no id",
+        "q",
+        "no id",
+    ]
+
+
 async def test_dedup_is_per_topic(client):
     first, second = unique(), unique()
     await create_topic(client, first)
