@@ -207,19 +207,38 @@ async def test_a_long_poll_whose_client_went_away_leases_nothing(server_factory,
         assert (m["value"], m["delivery_attempt"]) == ("for a live consumer", 1)
 
 
-async def test_leases_claimed_for_a_client_that_went_away_are_given_back(harness, db_url):
-    """When the client is gone by the time its claim returns, the leases go back at once
-    and the attempt is not counted."""
+async def test_leases_claimed_for_a_client_that_went_away_are_given_back(
+    harness, db_url, monkeypatch
+):
+    """When the client of a waiting pull is gone by the time its claim returns, the leases
+    go back at once and the attempt is not counted. (A pull answered at once does not
+    watch for a disconnect: its client gets the messages in the same instant.)"""
     client = harness.client
     topic = await topic_with_subscription(client, max_deliveries=1, ack_deadline_seconds=600)
-    await publish(client, topic, "m")
     from sluice.queue import consuming
 
     gone = asyncio.Event()
-    gone.set()
-    params = consuming.PullParams(topic, "s", max_messages=10)
-    outcome = await consuming.pull(harness.ctx, params, client_gone=gone)
+    watched = asyncio.Event()
+    real_claim = consuming.claim
+
+    async def claim_then_client_leaves(ctx, params):
+        result = await real_claim(ctx, params)
+        if result.messages:
+            gone.set()  # the client disconnected while this claim ran
+        return result
+
+    def watch() -> asyncio.Event:
+        watched.set()
+        return gone
+
+    monkeypatch.setattr(consuming, "claim", claim_then_client_leaves)
+    params = consuming.PullParams(topic, "s", max_messages=10, wait_seconds=10)
+    waiting = asyncio.create_task(consuming.pull(harness.ctx, params, client_gone=watch))
+    await asyncio.wait_for(watched.wait(), 10)  # nothing there yet: the pull waits
+    await publish(client, topic, "m")
+    outcome = await asyncio.wait_for(waiting, 10)
     assert outcome.messages == []
+    monkeypatch.setattr(consuming, "claim", real_claim)
     s = await stats(client, topic, "s")
     assert (s["in_flight"], s["dead_lettered"], s["backlog"]) == (0, 0, 1), s
     [m] = await pull(client, topic, "s", 10)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -134,12 +134,13 @@ async def pull(
     ctx: QueueContext,
     params: PullParams,
     ack_first: list[str] | None = None,
-    client_gone: asyncio.Event | None = None,
+    client_gone: Callable[[], asyncio.Event] | None = None,
 ) -> PullOutcome:
     """Lease up to `max_messages`, waiting up to `wait_seconds` for some. With `ack_first`,
     those receipts are acknowledged (durably) before anything is claimed: a consumer acks
-    its previous batch and asks for the next one in one round trip. `client_gone` is set
-    when the client disconnects: the wait ends, and what was claimed is given back."""
+    its previous batch and asks for the next one in one round trip. `client_gone` is called
+    once the pull has to wait, and returns an event set when the client disconnects: the
+    wait ends, and what was claimed is given back."""
     acked = None
     if ack_first is not None:
         acked = (
@@ -160,7 +161,7 @@ async def pull(
 
 
 async def _pull(
-    ctx: QueueContext, params: PullParams, client_gone: asyncio.Event | None
+    ctx: QueueContext, params: PullParams, watch: Callable[[], asyncio.Event] | None
 ) -> PullOutcome:
     topic, sub, max_messages = params.topic, params.subscription, params.max_messages
     loop = asyncio.get_running_loop()
@@ -170,6 +171,12 @@ async def _pull(
     result = await claim(ctx, params)
     topic_id = result.topic_id
     assert topic_id is not None
+    if result.messages:
+        # Answered at once: no waiter to register, no disconnect to watch for.
+        if len(result.messages) == max_messages:
+            hub.wake_next(topic_id, sub)  # there may be more for the next waiter
+        return PullOutcome(result.messages, _rate_headers(result))
+    client_gone = watch() if watch is not None and params.wait_seconds > 0 else None
     waited = False
     async with hub.waiting(topic_id, sub, max_messages, client_gone) as waiter:
         while True:

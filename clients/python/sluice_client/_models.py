@@ -188,16 +188,23 @@ class Delivery:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Delivery:
-        return cls(
+        # Filled through __dict__: a frozen dataclass's __init__ sets each field with
+        # object.__setattr__, and a pull makes one Delivery per message (a third of the
+        # Worker's own cost per message with a trivial handler, bench/RESULTS.md run 23).
+        delivery = object.__new__(cls)
+        published_at = d.get("published_at")
+        ack_deadline = d.get("ack_deadline")
+        delivery.__dict__.update(
             receipt=d["receipt"],
             offset=d["offset"],
             value=d["value"],
             key=d.get("key"),
             headers=d.get("headers"),
-            published_at=_dt(d.get("published_at")),
+            published_at=datetime.fromisoformat(published_at) if published_at else None,
             delivery_attempt=d["delivery_attempt"],
-            ack_deadline=_dt(d.get("ack_deadline")),
+            ack_deadline=datetime.fromisoformat(ack_deadline) if ack_deadline else None,
         )
+        return delivery
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import inspect
 import logging
 import random
 import signal
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -275,14 +276,15 @@ class Worker:
             if self._stopping.is_set():
                 await self._give_back(result.messages)
                 return
+            now = time.monotonic()
             for delivery in result.messages:
-                self._start(delivery)
+                self._start(delivery, now)
 
-    def _start(self, delivery: Delivery) -> None:
+    def _start(self, delivery: Delivery, now: float) -> None:
         self.stats.received += 1
-        lease = _Lease(delivery, time.monotonic() + self._deadline * self.extend_fraction)
+        lease = _Lease(delivery, now + self._deadline * self.extend_fraction)
         self._in_flight[delivery.receipt] = lease
-        lease.task = asyncio.get_running_loop().create_task(self._handle(lease))
+        lease.task = _start_task(self._handle(lease))
 
     # ---- handling -------------------------------------------------------------------------
 
@@ -452,6 +454,22 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 await self._give_back(cut)
+
+
+def _start_task(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
+    """A task for a handler call; on Python 3.12+ an eager one, run up to its first
+    suspension at once: a handler that finishes without waiting (a quick in-memory step)
+    then never goes through the event loop's queue (None when it already finished).
+    Eager start is the event loop's own (a real task from the first step: anyio's cancel
+    scopes in httpx and asyncio.timeout see the same task throughout)."""
+    loop = asyncio.get_running_loop()
+    if _EAGER:
+        task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+        return None if task.done() else task
+    return loop.create_task(coro)
+
+
+_EAGER = sys.version_info >= (3, 12)
 
 
 async def subscribe(
