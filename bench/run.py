@@ -32,6 +32,7 @@ from bench.stats import Result, add_ratios, format_table, keep_medians
 ACK_IN_PULL = "ack-in-pull"
 SDK_LINGER = 0.005  # seconds: the sdk workload's Publisher linger
 SDK_IN_FLIGHT = (1, 4)  # its batches under way at once (1: in order, the default)
+SDK_TRANSPORTS = ("httpx", "aiohttp")  # AsyncClient(transport=...): httpx's own, and over aiohttp
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
 # Run only when named in --workloads: held-xmin takes ~5 minutes per system by default;
 # sdk measures the Python client library (clients/python) against the bench's own client.
@@ -402,18 +403,34 @@ class Run:
                     ack_in_pull=True,
                 )
                 await self.phase(f"{label} {ACK_IN_PULL}", peer, job)
-            job = sdk.worker_drain(
-                ctx, peer, f"sdkw{round_}", cfg.prefill, cfg.consumers * cfg.batch, cfg.batch
-            )
-            await self.phase(f"sdk worker b{cfg.batch}", peer, job)
+            for transport in SDK_TRANSPORTS:
+                job = sdk.worker_drain(
+                    ctx,
+                    peer,
+                    f"sdkw{transport}{round_}",
+                    cfg.prefill,
+                    cfg.consumers * cfg.batch,
+                    cfg.batch,
+                    transport,
+                )
+                label = f"sdk worker b{cfg.batch}" + sdk.transport_suffix(transport)
+                await self.phase(label, peer, job)
             if "publish" not in self.workloads:
                 job = w.publish(ctx, peer, f"sdkpref{round_}", cfg.batch)
                 await self.phase(f"publish b{cfg.batch}", peer, job)
             for in_flight in SDK_IN_FLIGHT:
-                job = sdk.publisher_linger(
-                    ctx, peer, f"sdkp{in_flight}r{round_}", SDK_LINGER, 1000, in_flight
-                )
-                await self.phase(sdk.publisher_label(SDK_LINGER, in_flight), peer, job)
+                for transport in SDK_TRANSPORTS:
+                    job = sdk.publisher_linger(
+                        ctx,
+                        peer,
+                        f"sdkp{in_flight}{transport}r{round_}",
+                        SDK_LINGER,
+                        1000,
+                        in_flight,
+                        transport,
+                    )
+                    label = sdk.publisher_label(SDK_LINGER, in_flight, transport)
+                    await self.phase(label, peer, job)
 
     async def run_held_xmin(self) -> None:
         """Each system in turn on a fresh database of its own (Sluice: a fresh server)."""
@@ -499,10 +516,15 @@ class Run:
 
     def references(self) -> dict[str, str]:
         cfg, tag = self.cfg, f"({self.args.workers} workers)"
+        sdk_rows = {}
+        for suffix in (f" ({t} transport)" if t != "httpx" else "" for t in SDK_TRANSPORTS):
+            sdk_rows[f"sdk worker b{cfg.batch}{suffix}"] = f"consume b{cfg.batch} {ACK_IN_PULL}"
+            for in_flight in SDK_IN_FLIGHT:
+                x = f" x{in_flight} in flight" if in_flight > 1 else ""
+                label = f"sdk publisher linger {SDK_LINGER * 1000:g}ms{x}{suffix}"
+                sdk_rows[label] = f"publish b{cfg.batch}"
         return {
-            f"sdk worker b{cfg.batch}": f"consume b{cfg.batch} {ACK_IN_PULL}",
-            f"sdk publisher linger {SDK_LINGER * 1000:g}ms": f"publish b{cfg.batch}",
-            f"sdk publisher linger {SDK_LINGER * 1000:g}ms x4 in flight": f"publish b{cfg.batch}",
+            **sdk_rows,
             f"publish b{cfg.batch} x{cfg.fanout} subs": f"publish b{cfg.batch}",
             f"publish b{cfg.batch} {tag}": f"publish b{cfg.batch}",
             f"consume b{cfg.batch} {tag}": f"consume b{cfg.batch}",

@@ -24,8 +24,20 @@ except ImportError:  # not installed: the checkout's own copy (a distribution of
 clock = w.clock
 
 
+def transport_suffix(transport: str) -> str:
+    """Rows of the SDK over AsyncClient(transport="aiohttp") say so; httpx's own is the
+    default."""
+    return " (aiohttp transport)" if transport == "aiohttp" else ""
+
+
 async def worker_drain(
-    ctx: w.Context, peer: SluicePeer, queue: str, count: int, concurrency: int, batch: int
+    ctx: w.Context,
+    peer: SluicePeer,
+    queue: str,
+    count: int,
+    concurrency: int,
+    batch: int,
+    transport: str = "httpx",
 ) -> Result:
     """Prefill `count` (as `consume`), then one Worker drains it with a handler that does
     nothing; timed from the worker's start until run() returned (its last acks included)."""
@@ -43,7 +55,8 @@ async def worker_drain(
             all_done.set()
 
     notes: list[str] = []
-    async with AsyncClient(peer.base_url, timeout=60) as client:
+    http = "aiohttp" if transport == "aiohttp" else None
+    async with AsyncClient(peer.base_url, timeout=60, transport=http) as client:
         worker = Worker(
             client,
             queue,
@@ -67,7 +80,7 @@ async def worker_drain(
         seconds = clock() - started
         cpu = meter.stop()
     result = Result(
-        workload=f"sdk worker b{batch}",
+        workload=f"sdk worker b{batch}" + transport_suffix(transport),
         system=peer.name,
         messages=processed,
         seconds=seconds,
@@ -84,14 +97,22 @@ async def worker_drain(
     return result
 
 
-def publisher_label(linger: float, in_flight: int) -> str:
-    return f"sdk publisher linger {linger * 1000:g}ms" + (
-        f" x{in_flight} in flight" if in_flight > 1 else ""
+def publisher_label(linger: float, in_flight: int, transport: str = "httpx") -> str:
+    return (
+        f"sdk publisher linger {linger * 1000:g}ms"
+        + (f" x{in_flight} in flight" if in_flight > 1 else "")
+        + transport_suffix(transport)
     )
 
 
 async def publisher_linger(
-    ctx: w.Context, peer: SluicePeer, queue: str, linger: float, max_batch: int, in_flight: int
+    ctx: w.Context,
+    peer: SluicePeer,
+    queue: str,
+    linger: float,
+    max_batch: int,
+    in_flight: int,
+    transport: str = "httpx",
 ) -> Result:
     """One Publisher (`in_flight` batches under way at most; 1 keeps their order) fed by
     one coroutine as fast as it takes messages; a message counts when its future resolved
@@ -113,7 +134,8 @@ async def publisher_linger(
             counted += 1
 
     meter = ctx.meter(peer)
-    async with AsyncClient(peer.base_url, timeout=60) as client:
+    http = "aiohttp" if transport == "aiohttp" else None
+    async with AsyncClient(peer.base_url, timeout=60, transport=http) as client:
         publisher = Publisher(
             client,
             queue,
@@ -135,7 +157,7 @@ async def publisher_linger(
         await metering
         cpu = meter.stop()
     result = Result(
-        workload=publisher_label(linger, in_flight),
+        workload=publisher_label(linger, in_flight, transport),
         system=peer.name,
         messages=counted,
         seconds=cfg.seconds,
