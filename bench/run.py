@@ -413,8 +413,8 @@ class Run:
                     cfg.batch,
                     transport,
                 )
-                label = f"sdk worker b{cfg.batch}" + sdk.transport_suffix(transport)
-                await self.phase(label, peer, job)
+                row = f"sdk worker b{cfg.batch}" + sdk.transport_suffix(transport)
+                await self.phase(row, peer, job)
             if "publish" not in self.workloads:
                 job = w.publish(ctx, peer, f"sdkpref{round_}", cfg.batch)
                 await self.phase(f"publish b{cfg.batch}", peer, job)
@@ -429,8 +429,8 @@ class Run:
                         in_flight,
                         transport,
                     )
-                    label = sdk.publisher_label(SDK_LINGER, in_flight, transport)
-                    await self.phase(label, peer, job)
+                    row = sdk.publisher_label(SDK_LINGER, in_flight, transport)
+                    await self.phase(row, peer, job)
 
     async def run_held_xmin(self) -> None:
         """Each system in turn on a fresh database of its own (Sluice: a fresh server)."""

@@ -43,7 +43,7 @@ class DeadLetter(Exception):
     `dead_letter_topic`, whatever the attempt and the subscription's `max_deliveries`."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lease:
     delivery: Delivery
     extend_at: float
@@ -277,11 +277,11 @@ class Worker:
                 await self._give_back(result.messages)
                 return
             now = time.monotonic()
+            self.stats.received += len(result.messages)
             for delivery in result.messages:
                 self._start(delivery, now)
 
     def _start(self, delivery: Delivery, now: float) -> None:
-        self.stats.received += 1
         lease = _Lease(delivery, now + self._deadline * self.extend_fraction)
         self._in_flight[delivery.receipt] = lease
         lease.task = _start_task(self._handle(lease))
