@@ -1,0 +1,37 @@
+"""What the revisions that replace PL/pgSQL functions share: running a .sql file as it is,
+and putting back a function as an earlier revision's file defines it (one definition of a
+body, never a copy)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from alembic import op
+
+VERSIONS = Path(__file__).resolve().parent / "versions"
+
+
+def run_sql(sql: str) -> None:
+    """Run SQL text on the migration's own connection through asyncpg's simple-query path:
+    it takes many statements, and SQLAlchemy's text() would read `:name` inside a function
+    body as a bind parameter."""
+    from sqlalchemy.util import await_only
+
+    raw = op.get_bind().connection.driver_connection
+    await_only(raw.execute(sql))
+
+
+def run_file(name: str) -> None:
+    """Run the .sql file `name` of migrations/versions."""
+    run_sql((VERSIONS / name).read_text())
+
+
+def restore_function(revision_file: str, function: str) -> None:
+    """CREATE OR REPLACE `function` (schema-qualified) with the body `revision_file` (a .sql
+    file of migrations/versions) created it with."""
+    text = (VERSIONS / revision_file).read_text()
+    pattern = rf"^CREATE FUNCTION {re.escape(function)}\(.*?^END \$\$;"
+    found = re.search(pattern, text, re.S | re.M)
+    assert found is not None, f"{function} not found in {revision_file}"
+    run_sql("CREATE OR REPLACE" + found.group(0)[len("CREATE") :])
