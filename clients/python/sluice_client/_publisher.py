@@ -63,8 +63,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice_client.publisher")
 
 
-# How much a publishing loop buffers between two turns of the event loop (one turn costs
-# about what 2-3 messages do; bench/RESULTS.md run 23).
+# How much a publishing loop buffers between two turns of the event loop: enough that the
+# turns cost little next to the messages, few enough that the sender's requests and their
+# answers keep moving (one turn per message was a third of the cost: bench/RESULTS.md
+# run 23).
 _YIELD_EVERY_MESSAGES = 100
 _YIELD_EVERY_BYTES = 128 * 1024
 
