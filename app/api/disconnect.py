@@ -13,9 +13,8 @@ from starlette.requests import Request
 
 class DisconnectWatch:
     """Listens for the client's disconnect from the first call of `start()` on: a pull
-    answered at once (messages were there) never starts listening, and costs no task nor
-    the turns of the event loop its cancellation takes (a quarter of the pull rate of four
-    long-polling consumers, bench/RESULTS.md run 23)."""
+    answered at once (messages were there) never starts listening, and costs neither the
+    listener task nor the turns of the event loop its cancellation takes."""
 
     def __init__(self, request: Request) -> None:
         self._request = request

@@ -506,9 +506,9 @@ def _build(
 
 def _aiohttp_transport(max_connections: int) -> httpx.AsyncBaseTransport:
     """httpx's requests carried by aiohttp (the httpx-aiohttp package, `pip install
-    'sluice-client[aiohttp]'`): the same client API, about a third less CPU per request
-    (bench/RESULTS.md run 23), which counts where one process pulls tens of thousands of
-    messages a second."""
+    'sluice-client[aiohttp]'`): the same client API, about a quarter less client CPU per
+    message in a Worker (bench/RESULTS.md run 23), which counts where one process pulls
+    tens of thousands of messages a second."""
     try:
         from httpx_aiohttp import AiohttpTransport
     except ImportError as exc:

@@ -189,8 +189,8 @@ class Delivery:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Delivery:
         # Filled through __dict__: a frozen dataclass's __init__ sets each field with
-        # object.__setattr__, and a pull makes one Delivery per message (a third of the
-        # Worker's own cost per message with a trivial handler, bench/RESULTS.md run 23).
+        # object.__setattr__, and a pull makes one Delivery per message (one of the
+        # largest items of the Worker's own cost in a profile, bench/RESULTS.md run 23).
         delivery = object.__new__(cls)
         published_at = d.get("published_at")
         ack_deadline = d.get("ack_deadline")
