@@ -413,8 +413,7 @@ class Run:
                     cfg.batch,
                     transport,
                 )
-                row = f"sdk worker b{cfg.batch}" + sdk.transport_suffix(transport)
-                await self.phase(row, peer, job)
+                await self.phase(sdk.worker_label(cfg.batch, transport), peer, job)
             if "publish" not in self.workloads:
                 job = w.publish(ctx, peer, f"sdkpref{round_}", cfg.batch)
                 await self.phase(f"publish b{cfg.batch}", peer, job)
@@ -517,12 +516,15 @@ class Run:
     def references(self) -> dict[str, str]:
         cfg, tag = self.cfg, f"({self.args.workers} workers)"
         sdk_rows = {}
-        for suffix in (f" ({t} transport)" if t != "httpx" else "" for t in SDK_TRANSPORTS):
-            sdk_rows[f"sdk worker b{cfg.batch}{suffix}"] = f"consume b{cfg.batch} {ACK_IN_PULL}"
-            for in_flight in SDK_IN_FLIGHT:
-                x = f" x{in_flight} in flight" if in_flight > 1 else ""
-                label = f"sdk publisher linger {SDK_LINGER * 1000:g}ms{x}{suffix}"
-                sdk_rows[label] = f"publish b{cfg.batch}"
+        if "sdk" in self.workloads:
+            from bench import sdk
+
+            for transport in SDK_TRANSPORTS:
+                consume = f"consume b{cfg.batch} {ACK_IN_PULL}"
+                sdk_rows[sdk.worker_label(cfg.batch, transport)] = consume
+                for in_flight in SDK_IN_FLIGHT:
+                    label = sdk.publisher_label(SDK_LINGER, in_flight, transport)
+                    sdk_rows[label] = f"publish b{cfg.batch}"
         return {
             **sdk_rows,
             f"publish b{cfg.batch} x{cfg.fanout} subs": f"publish b{cfg.batch}",

@@ -30,6 +30,16 @@ def transport_suffix(transport: str) -> str:
     return " (aiohttp transport)" if transport == "aiohttp" else ""
 
 
+def worker_label(batch: int, transport: str = "httpx") -> str:
+    return f"sdk worker b{batch}" + transport_suffix(transport)
+
+
+def _client(peer: SluicePeer, transport: str) -> AsyncClient:
+    return AsyncClient(
+        peer.base_url, timeout=60, transport="aiohttp" if transport == "aiohttp" else None
+    )
+
+
 async def worker_drain(
     ctx: w.Context,
     peer: SluicePeer,
@@ -55,8 +65,7 @@ async def worker_drain(
             all_done.set()
 
     notes: list[str] = []
-    http = "aiohttp" if transport == "aiohttp" else None
-    async with AsyncClient(peer.base_url, timeout=60, transport=http) as client:
+    async with _client(peer, transport) as client:
         worker = Worker(
             client,
             queue,
@@ -80,7 +89,7 @@ async def worker_drain(
         seconds = clock() - started
         cpu = meter.stop()
     result = Result(
-        workload=f"sdk worker b{batch}" + transport_suffix(transport),
+        workload=worker_label(batch, transport),
         system=peer.name,
         messages=processed,
         seconds=seconds,
@@ -134,8 +143,7 @@ async def publisher_linger(
             counted += 1
 
     meter = ctx.meter(peer)
-    http = "aiohttp" if transport == "aiohttp" else None
-    async with AsyncClient(peer.base_url, timeout=60, transport=http) as client:
+    async with _client(peer, transport) as client:
         publisher = Publisher(
             client,
             queue,

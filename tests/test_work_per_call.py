@@ -19,6 +19,14 @@ from sluice.storage.db import create_pool, plain_url
 VALUE = '{"pad": "' + "x" * 200 + '"}'
 
 
+async def _create_work_topic(conn: asyncpg.Connection) -> int:
+    """The topic 'work' (7 days' retention, 5 minutes' dedup window), created in SQL: its id."""
+    return await conn.fetchval(
+        "INSERT INTO sluice.topics (name, retention_seconds, dedup_window_seconds, "
+        "max_message_bytes) VALUES ('work', 604800, 300, 1048576) RETURNING topic_id"
+    )
+
+
 async def _buffers(conn: asyncpg.Connection, statement: str, *args: object) -> int:
     plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}", *args)
     import json
@@ -96,11 +104,7 @@ async def test_publish_claim_and_ack_cost_the_same_after_a_long_history(fresh_db
     await migrate.upgrade(fresh_db_url)
     setup = await asyncpg.connect(plain_url(fresh_db_url))
     try:
-        await setup.execute(
-            "INSERT INTO sluice.topics (name, retention_seconds, dedup_window_seconds, "
-            "max_message_bytes) VALUES ('work', 604800, 300, 1048576)"
-        )
-        topic_id = await setup.fetchval("SELECT topic_id FROM sluice.topics WHERE name = 'work'")
+        topic_id = await _create_work_topic(setup)
         sub_id = await setup.fetchval(
             "INSERT INTO sluice.subscriptions (topic_id, name, ack_deadline_seconds, "
             "max_deliveries, retry_min_seconds, retry_max_seconds, ordered_by_key) "
@@ -132,10 +136,7 @@ async def test_a_publish_with_dedup_ids_costs_the_same_after_a_long_history(fres
     await migrate.upgrade(fresh_db_url)
     setup = await asyncpg.connect(plain_url(fresh_db_url))
     try:
-        await setup.execute(
-            "INSERT INTO sluice.topics (name, retention_seconds, dedup_window_seconds, "
-            "max_message_bytes) VALUES ('work', 604800, 300, 1048576)"
-        )
+        await _create_work_topic(setup)
         await setup.execute("VACUUM ANALYZE")
     finally:
         await setup.close()

@@ -200,6 +200,14 @@ class _Operations:
     def publish(self, topic: str, messages: Iterable[MessageLike]) -> list[PublishResult]:
         """Publish 1..1000 messages atomically; one PublishResult per message, in order."""
         body = {"messages": [to_outgoing(m).to_json() for m in messages]}
+        return self._publish_body(topic, body)
+
+    def _publish_encoded(self, topic: str, encoded: list[bytes]) -> list[PublishResult]:
+        """publish() of messages each serialized already as a JSON object."""
+        body = _EncodedJSON(b'{"messages":[' + b",".join(encoded) + b"]}")
+        return self._publish_body(topic, body)
+
+    def _publish_body(self, topic: str, body: dict[str, Any] | _EncodedJSON) -> Any:
         return self._run(
             _Request(
                 "POST",
@@ -208,19 +216,6 @@ class _Operations:
                     PublishResult(m["offset"], m["duplicate"]) for m in r.json()["messages"]
                 ],
                 body=body,
-            )
-        )
-
-    def _publish_encoded(self, topic: str, encoded: list[bytes]) -> list[PublishResult]:
-        """publish() of messages each serialized already as a JSON object."""
-        return self._run(
-            _Request(
-                "POST",
-                f"/v1/topics/{_q(topic)}/messages",
-                lambda r: [
-                    PublishResult(m["offset"], m["duplicate"]) for m in r.json()["messages"]
-                ],
-                body=_EncodedJSON(b'{"messages":[' + b",".join(encoded) + b"]}"),
             )
         )
 
