@@ -193,8 +193,7 @@ class Publisher:
         self._outstanding += 1
         self._queue.append(pending)
         self._queued_bytes += pending.size
-        if self._sender is None or self._sender.done():
-            self._start()
+        self._start()
         self._wake.set()
         if (
             len(self._queue) >= self.max_batch_messages
