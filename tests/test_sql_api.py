@@ -12,6 +12,8 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -45,18 +47,28 @@ async def connect(db_url: str) -> asyncpg.Connection:
     return await asyncpg.connect(plain_url(db_url))
 
 
-@pytest.fixture
-async def manual(db_url: str) -> AsyncIterator[Harness]:
-    """The app without its relay loop: the test runs each relay pass and sees its result."""
-    async with run_app(db_url, sql_relay=False) as h:
-        yield h
-
-
 async def relay_all(harness: Harness) -> None:
     """Everything committed so far is relayed once this returns: a pass of our own that got
     the relay lock (the app's loop may hold it for a moment) and left nothing behind."""
     while (done := await relay_once(harness.ctx)).relayed < 0 or done.more:
         await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def manual_app(db_url: str, **settings: Any) -> AsyncIterator[Harness]:
+    """The app without its relay loop: the test runs each relay pass and sees its result.
+    The database is shared with the tests that ran before on this worker, and one may have
+    stopped its app with a send or an ack not yet relayed: that is relayed first, so the
+    counts a test asserts are its own."""
+    async with run_app(db_url, sql_relay=False, **settings) as h:
+        await relay_all(h)
+        yield h
+
+
+@pytest.fixture
+async def manual(db_url: str) -> AsyncIterator[Harness]:
+    async with manual_app(db_url) as h:
+        yield h
 
 
 async def follow_clock(conn: asyncpg.Connection, harness: Harness) -> None:
@@ -157,7 +169,7 @@ async def test_a_transaction_that_commits_after_a_later_one_is_relayed_after_it(
     """The relay's bookkeeping: A draws its outbox id first and commits last. The pass
     between sees B (a higher id) and must still pick A up later, exactly once."""
     b_conn = await connect(db_url)
-    async with run_app(db_url, sql_relay=False) as harness:
+    async with manual_app(db_url) as harness:
         topic = await topic_with_subscription(harness.client)
         try:
             tx_a = app_conn.transaction()
@@ -175,7 +187,7 @@ async def test_a_transaction_that_commits_after_a_later_one_is_relayed_after_it(
 
 
 async def test_a_pass_relays_at_most_its_batch_and_the_next_one_goes_on(db_url, app_conn):
-    async with run_app(db_url, relay_batch=3, sql_relay=False) as h:
+    async with manual_app(db_url, relay_batch=3) as h:
         topic = await topic_with_subscription(h.client)
         await app_conn.execute(
             "SELECT sluice.send_batch($1, array_agg(to_jsonb(i))) FROM generate_series(1, 8) i",
@@ -435,7 +447,7 @@ async def test_the_outbox_is_emptied_by_truncate_only_once_relayed(db_url, app_c
     not granted within the timeout: postponed, nothing waits in line), and what it holds is
     still relayed once it commits; then the partition is emptied, and no row of the outbox
     was ever updated or deleted."""
-    async with run_app(db_url, outbox_rotate_seconds=1, sql_relay=False) as h:
+    async with manual_app(db_url, outbox_rotate_seconds=1) as h:
         topic = await topic_with_subscription(h.client)
         current = await app_conn.fetchval("SELECT part FROM sluice.outbox_current")
         tx = app_conn.transaction()
@@ -706,7 +718,7 @@ async def test_a_transaction_in_progress_but_above_the_snapshots_xmax_is_not_los
     xmax, absent from its xip, and its outbox id below the pass's cursor. It must still be
     relayed when X commits (the pass's bound covers it)."""
     w_conn, x_conn = await connect(db_url), await connect(db_url)
-    async with run_app(db_url, sql_relay=False) as harness:
+    async with manual_app(db_url) as harness:
         topic = await topic_with_subscription(harness.client)
         try:
             w_tx, x_tx = w_conn.transaction(), x_conn.transaction()
