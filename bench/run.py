@@ -31,7 +31,7 @@ from bench.stats import Result, add_ratios, format_table, keep_medians
 
 ACK_IN_PULL = "ack-in-pull"
 SDK_LINGER = 0.005  # seconds: the sdk workload's Publisher linger
-SDK_IN_FLIGHT = (1, 4)  # its batches under way at once (1: in order, the default)
+SDK_IN_FLIGHT = (1, 4)  # its batches under way at once (4: the default; 1: all in order)
 SDK_TRANSPORTS = ("httpx", "aiohttp")  # AsyncClient(transport=...): httpx's own, and over aiohttp
 ALL_WORKLOADS = ("publish", "consume", "mixed", "fanout", "idle", "ratelimit", "workers")
 # Run only when named in --workloads: held-xmin takes ~5 minutes per system by default;

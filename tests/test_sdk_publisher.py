@@ -193,6 +193,49 @@ async def test_several_batches_in_flight_store_everything_once(server):
         sc.Publisher(client, topic, max_in_flight_batches=0)
 
 
+class SlowFirstPublish(httpx.AsyncHTTPTransport):
+    """Real HTTP; the first publish request is held back 0.3 s before it is sent, so a
+    batch sent after it and not waiting for it is stored first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.publishes = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/messages"):
+            self.publishes += 1
+            if self.publishes == 1:
+                await asyncio.sleep(0.3)
+        return await super().handle_async_request(request)
+
+
+@pytest.mark.parametrize("in_flight", [4, 1])
+async def test_a_key_keeps_its_order_while_other_batches_overtake(server, in_flight):
+    """Batches of 10: key a, no key, key a, key b. The first is held back. With several
+    batches in flight (the default), the keyless one is stored before it, the second batch
+    of key a after it; with one in flight, everything is stored in publish order."""
+    async with sc.AsyncClient(server.base_url, transport=SlowFirstPublish()) as client:
+        topic = unique("pubkeys")
+        await client.create_topic(topic)
+        publisher = sc.Publisher(
+            client,
+            topic,
+            linger_seconds=0.001,
+            max_batch_messages=10,
+            max_in_flight_batches=in_flight,
+        )
+        keys = ["a"] * 10 + [None] * 10 + ["a"] * 10 + ["b"] * 10
+        futures = [await publisher.publish(i, key=key) for i, key in enumerate(keys)]
+        await publisher.close()
+        offsets = [f.result() for f in futures]
+    of_a = [offset for offset, key in zip(offsets, keys, strict=True) if key == "a"]
+    assert of_a == sorted(of_a)
+    if in_flight == 1:
+        assert offsets == sorted(offsets)
+    else:
+        assert max(offsets[10:20]) < min(offsets[0:10])  # the keyless batch overtook
+
+
 @pytest.mark.parametrize("with_orjson", [True, False])
 def test_messages_encode_as_json_would_and_refuse_what_json_refuses(monkeypatch, with_orjson):
     from sluice_client import _publisher

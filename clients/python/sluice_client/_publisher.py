@@ -77,6 +77,7 @@ class _Pending:
     future: asyncio.Future[int]
     size: int  # bytes it adds to a request body
     has_dedup_id: bool
+    key: str | None
 
 
 class Publisher:
@@ -84,12 +85,16 @@ class Publisher:
     messages and about `max_batch_bytes` of JSON, sent at most `linger_seconds` after the
     first message of a batch is buffered.
 
-    Every message gets a dedup id (uuid4) unless it has one, so a batch that fails with no
-    answer, a timeout or a 503/429 is retried as it was without storing anything twice
-    (within the topic's `dedup_window_seconds`). Batches go out one at a time, in order;
-    `max_in_flight_batches` > 1 sends up to that many at once (more throughput from one
-    publisher; then a later batch may be stored before an earlier one: no order across
-    batches, as Kafka's producer with several requests in flight).
+    Every message gets a dedup id unless it has one, so a batch that fails with no answer,
+    a timeout or a 503/429 is retried as it was without storing anything twice (within the
+    topic's `dedup_window_seconds`).
+
+    Order: messages with the same key are stored in the order they were published, always.
+    Up to `max_in_flight_batches` (4) batches are under way at once, but a batch that
+    holds a key of a batch still under way waits until that one is settled (retries
+    included), as Pub/Sub's publisher does with ordering keys; messages without a key keep
+    their order within a batch only. `max_in_flight_batches=1` sends one batch at a time:
+    every message in publish order, at the throughput of one request at a time.
     At most `max_buffered` messages wait or are in flight: `publish()` waits for room
     (backpressure). `close()` (or leaving `async with`) flushes first.
     """
@@ -107,7 +112,7 @@ class Publisher:
         retry_min_seconds: float = 0.1,
         retry_max_seconds: float = 5.0,
         auto_dedup: bool = True,
-        max_in_flight_batches: int = 1,
+        max_in_flight_batches: int = 4,
     ) -> None:
         if not 1 <= max_batch_messages <= 1000:
             raise ValueError("max_batch_messages must be 1..1000")
@@ -134,6 +139,10 @@ class Publisher:
         # callback per future cost an event-loop handle per message.
         self._outstanding = 0
         self._in_flight_batches: set[tuple[_Pending, ...]] = set()
+        # Keys of the batches under way (no two hold the same key), and a signal that one
+        # of them settled: a batch holding one of these keys waits, so a key's order is kept.
+        self._keys_in_flight: set[str] = set()
+        self._batch_settled = asyncio.Event()
         # Automatic dedup ids: a random prefix per publisher and a fixed-width counter. As
         # unique as a uuid4 each (128 random bits per publisher), cheaper to make, and the
         # ids of one publisher ascend: the server's dedup index takes them at one place
@@ -189,7 +198,7 @@ class Publisher:
         if self._closed:
             raise RuntimeError("the publisher is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(encoded, future, len(encoded) + 1, dedup_id is not None)
+        pending = _Pending(encoded, future, len(encoded) + 1, dedup_id is not None, key)
         self._outstanding += 1
         self._queue.append(pending)
         self._queued_bytes += pending.size
@@ -289,9 +298,12 @@ class Publisher:
                     await asyncio.wait_for(self._ready.wait(), self.linger_seconds)
             batch = self._take_batch()
             if not concurrent:
-                await self._send_settled(batch)
+                await self._send_settled(batch, set())
                 continue
-            task = asyncio.get_running_loop().create_task(self._send_settled(batch))
+            keys = {item.key for item in batch if item.key is not None}
+            await self._wait_for_keys(batch, keys)
+            self._keys_in_flight |= keys
+            task = asyncio.get_running_loop().create_task(self._send_settled(batch, keys))
             self._sending.add(task)
             task.add_done_callback(self._sent)
 
@@ -299,7 +311,24 @@ class Publisher:
         self._sending.discard(task)
         self._in_flight.release()
 
-    async def _send_settled(self, batch: list[_Pending]) -> None:
+    async def _wait_for_keys(self, batch: list[_Pending], keys: set[str]) -> None:
+        """Wait until no batch under way holds one of `keys`. Batches leave in order: while
+        this one waits, no later one overtakes it (a later one may hold the same key)."""
+        members = tuple(batch)
+        self._in_flight_batches.add(members)  # flush() waits for it from now on
+        try:
+            while not keys.isdisjoint(self._keys_in_flight):
+                self._batch_settled.clear()
+                await self._batch_settled.wait()
+        except BaseException:
+            # Stopped while waiting: the batch goes back to the buffer, whose messages the
+            # sender's end settles.
+            self._in_flight_batches.discard(members)
+            self._queue.extendleft(reversed(batch))
+            self._queued_bytes += sum(item.size for item in batch)
+            raise
+
+    async def _send_settled(self, batch: list[_Pending], keys: set[str]) -> None:
         members = tuple(batch)
         try:
             self._in_flight_batches.add(members)
@@ -314,6 +343,8 @@ class Publisher:
             raise
         finally:
             self._in_flight_batches.discard(members)
+            self._keys_in_flight -= keys
+            self._batch_settled.set()
             self._outstanding -= len(batch)
             self._has_room.set()
 
