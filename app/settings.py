@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     # terminal, JSON otherwise.
     log_format: Literal["auto", "json", "text"] = "auto"
     migrations_dir: Path | None = None
+    # A migration's DDL waits at most this long for a lock another transaction holds
+    # (pg_dump, a long report): while it waits, every query of that table queues behind it
+    # (PITFALLS). Refused, the migration has rolled back and is tried again, for at most
+    # migration_lock_wait_seconds in all; then `migrate` fails and says why.
+    migration_lock_timeout_seconds: float = Field(default=2.0, gt=0)
+    migration_lock_wait_seconds: float = Field(default=600.0, ge=0)
 
     # HTTP limits (PITFALLS: Starlette has no body limit; deep JSON exhausts recursion).
     max_body_bytes: int = 10 * 1024 * 1024

@@ -35,6 +35,15 @@ def _plain_url() -> str:
     return plain_url(url)
 
 
+def _lock_timeout() -> str:
+    seconds = config.attributes.get("lock_timeout_seconds")
+    if seconds is None:  # the `alembic` command
+        from sluice.settings import get_settings
+
+        seconds = get_settings().migration_lock_timeout_seconds
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 # Everything of Sluice lives in this schema, Alembic's version table included: the service
 # can share a database with an application (and that application's own Alembic).
 SCHEMA = "sluice"
@@ -77,7 +86,9 @@ async def _run_async() -> None:
     plain = _plain_url()
 
     async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(plain)
+        # A migration's DDL must not wait in line behind a long transaction: every query of
+        # its table would queue behind it (`sluice migrate` retries a refused migration).
+        return await asyncpg.connect(plain, server_settings={"lock_timeout": _lock_timeout()})
 
     engine = create_async_engine(
         "postgresql+asyncpg://", async_creator=connect, poolclass=pool.NullPool

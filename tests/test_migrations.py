@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 from alembic.script import ScriptDirectory
 
 from sluice.storage import migrate
@@ -162,6 +163,52 @@ async def test_concurrent_upgrades_are_serialised(fresh_db_url):
     state = await schema(fresh_db_url)
     assert state["version"] == {migrate.head_revision()}
     assert state["tables"] >= CORE_TABLES
+
+
+async def test_a_migration_never_waits_in_line_behind_a_long_transaction(fresh_db_url):
+    """Revision 0007 alters sluice.api_keys, which every authenticated request reads. While
+    another transaction holds a lock on it (pg_dump holds ACCESS SHARE on every table), the
+    ALTER must not wait in the lock queue, where every later read of the table would queue
+    behind it: it gives up within its lock timeout, rolls back and is tried again, and
+    readers go on meanwhile. Once the long transaction ends, the upgrade completes."""
+    await migrate.upgrade(fresh_db_url, "0006")
+    url = plain_url(fresh_db_url)
+    holder, reader = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        long_transaction = holder.transaction()
+        await long_transaction.start()
+        await holder.fetchval("SELECT count(*) FROM sluice.api_keys")
+        upgrading = asyncio.create_task(migrate.upgrade(fresh_db_url, lock_timeout_seconds=0.2))
+        await asyncio.sleep(1.0)
+        assert not upgrading.done()
+        await reader.execute("SET lock_timeout = '1s'")
+        for _ in range(10):  # a read waits at most for one attempt's lock timeout
+            await reader.fetchval("SELECT count(*) FROM sluice.api_keys")
+            await asyncio.sleep(0.1)
+        assert await current_version(reader) == "0006"
+        await long_transaction.commit()
+        await asyncio.wait_for(upgrading, 30)
+        assert await current_version(reader) == migrate.head_revision()
+    finally:
+        await holder.close()
+        await reader.close()
+
+
+async def test_a_migration_gives_up_after_its_lock_wait(fresh_db_url):
+    await migrate.upgrade(fresh_db_url, "0006")
+    holder = await asyncpg.connect(plain_url(fresh_db_url))
+    try:
+        async with holder.transaction():
+            await holder.fetchval("SELECT count(*) FROM sluice.api_keys")
+            with pytest.raises(migrate.MigrationLockTimeout, match="pg_stat_activity"):
+                await migrate.upgrade(fresh_db_url, lock_timeout_seconds=0.1, lock_wait_seconds=0.5)
+        assert await current_version(holder) == "0006"  # 0007 rolled back
+    finally:
+        await holder.close()
+
+
+async def current_version(conn: asyncpg.Connection) -> str:
+    return await conn.fetchval("SELECT version_num FROM sluice.alembic_version")
 
 
 def sluice_command() -> list[str]:

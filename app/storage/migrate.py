@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -13,8 +16,15 @@ from alembic.script import ScriptDirectory
 from sluice.settings import get_settings
 from sluice.storage.db import plain_url, sqlalchemy_url
 
+log = logging.getLogger("sluice.migrate")
+
 # Serialises concurrent `upgrade` calls (several workers starting at once).
 _MIGRATION_LOCK_KEY = 0x51C3_0001
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+class MigrationLockTimeout(RuntimeError):
+    """A migration's lock stayed held by another transaction for longer than allowed."""
 
 
 def migrations_dir() -> Path:
@@ -30,11 +40,14 @@ def migrations_dir() -> Path:
     return Path(sluice.migrations.__file__).resolve().parent
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, lock_timeout_seconds: float | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     config.attributes["plain_url"] = plain_url(url)
+    config.attributes["lock_timeout_seconds"] = (
+        lock_timeout_seconds or get_settings().migration_lock_timeout_seconds
+    )
     return config
 
 
@@ -45,26 +58,88 @@ def head_revision() -> str:
     return head
 
 
-def _upgrade_sync(url: str, revision: str) -> None:
-    command.upgrade(alembic_config(url), revision)
-
-
-def _downgrade_sync(url: str, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
-
-
-async def upgrade(url: str, revision: str = "head") -> None:
+async def upgrade(
+    url: str,
+    revision: str = "head",
+    *,
+    lock_timeout_seconds: float | None = None,
+    lock_wait_seconds: float | None = None,
+) -> None:
+    """Upgrade to `revision`. A migration whose lock is not granted within the lock
+    timeout rolls back and is tried again (see Settings.migration_lock_timeout_seconds)."""
     # An advisory lock on a separate connection keeps two processes from migrating at once.
     lock_conn = await asyncpg.connect(plain_url(url))
     try:
         await lock_conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
-        await asyncio.to_thread(_upgrade_sync, url, revision)
+        config = alembic_config(url, lock_timeout_seconds)
+        await _retrying_locks(
+            lambda: command.upgrade(config, revision), lock_wait_seconds, "upgrade"
+        )
     finally:
         await lock_conn.close()
 
 
-async def downgrade(url: str, revision: str = "base") -> None:
-    await asyncio.to_thread(_downgrade_sync, url, revision)
+async def downgrade(
+    url: str,
+    revision: str = "base",
+    *,
+    lock_timeout_seconds: float | None = None,
+    lock_wait_seconds: float | None = None,
+) -> None:
+    config = alembic_config(url, lock_timeout_seconds)
+    await _retrying_locks(
+        lambda: command.downgrade(config, revision), lock_wait_seconds, "downgrade"
+    )
+
+
+async def _retrying_locks(run: Callable[[], None], wait_seconds: float | None, what: str) -> None:
+    """Run an Alembic command (in a thread), again while a lock it needs is held elsewhere.
+    Each migration is a transaction of its own: a refused one rolled back, the ones before
+    it stay applied, and the next attempt goes on from there."""
+    if wait_seconds is None:
+        wait_seconds = get_settings().migration_lock_wait_seconds
+    deadline = time.monotonic() + wait_seconds
+    attempt = 0
+    while True:
+        try:
+            await asyncio.to_thread(run)
+            return
+        except Exception as exc:
+            if not _is_lock_not_available(exc):
+                raise
+            attempt += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationLockTimeout(
+                    f"{what} gave up after {wait_seconds:g}s: another transaction kept a lock "
+                    "a migration needs (a long transaction or pg_dump? see pg_stat_activity); "
+                    "run `sluice migrate` again once it has ended"
+                ) from exc
+            delay = min(left, 10.0, 0.25 * 2**attempt)
+            log.warning(
+                "a migration's lock is held by another transaction (a long transaction or "
+                "pg_dump? see pg_stat_activity); %s attempt %d again in %.1fs",
+                what,
+                attempt + 1,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+
+def _is_lock_not_available(exc: BaseException) -> bool:
+    """Whether the error, or one it was raised from (SQLAlchemy wraps asyncpg's), is
+    Postgres's lock_timeout."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+            return True
+        pending.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
+    return False
 
 
 async def current_revision(conn: asyncpg.Connection) -> str | None:
