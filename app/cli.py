@@ -86,7 +86,13 @@ async def _prepare(url: str, embedded: bool, args: argparse.Namespace) -> Callab
     version = await probe_database(url)
     try:
         await migrate.upgrade(url)
-    except (OSError, asyncpg.PostgresError, SQLAlchemyError, CommandError) as exc:
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        SQLAlchemyError,
+        CommandError,
+        migrate.MigrationLockTimeout,
+    ) as exc:
         raise StartupError(
             EXIT_ERROR,
             f"The schema could not be brought to head ({type(exc).__name__}: {exc}); "
