@@ -171,3 +171,73 @@ async def test_a_publish_with_dedup_ids_costs_the_same_after_a_long_history(fres
     print(f"\nbuffers per publish of 100 with dedup ids: early {early}, after 20,000 more {late}")
     assert late <= early * 1.5 + 30, (early, late)
     assert again.duplicates == [True]
+
+
+async def test_a_publish_with_dedup_ids_costs_the_same_with_many_segments(fresh_db_url):
+    """A live installation has a partition per open segment of every lane, tens of them.
+    The dedup probes look in the segments of the topic that can hold a message of its
+    window, not in every partition (revision 0009; revision 0008 probed each id in all of
+    them). And a duplicate in the segment before the current one is still found."""
+    await migrate.upgrade(fresh_db_url)
+    setup = await asyncpg.connect(plain_url(fresh_db_url))
+    try:
+        await _create_work_topic(setup)
+    finally:
+        await setup.close()
+    counter = iter(range(10**9))
+    skew = 0.0
+
+    def ids(size: int) -> list[str]:
+        return [f"id-{next(counter):012d}" for _ in range(size)]
+
+    async def one_publish(conn: asyncpg.Connection) -> int:
+        return await _buffers(
+            conn,
+            "SELECT * FROM sluice.publish_batch('work', $1, NULL, NULL, NULL, $2, 1000, $3)",
+            [VALUE] * 100,
+            ids(100),
+            skew,
+        )
+
+    async def publish(conn: asyncpg.Connection, dedup_ids: list[str]) -> list[bool]:
+        messages = [NewMessage(VALUE, None, None, 0, i) for i in dedup_ids]
+        return (await log.publish_batch(conn, "work", messages, 300, skew)).duplicates
+
+    async def next_segments(conn: asyncpg.Connection) -> None:
+        for lane in range(4):
+            await conn.fetchval("SELECT sluice.open_segment($1, sluice.now($2))", lane, skew)
+
+    pool = await create_pool(fresh_db_url, 1)
+    try:
+        async with pool.acquire() as conn:
+            for _ in range(6):  # past plpgsql's custom plans: the generic plan is measured too
+                early = await one_publish(conn)
+            partitions_before = await _partitions(conn)
+            for _ in range(10):  # a day and more, the topic writing in each new segment
+                skew += 3 * 3600
+                await next_segments(conn)
+                await publish(conn, ids(10))
+            late = await one_publish(conn)
+            partitions_after = await _partitions(conn)
+            kept = ids(1)
+            assert await publish(conn, kept) == [False]
+            skew += 60  # within the 5-minute window, a segment later
+            await next_segments(conn)
+            assert await publish(conn, ids(3)) == [False] * 3
+            assert await publish(conn, [*ids(1), *kept]) == [False, True]
+            skew += 600  # past the window: stored again
+            assert await publish(conn, kept) == [False]
+    finally:
+        await pool.close()
+    print(
+        f"\nbuffers per publish of 100 with dedup ids: {early} with {partitions_before} "
+        f"partitions, {late} with {partitions_after}"
+    )
+    assert partitions_after >= partitions_before + 30
+    assert late <= early * 1.5 + 30, (early, late)
+
+
+async def _partitions(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'sluice.messages'::regclass"
+    )
