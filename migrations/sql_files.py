@@ -31,7 +31,7 @@ def restore_function(revision_file: str, function: str) -> None:
     """CREATE OR REPLACE `function` (schema-qualified) with the body `revision_file` (a .sql
     file of migrations/versions) created it with."""
     text = (VERSIONS / revision_file).read_text()
-    pattern = rf"^CREATE (?:OR REPLACE )?FUNCTION {re.escape(function)}\(.*?^END \$\$;"
+    pattern = rf"^CREATE (?:OR REPLACE )?FUNCTION {re.escape(function)}\(.*?^(?:END )?\$\$;"
     found = re.search(pattern, text, re.S | re.M)
     assert found is not None, f"{function} not found in {revision_file}"
     definition = re.sub(r"^CREATE (?:OR REPLACE )?", "CREATE OR REPLACE ", found.group(0))

@@ -67,6 +67,21 @@ async def test_expired_segments_are_dropped_whole(fresh_db_url):
         assert await partitions_of(fresh_db_url, first) == []
         assert first not in await segments(fresh_db_url)
 
+        # The subscription's state rows moved to a live segment, and its row says which
+        # (state_of reads that partition only: revision 0010).
+        conn = await asyncpg.connect(plain_url(fresh_db_url))
+        try:
+            named, newest = await conn.fetchrow(
+                "SELECT s.state_seg, (SELECT z.seg FROM sluice.sub_states z "
+                "WHERE z.topic_id = s.topic_id AND z.sub_id = s.sub_id "
+                "ORDER BY z.state_id DESC LIMIT 1) "
+                "FROM sluice.subscriptions s JOIN sluice.topics t USING (topic_id) "
+                "WHERE t.name = $1 AND s.name = 's'",
+                topic,
+            )
+        finally:
+            await conn.close()
+        assert named == newest and named != first
         # The topic and its subscription carry on: the state moved to a live segment, the
         # offsets go on from where they were.
         assert await publish(h.client, topic, "new-2") == [2]
