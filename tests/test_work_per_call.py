@@ -27,6 +27,24 @@ async def _create_work_topic(conn: asyncpg.Connection) -> int:
     )
 
 
+async def _create_work_subscription(conn: asyncpg.Connection, topic_id: int) -> int:
+    """The subscription 's' of the topic, with its first state row: its id."""
+    sub_id = await conn.fetchval(
+        "INSERT INTO sluice.subscriptions (topic_id, name, ack_deadline_seconds, "
+        "max_deliveries, retry_min_seconds, retry_max_seconds, ordered_by_key) "
+        "VALUES ($1, 's', 600, 10, 1, 600, false) RETURNING sub_id",
+        topic_id,
+    )
+    await conn.execute("SELECT sluice.init_state($1, $2, 0, 0, 0)", topic_id, sub_id)
+    return sub_id
+
+
+async def _open_segments(conn: asyncpg.Connection, skew: float) -> None:
+    """A new segment for every lane, as maintenance opens them at time now + skew."""
+    for lane in range(4):
+        await conn.fetchval("SELECT sluice.open_segment($1, sluice.now($2))", lane, skew)
+
+
 async def _buffers(conn: asyncpg.Connection, statement: str, *args: object) -> int:
     plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}", *args)
     import json
@@ -105,13 +123,7 @@ async def test_publish_claim_and_ack_cost_the_same_after_a_long_history(fresh_db
     setup = await asyncpg.connect(plain_url(fresh_db_url))
     try:
         topic_id = await _create_work_topic(setup)
-        sub_id = await setup.fetchval(
-            "INSERT INTO sluice.subscriptions (topic_id, name, ack_deadline_seconds, "
-            "max_deliveries, retry_min_seconds, retry_max_seconds, ordered_by_key) "
-            "VALUES ($1, 's', 600, 10, 1, 600, false) RETURNING sub_id",
-            topic_id,
-        )
-        await setup.execute("SELECT sluice.init_state($1, $2, 0, 0, 0)", topic_id, sub_id)
+        await _create_work_subscription(setup, topic_id)
         # Statistics that say "empty", as for a segment analyzed before its first message.
         await setup.execute("VACUUM ANALYZE")
     finally:
@@ -203,10 +215,6 @@ async def test_a_publish_with_dedup_ids_costs_the_same_with_many_segments(fresh_
         messages = [NewMessage(VALUE, None, None, 0, i) for i in dedup_ids]
         return (await log.publish_batch(conn, "work", messages, 300, skew)).duplicates
 
-    async def next_segments(conn: asyncpg.Connection) -> None:
-        for lane in range(4):
-            await conn.fetchval("SELECT sluice.open_segment($1, sluice.now($2))", lane, skew)
-
     pool = await create_pool(fresh_db_url, 1)
     try:
         async with pool.acquire() as conn:
@@ -215,14 +223,14 @@ async def test_a_publish_with_dedup_ids_costs_the_same_with_many_segments(fresh_
             partitions_before = await _partitions(conn)
             for _ in range(10):  # a day and more, the topic writing in each new segment
                 skew += 3 * 3600
-                await next_segments(conn)
+                await _open_segments(conn, skew)
                 await publish(conn, ids(10))
             late = await one_publish(conn)
             partitions_after = await _partitions(conn)
             kept = ids(1)
             assert await publish(conn, kept) == [False]
             skew += 60  # within the 5-minute window, a segment later
-            await next_segments(conn)
+            await _open_segments(conn, skew)
             assert await publish(conn, ids(3)) == [False] * 3
             assert await publish(conn, [*ids(1), *kept]) == [False, True]
             skew += 600  # past the window: stored again
@@ -252,21 +260,14 @@ async def test_a_subscriptions_state_is_read_in_one_partition(fresh_db_url):
     conn = await asyncpg.connect(plain_url(fresh_db_url))
     try:
         topic_id = await _create_work_topic(conn)
-        sub_id = await conn.fetchval(
-            "INSERT INTO sluice.subscriptions (topic_id, name, ack_deadline_seconds, "
-            "max_deliveries, retry_min_seconds, retry_max_seconds, ordered_by_key) "
-            "VALUES ($1, 's', 600, 10, 1, 600, false) RETURNING sub_id",
-            topic_id,
-        )
-        await conn.execute("SELECT sluice.init_state($1, $2, 0, 0, 0)", topic_id, sub_id)
+        sub_id = await _create_work_subscription(conn, topic_id)
         state_of = "SELECT * FROM sluice.state_of($1, $2)"
         early = await _buffers(conn, state_of, topic_id, sub_id)
         partitions_before = await _partitions(conn)
         skew = 0.0
         for _ in range(10):
             skew += 3 * 3600
-            for lane in range(4):
-                await conn.fetchval("SELECT sluice.open_segment($1, sluice.now($2))", lane, skew)
+            await _open_segments(conn, skew)
         late = await _buffers(conn, state_of, topic_id, sub_id)
         partitions_after = await _partitions(conn)
     finally:
