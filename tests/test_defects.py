@@ -207,37 +207,52 @@ async def test_a_long_poll_whose_client_went_away_leases_nothing(server_factory,
         assert (m["value"], m["delivery_attempt"]) == ("for a live consumer", 1)
 
 
+class FakeWatch:
+    """A long-poll's client as consuming.pull sees it; `gone` is set to say it left."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def start(self) -> asyncio.Event:
+        self.started.set()
+        return self.event
+
+    async def gone(self) -> bool:
+        return self.event.is_set()
+
+
+@pytest.mark.parametrize("at_once", [False, True])
 async def test_leases_claimed_for_a_client_that_went_away_are_given_back(
-    harness, db_url, monkeypatch
+    harness, db_url, monkeypatch, at_once
 ):
-    """When the client of a waiting pull is gone by the time its claim returns, the leases
-    go back at once and the attempt is not counted. (A pull answered at once does not
-    watch for a disconnect: its client gets the messages in the same instant.)"""
+    """When the client of a long-poll is gone by the time its claim returns (the pull had
+    to wait, or messages were there at once: a stopping worker cancels its pulls), the
+    leases go back at once and the attempt is not counted."""
     client = harness.client
     topic = await topic_with_subscription(client, max_deliveries=1, ack_deadline_seconds=600)
     from sluice.queue import consuming
 
-    gone = asyncio.Event()
-    watched = asyncio.Event()
+    watch = FakeWatch()
     real_claim = consuming.claim
 
     async def claim_then_client_leaves(ctx, params):
         result = await real_claim(ctx, params)
         if result.messages:
-            gone.set()  # the client disconnected while this claim ran
+            watch.event.set()  # the client disconnected while this claim ran
         return result
-
-    def watch() -> asyncio.Event:
-        watched.set()
-        return gone
 
     monkeypatch.setattr(consuming, "claim", claim_then_client_leaves)
     params = consuming.PullParams(topic, "s", max_messages=10, wait_seconds=10)
+    if at_once:
+        await publish(client, topic, "m")
     waiting = asyncio.create_task(consuming.pull(harness.ctx, params, client_gone=watch))
-    await asyncio.wait_for(watched.wait(), 10)  # nothing there yet: the pull waits
-    await publish(client, topic, "m")
+    if not at_once:
+        await asyncio.wait_for(watch.started.wait(), 10)  # nothing there yet: it waits
+        await publish(client, topic, "m")
     outcome = await asyncio.wait_for(waiting, 10)
     assert outcome.messages == []
+    assert watch.started.is_set() is not at_once  # answered at once: no listener started
     monkeypatch.setattr(consuming, "claim", real_claim)
     s = await stats(client, topic, "s")
     assert (s["in_flight"], s["dead_lettered"], s["backlog"]) == (0, 0, 1), s
@@ -305,3 +320,37 @@ async def test_a_group_commit_whose_outcome_is_unknown_is_not_retried(harness, m
             assert "dedup_id" in answer.json()["detail"]
     stored = (await client.get(topic_path(topic) + "/messages")).json()["messages"]
     assert sorted(m["value"] for m in stored) == list(range(6))  # each once
+
+
+async def test_the_disconnect_watch_looks_without_waiting_and_then_listens():
+    """`gone()` answers at once whether the next ASGI message is the disconnect (as a
+    server's receive() gives it when the connection is closed) or nothing yet (receive()
+    would wait); the receive stays usable, and `start()` then sets its event on the
+    disconnect."""
+    from starlette.requests import Request
+
+    from sluice.api.disconnect import DisconnectWatch
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+
+    async def closed() -> dict:
+        return {"type": "http.disconnect"}
+
+    assert await DisconnectWatch(Request(scope, closed)).gone()
+
+    arrived = asyncio.Event()
+
+    async def connected() -> dict:
+        await arrived.wait()  # as a server's receive() waits for the next message
+        return {"type": "http.disconnect"}
+
+    watch = DisconnectWatch(Request(scope, connected))
+    assert not await watch.gone()
+    assert not await watch.gone()
+    event = watch.start()
+    await asyncio.sleep(0.01)
+    assert not event.is_set()
+    arrived.set()
+    await asyncio.wait_for(event.wait(), 5)
+    assert await watch.gone()
+    await watch.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
@@ -14,7 +14,8 @@ from starlette.requests import Request
 class DisconnectWatch:
     """Listens for the client's disconnect from the first call of `start()` on: a pull
     answered at once (messages were there) never starts listening, and costs neither the
-    listener task nor the turns of the event loop its cancellation takes."""
+    listener task nor the turns of the event loop its cancellation takes; it asks `gone()`
+    once instead, which does not wait."""
 
     def __init__(self, request: Request) -> None:
         self._request = request
@@ -28,6 +29,14 @@ class DisconnectWatch:
         if self._task is None:
             self._task = asyncio.create_task(self._listen(), name="sluice-disconnect-watch")
         return self._gone
+
+    async def gone(self) -> bool:
+        """Whether the client has gone away by now, without waiting for it (Starlette's
+        non-blocking look at the next ASGI message: the body has been read, so it is the
+        disconnect or nothing yet)."""
+        if not self._gone.is_set() and self._task is None and await self._request.is_disconnected():
+            self._gone.set()
+        return self._gone.is_set()
 
     async def _listen(self) -> None:
         while (await self._request.receive())["type"] != "http.disconnect":
@@ -44,14 +53,15 @@ class DisconnectWatch:
 @contextlib.asynccontextmanager
 async def watch_disconnect(
     request: Request, enabled: bool
-) -> AsyncIterator[Callable[[], asyncio.Event] | None]:
-    """A callable that starts watching for the client's disconnect and returns the event
-    set then (None when not `enabled`): the queue layer calls it once a pull has to wait."""
+) -> AsyncIterator[DisconnectWatch | None]:
+    """A watch for the client's disconnect (None when not `enabled`): the queue layer asks
+    it whether the client is gone when a pull is answered at once, and starts it when a
+    pull has to wait."""
     if not enabled:
         yield None
         return
     watch = DisconnectWatch(request)
     try:
-        yield watch.start
+        yield watch
     finally:
         await watch.close()

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import asyncpg
 
@@ -32,6 +33,18 @@ _DUE_SLACK_SECONDS = 0.005
 # How far a claim reads the log past messages that cannot go out now (delayed, or behind
 # a busy key) before it gives up for this call.
 SCAN_LIMIT = 2000
+
+
+class ClientWatch(Protocol):
+    """The client of a long-poll, as the HTTP layer sees it (app.api.disconnect)."""
+
+    def start(self) -> asyncio.Event:
+        """Listen from now on; the event is set when the client disconnects."""
+        ...
+
+    async def gone(self) -> bool:
+        """Whether the client has disconnected by now, without waiting."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +147,14 @@ async def pull(
     ctx: QueueContext,
     params: PullParams,
     ack_first: list[str] | None = None,
-    client_gone: Callable[[], asyncio.Event] | None = None,
+    client_gone: ClientWatch | None = None,
 ) -> PullOutcome:
     """Lease up to `max_messages`, waiting up to `wait_seconds` for some. With `ack_first`,
     those receipts are acknowledged (durably) before anything is claimed: a consumer acks
-    its previous batch and asks for the next one in one round trip. `client_gone` is called
-    once the pull has to wait, and returns an event set when the client disconnects: the
-    wait ends, and what was claimed is given back."""
+    its previous batch and asks for the next one in one round trip. `client_gone` watches
+    the client of a long-poll: when it has gone away by the time messages are claimed, they
+    are given back at once (instead of leased to nobody until the ack deadline), and a
+    waiting pull stops waiting."""
     acked = None
     if ack_first is not None:
         acked = (
@@ -160,9 +174,7 @@ async def pull(
     return outcome
 
 
-async def _pull(
-    ctx: QueueContext, params: PullParams, watch: Callable[[], asyncio.Event] | None
-) -> PullOutcome:
+async def _pull(ctx: QueueContext, params: PullParams, watch: ClientWatch | None) -> PullOutcome:
     topic, sub, max_messages = params.topic, params.subscription, params.max_messages
     loop = asyncio.get_running_loop()
     wait_ends = loop.time() + params.wait_seconds
@@ -171,12 +183,18 @@ async def _pull(
     result = await claim(ctx, params)
     topic_id = result.topic_id
     assert topic_id is not None
+    if params.wait_seconds <= 0:
+        watch = None  # a short pull's client gets its answer in the same instant
     if result.messages:
-        # Answered at once: no waiter to register, no disconnect to watch for.
+        # Answered at once: no waiter to register, no listener to start; one look whether
+        # the client left while the claim ran (a worker stopping cancels its long-polls).
+        if watch is not None and await watch.gone():
+            await give_back(ctx, topic, sub, result.messages)
+            return PullOutcome([])
         if len(result.messages) == max_messages:
             hub.wake_next(topic_id, sub)  # there may be more for the next waiter
         return PullOutcome(result.messages, _rate_headers(result))
-    client_gone = watch() if watch is not None and params.wait_seconds > 0 else None
+    client_gone = watch.start() if watch is not None else None
     waited = False
     async with hub.waiting(topic_id, sub, max_messages, client_gone) as waiter:
         while True:

@@ -433,7 +433,10 @@ class Received:
 
 
 async def receive(
-    ctx: QueueContext, queue: SqsQueue, request: ReceiveRequest, client_gone: Any = None
+    ctx: QueueContext,
+    queue: SqsQueue,
+    request: ReceiveRequest,
+    client_gone: consuming.ClientWatch | None = None,
 ) -> list[Received]:
     params = consuming.PullParams(
         queue.topic,
