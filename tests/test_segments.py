@@ -68,7 +68,7 @@ async def test_expired_segments_are_dropped_whole(fresh_db_url):
         assert first not in await segments(fresh_db_url)
 
         # The subscription's state rows moved to a live segment, and its row says which
-        # (state_of reads that partition only: revision 0010).
+        # (state_of reads that partition only: revision 0009).
         conn = await asyncpg.connect(plain_url(fresh_db_url))
         try:
             named, newest = await conn.fetchrow(

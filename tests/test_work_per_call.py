@@ -188,8 +188,8 @@ async def test_a_publish_with_dedup_ids_costs_the_same_after_a_long_history(fres
 async def test_a_publish_with_dedup_ids_costs_the_same_with_many_segments(fresh_db_url):
     """A live installation has a partition per open segment of every lane, tens of them.
     The dedup probes look in the segments of the topic that can hold a message of its
-    window, not in every partition (revision 0009; revision 0008 probed each id in all of
-    them). And a duplicate in the segment before the current one is still found."""
+    window, not in every partition (revision 0008; a probe per id over the whole table
+    visited all of them). And a duplicate in the segment before the current one is still found."""
     await migrate.upgrade(fresh_db_url)
     setup = await asyncpg.connect(plain_url(fresh_db_url))
     try:
@@ -254,7 +254,7 @@ async def _partitions(conn: asyncpg.Connection) -> int:
 async def test_a_subscriptions_state_is_read_in_one_partition(fresh_db_url):
     """Every claim, ack, nack and extend reads the subscription's newest state row. It is
     looked up in the one segment the subscription row names, not in every partition of
-    sub_states (revision 0010; before, a claim of 100 touched 48 buffers with 4 partitions
+    sub_states (revision 0009; before, a claim of 100 touched 48 buffers with 4 partitions
     and 277 with 44, an ack 22 and 102)."""
     await migrate.upgrade(fresh_db_url)
     conn = await asyncpg.connect(plain_url(fresh_db_url))
@@ -283,7 +283,7 @@ async def test_a_subscriptions_state_is_read_in_one_partition(fresh_db_url):
 async def test_a_publish_and_an_ack_cost_the_same_with_many_segments(fresh_db_url):
     """Publish and ack read only the partitions that can hold what they look for, whatever
     the number of segments (an ack of 100 touched 22 buffers with 4 partitions and 102
-    with 44 before revision 0010). A claim still reads its window's lease events and its
+    with 44 before revision 0009). A claim still reads its window's lease events and its
     due timers in every partition: pruning those too took its buffers from 193 to 55 with
     44 partitions but not its time, which goes to starting and locking each partition's
     scan (bench/RESULTS.md run 24), so it was not kept."""

@@ -1,4 +1,4 @@
--- Sluice revision 0010: a subscription's newest state row is looked up in one partition.
+-- Sluice revision 0009: a subscription's newest state row is looked up in one partition.
 --
 -- sluice.state_of (every claim, ack, nack, extend, stats) found the newest state row with
 -- `ORDER BY state_id DESC LIMIT 1` over every partition of sub_states: one index probe per

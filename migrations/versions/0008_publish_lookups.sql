@@ -1,15 +1,36 @@
--- Sluice revision 0009: a publish's dedup probes look in the topic's recent segments only.
+-- Sluice revision 0008: what a publish looks up costs what the batch needs, not what the
+-- topic or the table holds. Only sluice.append_messages changes (CREATE OR REPLACE: its
+-- signature, owner and privileges stay) and sluice.newest_offset_in is new; answers are
+-- unchanged. Measured in bench/RESULTS.md runs 23 and 24.
 --
--- Revision 0008 probed messages_by_dedup once per id in every partition of the messages
--- table (a Param array cannot prune partitions): with dedup ids on every message (what the
--- SDK's Publisher sends), 1000 messages cost 9.9 ms with 4 partitions and 19.8 ms with 40
--- (without ids: 6-7 ms either way; bench/RESULTS.md run 24). A live installation has a
--- partition per open segment of every lane, tens of them. Now each id is probed in the
--- segments that can hold a message of the topic's dedup window: the topic's own segments
--- from the one of its newest message published 5 minutes before the window on (found
--- with messages_by_time, once per call), each probe pruned to its segment's partition.
--- Answers are unchanged. Only this function changes; its signature, owner and privileges
--- stay (CREATE OR REPLACE).
+-- * Dedup ids, per id. Revision 0004 matched a batch's ids with `x.dedup_id IN (SELECT ...
+--   FROM m)`, and the planner, which cannot know how few rows that matches, joined the
+--   batch against every retained message of the topic (a bitmap scan of its primary key,
+--   then a hash join): 1000 ids against a topic of 30,000 messages spent 11 ms of 20 there,
+--   growing with the topic. Now each distinct id of the batch is one probe of
+--   messages_by_dedup. A batch whose ids are all new and distinct (what a client with
+--   automatic ids sends) is then inserted as a batch without ids is, without the statement
+--   that resolves duplicates (a third of the function's time at 1000 ids).
+-- * Dedup ids, per segment. A Param array cannot prune partitions, so a probe per id looked
+--   in every partition of the table, and a live installation has tens (1000 ids: 9.9 ms
+--   with 4 partitions, 19.8 ms with 40). Each id is probed only in the topic's segments
+--   that can hold a message of its dedup window, each probe pruned to its partition.
+-- * The newest offset. It was read with a subquery whose segment came from the same
+--   statement, so a partition could only be skipped once every partition's scan had been
+--   set up (one message: 176 us with 4 partitions, 215-289 us with 44). Asked of a
+--   function that takes the segment as a parameter, the lookup is planned for that one
+--   partition.
+
+-- The newest offset of a topic in one segment (NULL when it has none there). PL/pgSQL, not
+-- SQL: an SQL function would be inlined into the caller, and its segment would again be
+-- known only as the caller's statement runs.
+CREATE FUNCTION sluice.newest_offset_in(p_topic_id bigint, p_seg integer) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT m.msg_offset FROM sluice.messages m
+            WHERE m.topic_id = p_topic_id AND m.seg = p_seg
+            ORDER BY m.msg_offset DESC LIMIT 1);
+END $$;
 
 -- Append messages to a topic, offsets in commit order: the topic's advisory lock is held
 -- until commit, and the next offset is read from the log after taking it, so the next
@@ -41,8 +62,7 @@ BEGIN
     -- taken after the lock): the topic, its newest segment and newest offset there, its
     -- lane's open segment.
     SELECT tp.retention_floor, tp.dedup_window_seconds, ts.seg, ts.first_offset,
-           (SELECT m.msg_offset FROM sluice.messages m
-            WHERE m.topic_id = p_topic_id AND m.seg = ts.seg ORDER BY m.msg_offset DESC LIMIT 1),
+           sluice.newest_offset_in(p_topic_id, ts.seg),
            (SELECT g.seg FROM sluice.segments g
             WHERE g.lane = sluice.lane_of(tp.retention_seconds) AND g.closed_at IS NULL
             ORDER BY g.seg DESC LIMIT 1)

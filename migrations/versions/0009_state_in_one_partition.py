@@ -4,8 +4,8 @@ Adds subscriptions.state_seg (the segment that holds the subscription's state ro
 replaces sluice.state_of, sluice.init_state and sluice.drop_segment (same signatures: their
 privileges stay); the .sql file next to this one says why.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from sluice.migrations.sql_files import restore_function, run_file, run_sql
 
-revision = "0010"
-down_revision = "0009"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    run_file("0010_state_in_one_partition.sql")
+    run_file("0009_state_in_one_partition.sql")
 
 
 def downgrade() -> None:
