@@ -406,3 +406,96 @@ async def test_stop_ends_an_idle_long_poll_at_once(server):
         await client.publish(topic, [{"value": "after"}])
         pulled = await client.pull(topic, "s", max_messages=1, wait_seconds=2)
         assert [d.value for d in pulled] == ["after"]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_handlers_run_concurrently_up_to_the_limit(server, kind):
+    """`concurrency` handlers that wait (here: for each other) all run at once, and never
+    more: the runners hand leases to each other as soon as a handler waits."""
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 30)
+        lock = threading.Lock()
+        running = 0
+        most_running = 0
+        all_in = threading.Event()
+
+        def enter() -> None:
+            nonlocal running, most_running
+            with lock:
+                running += 1
+                most_running = max(most_running, running)
+                if running >= 8:
+                    all_in.set()
+
+        def leave() -> None:
+            nonlocal running
+            with lock:
+                running -= 1
+
+        async def async_handler(d: sc.Delivery) -> None:
+            enter()
+            try:
+                deadline = time.monotonic() + 5
+                while not all_in.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                leave()
+
+        def sync_handler(d: sc.Delivery) -> None:
+            enter()
+            try:
+                all_in.wait(5)
+            finally:
+                leave()
+
+        handler = async_handler if kind == "async" else sync_handler
+        worker = sc.Worker(
+            client, topic, "s", handler, concurrency=8, wait_seconds=1, handle_signals=False
+        )
+        task = asyncio.create_task(worker.run())
+        started = time.monotonic()
+        await wait_for(lambda: asyncio.sleep(0, all_in.is_set()), 10)
+        reached_in = time.monotonic() - started
+        await wait_for(lambda: asyncio.sleep(0, worker.stats.succeeded == 30), 10)
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    assert most_running == 8
+    assert reached_in < 4  # not one at a time (each would wait its 5 s)
+    assert stats.succeeded == 30 and stats.acked == 30
+
+
+async def test_handlers_still_running_after_the_grace_period_are_cut_and_given_back(server):
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 5)
+        started: set[int] = set()
+        cancelled: set[int] = set()
+
+        async def stuck(d: sc.Delivery) -> None:
+            started.add(d.value)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.add(d.value)
+                raise
+
+        worker = sc.Worker(
+            client,
+            topic,
+            "s",
+            stuck,
+            concurrency=5,
+            wait_seconds=1,
+            grace_seconds=0.5,
+            handle_signals=False,
+        )
+        task = asyncio.create_task(worker.run())
+        await wait_for(lambda: asyncio.sleep(0, len(started) == 5), 10)
+        stop_at = time.monotonic()
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+        stopped_in = time.monotonic() - stop_at
+        sub = await client.get_subscription(topic, "s")
+    assert cancelled == started == set(range(5))
+    assert 0.4 < stopped_in < 5
+    assert stats.given_back == 5 and stats.succeeded == 0 and stats.acked == 0
+    assert sub.in_flight == 0 and sub.lag == 5  # given back: deliverable again at once
