@@ -7,6 +7,7 @@ whatever `_run` returns: the result for `Client`, an awaitable of it for `AsyncC
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -90,6 +91,15 @@ def _receipts(receipts: Receipts) -> list[str]:
     return [r.receipt if isinstance(r, Delivery) else str(r) for r in receipts]
 
 
+def _plain_json(body: dict[str, Any]) -> _EncodedJSON:
+    """A body of receipts, counts and seconds (no message values), encoded by orjson when
+    it is installed: the body of every pull, ack, nack and extend of a Worker. orjson writes
+    NaN and infinities as null where json refuses them: those go to json, which raises."""
+    if _dumps is not None and all(type(v) is not float or math.isfinite(v) for v in body.values()):
+        return _EncodedJSON(_dumps(body))
+    return _EncodedJSON(json.dumps(body, allow_nan=False).encode())
+
+
 def to_outgoing(message: MessageLike) -> OutgoingMessage:
     if isinstance(message, OutgoingMessage):
         return message
@@ -103,8 +113,10 @@ def _json(response: httpx.Response) -> Any:
 
 
 try:  # optional: decodes a pull's payloads several times faster; not a dependency
+    from orjson import dumps as _dumps
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover - depends on the environment
+    _dumps = None
     _loads = json.loads
 
 
@@ -357,7 +369,7 @@ class _Operations:
                 "POST",
                 self._sub_path(topic, subscription, "pull"),
                 lambda r: _pull_result(_loads(r.content)),
-                body=body,
+                body=_plain_json(body),
                 extra_timeout=float(wait_seconds),
             )
         )
@@ -368,7 +380,7 @@ class _Operations:
                 "POST",
                 self._sub_path(topic, subscription, "ack"),
                 lambda r: AckResult(r.json()["acked"], r.json()["stale"]),
-                body={"receipts": _receipts(receipts)},
+                body=_plain_json({"receipts": _receipts(receipts)}),
             )
         )
 
@@ -478,8 +490,15 @@ class _Operations:
         return self._run(_Request("GET", "/readyz", lambda r: True))
 
 
+# Absolute URLs of the paths a client called, at most this many (a Worker calls a few).
+_URL_CACHE_SIZE = 256
+
+
 def _build(
-    client: httpx.Client | httpx.AsyncClient, request: _Request, timeout: float
+    client: httpx.Client | httpx.AsyncClient,
+    request: _Request,
+    timeout: float,
+    urls: dict[str, httpx.URL],
 ) -> httpx.Request:
     content = None
     headers = None
@@ -489,9 +508,16 @@ def _build(
     elif request.body is not None:
         content = json.dumps(request.body, allow_nan=False).encode()
         headers = {"content-type": "application/json"}
+    # The path joined to the base URL once, not parsed and joined on every request (a
+    # Worker pulls from the same path hundreds of times a second).
+    url = urls.get(request.path)
+    if url is None:
+        if len(urls) >= _URL_CACHE_SIZE:
+            urls.clear()
+        url = urls[request.path] = client.base_url.join(request.path.lstrip("/"))
     return client.build_request(
         request.method,
-        request.path,
+        url,
         params=request.params,
         content=content,
         headers=headers,
@@ -531,10 +557,11 @@ class Client(_Operations):
         self._http = httpx.Client(
             base_url=self.base_url, headers=all_headers, timeout=timeout, transport=transport
         )
+        self._urls: dict[str, httpx.URL] = {}
 
     def _run(self, request: _Request) -> Any:
         try:
-            response = self._http.send(_build(self._http, request, self.timeout))
+            response = self._http.send(_build(self._http, request, self.timeout, self._urls))
         except httpx.TransportError as exc:
             raise connection_error(exc) from exc
         return self._finish(request, response)
@@ -595,10 +622,11 @@ class AsyncClient(_Operations):
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections),
         )
+        self._urls: dict[str, httpx.URL] = {}
 
     async def _run(self, request: _Request) -> Any:
         try:
-            response = await self._http.send(_build(self._http, request, self.timeout))
+            response = await self._http.send(_build(self._http, request, self.timeout, self._urls))
         except httpx.TransportError as exc:
             raise connection_error(exc) from exc
         return self._finish(request, response)

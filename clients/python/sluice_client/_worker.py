@@ -217,6 +217,14 @@ class Worker:
                 raise result
 
     async def _puller(self) -> None:
+        # One task that ends when stop() is called, shared by every pull of this loop.
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await self._pull_until_stopped(stopped)
+        finally:
+            stopped.cancel()
+
+    async def _pull_until_stopped(self, stopped: asyncio.Future[Any]) -> None:
         failures = 0
         while not self._stopping.is_set():
             free = self.concurrency - len(self._in_flight) - self._reserved
@@ -238,9 +246,7 @@ class Worker:
                         ack_deadline_seconds=self.ack_deadline_seconds,
                     )
                 )
-                stop = asyncio.ensure_future(self._stopping.wait())
-                await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
+                await asyncio.wait({pull, stopped}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._reserved -= want
                 self._slot_free.set()  # what this pull did not fill is free again
