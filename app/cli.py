@@ -55,6 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 # Applied in every worker process too (they do not inherit our handlers).
                 log_config=log_config(settings.log_level, fmt),
+                # sluice.access logs every request; uvicorn's own access line is kept for
+                # DEBUG only, and not even formatted otherwise.
+                access_log=settings.log_level.upper() == "DEBUG",
                 # Slow-loris resistance: idle keep-alive connections are closed quickly.
                 timeout_keep_alive=5,
                 timeout_graceful_shutdown=25,

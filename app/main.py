@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -144,6 +145,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.to_thread(stop_embedded, embedded)
 
 
+# FastAPI's native OpenTelemetry instrumentation asks the global OpenTelemetry providers on
+# every request whether one was set up (environment lookups included): ~2% of a
+# single-message publish under wrk with none set up (bench/RESULTS.md run 25). Sluice's
+# own observability is Prometheus and its access log; FastAPI's spans and metrics stay on
+# when OpenTelemetry is configured through the environment (OTEL_* or
+# FASTAPI_OTEL_AUTO_CONFIGURE), which is how `opentelemetry-instrument sluice serve` does it.
+_NO_TELEMETRY: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
+
+
+def _opentelemetry_configured() -> bool:
+    return any(
+        name.startswith("OTEL_") or name == "FASTAPI_OTEL_AUTO_CONFIGURE" for name in os.environ
+    )
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -155,6 +171,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         # FastAPI's own /docs and /redoc load their assets from a CDN: ours serve them.
         docs_url=None,
         redoc_url=None,
+        telemetry=None if _opentelemetry_configured() else _NO_TELEMETRY,
     )
     app.state.settings = settings
     app.state.clock = clock or Clock()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -102,10 +102,22 @@ def observe_published(topic: str, published: Sequence[Published]) -> None:
         DUPLICATES.labels(topic).inc(duplicates)
 
 
+# (method, route template, status) -> that label set's counter and histogram. A bounded
+# set (templates, not paths), never removed: looked up here rather than through
+# .labels(), which converts, validates and locks on every request.
+_REQUEST_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
-    labels = (method, route, str(status))
-    REQUESTS.labels(*labels).inc()
-    LATENCY.labels(*labels).observe(seconds)
+    series = _REQUEST_SERIES.get((method, route, status))
+    if series is None:
+        labels = (method, route, str(status))
+        series = _REQUEST_SERIES[(method, route, status)] = (
+            REQUESTS.labels(*labels),
+            LATENCY.labels(*labels),
+        )
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def process_exit() -> None:

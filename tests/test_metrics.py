@@ -4,11 +4,13 @@ from the database, request metrics by route template, and multi-process aggregat
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -337,3 +339,20 @@ async def test_serve_with_workers_sets_up_multiprocess_metrics(server_factory):
         async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as c:
             samples = await scrape(c)
         assert value(samples, "sluice_messages_published_total", topic=topic) == 60
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_fastapis_opentelemetry_runs_only_when_opentelemetry_is_configured(monkeypatch, configured):
+    """FastAPI's native OpenTelemetry instrumentation costs every request a look at the
+    global providers: off unless OpenTelemetry is configured through the environment."""
+    from sluice.main import create_app
+    from tests.conftest import make_settings
+
+    for name in list(os.environ):
+        if name.startswith("OTEL_") or name == "FASTAPI_OTEL_AUTO_CONFIGURE":
+            monkeypatch.delenv(name)
+    if configured:
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "sluice")
+    app = create_app(make_settings("postgresql://unused@localhost:1/unused"))
+    telemetry = app._telemetry  # FastAPI's resolved configuration
+    assert (telemetry["tracing"], telemetry["metrics"], telemetry["logs"]) == (configured,) * 3

@@ -3,9 +3,8 @@
 Offsets are handed out under the topic's advisory lock until commit (storage
 sluice.append_messages), so on one topic only one publish transaction makes progress at a
 time. To keep throughput high, each process funnels the requests for a topic through a
-couple of writer tasks: whatever arrived while a transaction was committing goes into the
-next one, and a second writer already waits on the lock so no time is lost between two
-commits. Each request stays atomic: when the combined call is refused by the database (an
+writer task: whatever arrived while a transaction was committing goes into the next one.
+Each request stays atomic: when the combined call is refused by the database (an
 error that proves nothing was stored), its requests are retried one by one so only the
 faulty one fails. When the outcome is unknown (the connection broke, the command timed
 out: the transaction may have committed), nothing is retried: every request of the group
@@ -32,8 +31,12 @@ log = logging.getLogger("sluice.publish")
 
 # Upper bound of messages in one combined transaction.
 MAX_GROUP_MESSAGES = 5000
-# Writer tasks per topic and process: one commits while the next waits on the lock.
-WRITERS_PER_TOPIC = 2
+# Writer tasks per topic and process. With two, one committed while the other already
+# waited on the topic's lock; measured, one does as well or better: it takes everything that
+# arrived during the commit as one group, where two split the arrivals into smaller groups
+# and kept a backend waiting on the lock (wrk, 4 connections: 5,200 publishes/s and 120 us
+# of server CPU each against 3,600-4,300 and 145-176 us; bench/RESULTS.md run 25).
+WRITERS_PER_TOPIC = 1
 
 
 class SkewSource(Protocol):
