@@ -184,7 +184,9 @@ def test_bench_sdk_smoke(pg_server: str, tmp_path: Path) -> None:
         sys.executable, "-m", "bench.run",
         "--database-url", pg_server,
         "--systems", "sluice", "--workloads", "sdk",
-        "--seconds", "0.5", "--warmup", "0",
+        # A publisher row counts the messages stored within the window: 0.5 s held none
+        # once, on a machine running two test suites at once.
+        "--seconds", "1.5", "--warmup", "0",
         "--prefill", "500", "--consume-cap", "20",
         "--repeat", "1", "--timeout", "150",
         "--json", str(out),

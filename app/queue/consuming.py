@@ -99,17 +99,28 @@ async def _claim_connection(
 
 async def claim(ctx: QueueContext, params: PullParams) -> Claim:
     """Lease what is deliverable now (possibly nothing); max_messages = 0 only lets
-    deadlines pass (expired leases retry or park)."""
-    topic, sub = params.topic, params.subscription
+    deadlines pass (expired leases retry or park). Concurrent pulls of a subscription share
+    claims (app.queue.claim_groups)."""
+    topic, sub, deadline = params.topic, params.subscription, params.ack_deadline_seconds
+    if params.max_messages == 0:
+        return await _claim(ctx, topic, sub, 0, deadline)
+    return await ctx.claim_groups.claim(
+        topic,
+        sub,
+        params.max_messages,
+        deadline,
+        lambda count: _claim(ctx, topic, sub, count, deadline),
+        lambda messages: give_back(ctx, topic, sub, messages),
+    )
+
+
+async def _claim(
+    ctx: QueueContext, topic: str, sub: str, max_messages: int, deadline: int | None
+) -> Claim:
+    """One claim in the database; its deliveries, expiries and dead letters are counted."""
     async with _claim_connection(ctx, topic, sub) as conn:
         result = await claims_sql.claim(
-            conn,
-            topic,
-            sub,
-            params.max_messages,
-            params.ack_deadline_seconds,
-            ctx.clock.skew,
-            SCAN_LIMIT,
+            conn, topic, sub, max_messages, deadline, ctx.clock.skew, SCAN_LIMIT
         )
         if not result.found:
             raise await subscription_missing(conn, topic, sub)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from sluice.queue.claim_groups import ClaimGroups
 from sluice.queue.clock import Clock
 from sluice.queue.publisher import Publisher
 from sluice.queue.rates import RateRecorder
@@ -39,6 +40,9 @@ class QueueContext:
     claim_gates: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+
+    # Pulls of a subscription that arrive while a claim of it runs share the next claim.
+    claim_groups: ClaimGroups = field(default_factory=ClaimGroups)
 
     # The SQS endpoint's queues, name -> (loaded at, queue): queue.sqs_queues.get_queue
     # reads a queue's row at most once a second per process, not on every message call.
