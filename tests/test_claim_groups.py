@@ -148,6 +148,8 @@ async def test_a_failed_group_claim_fails_every_pull_of_the_group(harness, monke
     results = await asyncio.gather(*group, return_exceptions=True)
     assert calls == 2
     assert all(isinstance(r, SluiceError) for r in results), results
+    # each its own (a pull that acked first adds its acks to the error it answers)
+    assert len({id(r) for r in results}) == 3
     # Nothing is left behind: the next pull claims on its own at once.
     monkeypatch.setattr(claims_sql, "claim", real)
     await publish(client, topic, "m")

@@ -19,13 +19,17 @@ processes' claims still meet at the lock in Postgres.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.records import Claim, Delivery
+
+log = logging.getLogger("sluice.claims")
 
 # Upper bound of messages one group claim asks for (a pull asks for at most 1000).
 MAX_GROUP_MESSAGES = 1000
@@ -106,16 +110,22 @@ class ClaimGroups:
         try:
             while busy.waiting:
                 group = _take_group(busy.waiting)
+                if not group:  # all of them were cancelled while they waited
+                    continue
                 try:
                     result = await claim(sum(w.count for w in group))
                 except Exception as exc:
                     for waiting in group:
                         if not waiting.future.done():
-                            waiting.future.set_exception(exc)
+                            # A copy each: a pull adds its own acks to the error it answers.
+                            waiting.future.set_exception(copy.copy(exc))
                     continue
                 orphaned = _hand_out(result, group)
                 if orphaned:
-                    await give_back(orphaned)
+                    try:
+                        await give_back(orphaned)
+                    except Exception:  # they come back at their deadline instead
+                        log.warning("giving back %d messages failed", len(orphaned), exc_info=True)
         finally:
             del self._busy[key]
             for waiting in [*group, *busy.waiting]:  # left only when this task was cancelled
