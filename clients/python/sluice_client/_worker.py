@@ -69,9 +69,10 @@ class Worker:
     """Pulls from `topic`/`subscription` and runs `handler(delivery)` on each message, at
     most `concurrency` at a time. Async handlers run on the loop, in `concurrency`
     long-lived runner tasks (not a task per message: see `_run_handlers`); plain functions
-    in a thread pool of `concurrency` threads. Either way a handler runs in the context of
-    the task or thread that calls it, shared with the handlers it called before: a handler
-    that sets a context variable (a logging context, say) should set it on every call.
+    in a thread pool of `concurrency` threads, each call in a copy of the worker's context.
+    An async handler runs in its runner's context, shared with the handlers that runner
+    called before: one that sets a context variable (a logging context, say) should set it
+    on every call.
 
     - a handler that returns: the message is acked, in the `ack` field of the next pull
       (or by /ack within `ack_interval_seconds` when no pull is due, e.g. during a
