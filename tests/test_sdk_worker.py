@@ -499,3 +499,29 @@ async def test_handlers_still_running_after_the_grace_period_are_cut_and_given_b
     assert 0.4 < stopped_in < 5
     assert stats.given_back == 5 and stats.succeeded == 0 and stats.acked == 0
     assert sub.in_flight == 0 and sub.lag == 5  # given back: deliverable again at once
+
+
+async def test_a_handler_that_raises_cancelled_error_itself_is_a_failure_not_a_stop(server):
+    """A handler may raise CancelledError of its own (it awaited a future someone else
+    cancelled): its message is nacked and retried, and its runner goes on with the next
+    messages (with concurrency 1 there is no other runner)."""
+    async with sc.AsyncClient(server.base_url) as client:
+        topic = await setup(client, 5, retry_min_seconds=0, retry_max_seconds=0)
+        handled: list[tuple[int, int]] = []
+
+        async def handler(d: sc.Delivery) -> None:
+            handled.append((d.value, d.delivery_attempt))
+            if d.value == 0 and d.delivery_attempt == 1:
+                cancelled = asyncio.get_running_loop().create_future()
+                cancelled.cancel()
+                await cancelled
+
+        worker = sc.Worker(
+            client, topic, "s", handler, concurrency=1, wait_seconds=1, handle_signals=False
+        )
+        task = asyncio.create_task(worker.run())
+        await wait_for(lambda: asyncio.sleep(0, worker.stats.succeeded == 5), 15)
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    assert stats.failed == 1 and stats.nacked == 1 and stats.succeeded == 5
+    assert sorted(handled) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (4, 1)]

@@ -363,7 +363,14 @@ class Worker:
                 self.stats.dead_lettered += 1
                 await self._nack(delivery, None, dead_letter=True)
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the worker is stopping this runner
+                # The handler raised it of its own (a cancelled future it awaited): a
+                # failure like any other, which must not end the runner.
+                self.stats.failed += 1
+                log.warning("handler cancelled itself on offset %d; nacking", delivery.offset)
+                await self._nack(delivery, None)
             except Exception:
                 self.stats.failed += 1
                 log.exception("handler failed on offset %d; nacking", delivery.offset)
