@@ -56,11 +56,11 @@ def _ready_message(receive: Receive) -> Message | None:
     """The next ASGI message if the server already has it, else None, without a turn of the
     event loop: receive() is run up to its first suspension and closed there if it would
     wait. Starlette's `Request.is_disconnected` gives the same answer by cancelling the
-    wait through an anyio cancel scope, which costs two turns of the loop; on a busy server
-    that delayed every long-poll answered at once by a whole loop's worth of other work
-    (4 consumers acking in the pull: 35k instead of 46k msgs/s, bench/RESULTS.md run 25).
-    Closing the suspended receive() undoes its wait (the server's own Event.wait cleans up
-    in its finally), as the cancellation would have."""
+    wait through an anyio cancel scope, which costs two turns of the loop: on a busy server
+    each turn waits for a whole loop's worth of other requests' work, and every long-poll
+    answered at once took them (bench/RESULTS.md run 25). Closing the suspended receive()
+    undoes its wait (the server's own Event.wait cleans up in its finally), as the
+    cancellation would have."""
     step = receive()
     try:
         step.send(None)

@@ -317,9 +317,10 @@ class Worker:
         """One of `concurrency` runners: takes the next lease and calls its handler, until
         cancelled when the worker stops.
 
-        A task per message (what this replaced) cost more than the rest of the Worker's
-        work on a message together (creating, scheduling and collecting it: ~7 of ~17 us
-        of client CPU per message on Python 3.11, bench/RESULTS.md run 25). Runners wake
+        A task per message (what this replaced) was the largest item of the Worker's own
+        work on a message (creating, scheduling and collecting it; client CPU per message
+        17-19 us with it, 11.5-13.5 us with runners on Python 3.11: bench/RESULTS.md run
+        25). Runners wake
         each other in a chain instead: a runner that takes a lease wakes one more runner
         when more are waiting and none is on its way already, before it calls the handler.
         A handler that waits (I/O, a thread) thus lets the next runner take the next lease
