@@ -46,16 +46,10 @@ class _Waiting:
     )
 
 
-@dataclass(slots=True)
-class _Subscription:
-    """The pulls waiting for the claim after the one under way."""
-
-    waiting: deque[_Waiting] = field(default_factory=deque)
-
-
 class ClaimGroups:
     def __init__(self) -> None:
-        self._busy: dict[tuple[str, str, int | None], _Subscription] = {}
+        # Per subscription with a claim under way: the pulls waiting for the next one.
+        self._busy: dict[tuple[str, str, int | None], deque[_Waiting]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def claim(
@@ -73,7 +67,7 @@ class ClaimGroups:
         busy = self._busy.get(key)
         if busy is not None:
             waiting = _Waiting(count)
-            busy.waiting.append(waiting)
+            busy.append(waiting)
             try:
                 return await waiting.future
             except asyncio.CancelledError:
@@ -84,11 +78,11 @@ class ClaimGroups:
                 if handed_out and future.result().messages:
                     self._spawn(give_back(future.result().messages))
                 raise
-        busy = self._busy[key] = _Subscription()
+        busy = self._busy[key] = deque()
         try:
             return await claim(count)
         finally:
-            if busy.waiting:
+            if busy:
                 self._spawn(self._serve(key, busy, claim, give_back))
             else:
                 del self._busy[key]
@@ -101,15 +95,15 @@ class ClaimGroups:
     async def _serve(
         self,
         key: tuple[str, str, int | None],
-        busy: _Subscription,
+        busy: deque[_Waiting],
         claim: ClaimFn,
         give_back: GiveBackFn,
     ) -> None:
         """Claim for the waiting pulls, a group at a time, until none are left."""
         group: list[_Waiting] = []
         try:
-            while busy.waiting:
-                group = _take_group(busy.waiting)
+            while busy:
+                group = _take_group(busy)
                 if not group:  # all of them were cancelled while they waited
                     continue
                 try:
@@ -128,7 +122,7 @@ class ClaimGroups:
                         log.warning("giving back %d messages failed", len(orphaned), exc_info=True)
         finally:
             del self._busy[key]
-            for waiting in [*group, *busy.waiting]:  # left only when this task was cancelled
+            for waiting in [*group, *busy]:  # left only when this task was cancelled
                 if not waiting.future.done():
                     waiting.future.cancel()
 
