@@ -82,3 +82,86 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_httpx_aiohttp)
     with pytest.raises(ImportError, match=r"sluice-client\[aiohttp\]"):
         sc.AsyncClient("http://127.0.0.1:1", transport="aiohttp")
+
+
+# ---- AsyncClient's requests straight to the transport ------------------------------------
+
+
+async def test_async_requests_go_through_the_proxy_httpx_takes_from_the_environment(
+    monkeypatch,
+):
+    """AsyncClient hands a request to the transport httpx picks for its URL (not through
+    `AsyncClient.send`): a proxy set in the environment still carries it, with the
+    client's headers."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        seen.append(head + await reader.readexactly(length))
+        body = b'{"messages": []}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    try:
+        async with sc.AsyncClient("http://sluice.invalid:8000", api_key="k1") as client:
+
+            async def not_by_send(*args, **kwargs):
+                raise AssertionError("went through AsyncClient.send")
+
+            monkeypatch.setattr(client._http, "send", not_by_send)
+            result = await client.pull("t", "s", max_messages=5, ack=["r1"])
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert result.messages == [] and len(seen) == 1
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST http://sluice.invalid:8000/v1/topics/t/subscriptions/s/pull HTTP/1.1"
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["authorization"] == "bearer k1"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("sluice-client/")
+    assert b'"ack":["r1"]' in body.replace(b" ", b"")
+
+
+async def test_a_cookie_the_server_sets_is_sent_back_as_httpx_would():
+    """A load balancer's sticky-session cookie: kept from the answer that set it and sent
+    with every later request, as `AsyncClient.send` does."""
+    import httpx
+
+    cookies_seen: list[str | None] = []
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        while (await receive()).get("more_body"):
+            pass
+        headers = dict(scope["headers"])
+        cookies_seen.append(headers.get(b"cookie", b"").decode() or None)
+        extra = [] if b"cookie" in headers else [(b"set-cookie", b"lb=node-2; Path=/")]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), *extra],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"messages": []}'})
+
+    async with sc.AsyncClient("http://sluice.test", transport=httpx.ASGITransport(app)) as client:
+        for _ in range(3):
+            await client.pull("t", "s")
+    assert cookies_seen == [None, "lb=node-2", "lb=node-2"]

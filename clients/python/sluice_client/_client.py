@@ -494,27 +494,39 @@ class _Operations:
 _URL_CACHE_SIZE = 256
 
 
+def _content(request: _Request) -> bytes | None:
+    if isinstance(request.body, _EncodedJSON):
+        return request.body.data
+    if request.body is not None:
+        return json.dumps(request.body, allow_nan=False).encode()
+    return None
+
+
+def _url(
+    client: httpx.Client | httpx.AsyncClient, path: str, urls: dict[str, httpx.URL]
+) -> httpx.URL:
+    # The path joined to the base URL once, not parsed and joined on every request (a
+    # Worker pulls from the same path hundreds of times a second).
+    url = urls.get(path)
+    if url is None:
+        if len(urls) >= _URL_CACHE_SIZE:
+            urls.clear()
+        url = urls[path] = client.base_url.join(path.lstrip("/"))
+    return url
+
+
+_JSON_CONTENT = {"content-type": "application/json"}
+
+
 def _build(
     client: httpx.Client | httpx.AsyncClient,
     request: _Request,
     timeout: float,
     urls: dict[str, httpx.URL],
 ) -> httpx.Request:
-    content = None
-    headers = None
-    if isinstance(request.body, _EncodedJSON):
-        content = request.body.data
-        headers = {"content-type": "application/json"}
-    elif request.body is not None:
-        content = json.dumps(request.body, allow_nan=False).encode()
-        headers = {"content-type": "application/json"}
-    # The path joined to the base URL once, not parsed and joined on every request (a
-    # Worker pulls from the same path hundreds of times a second).
-    url = urls.get(request.path)
-    if url is None:
-        if len(urls) >= _URL_CACHE_SIZE:
-            urls.clear()
-        url = urls[request.path] = client.base_url.join(request.path.lstrip("/"))
+    content = _content(request)
+    headers = _JSON_CONTENT if content is not None else None
+    url = _url(client, request.path, urls)
     return client.build_request(
         request.method,
         url,
@@ -623,13 +635,57 @@ class AsyncClient(_Operations):
             limits=httpx.Limits(max_connections=max_connections),
         )
         self._urls: dict[str, httpx.URL] = {}
+        # The client's own headers (defaults, user agent, API key, `headers`), merged once.
+        self._headers = dict(self._http.headers)
+        # httpx's own choice of transport for a URL (the proxy mounts it built from the
+        # environment included); without it (another httpx) every request goes by `send`.
+        self._transport_for_url: Callable[[httpx.URL], httpx.AsyncBaseTransport] | None = getattr(
+            self._http, "_transport_for_url", None
+        )
 
     async def _run(self, request: _Request) -> Any:
+        http = self._http
         try:
-            response = await self._http.send(_build(self._http, request, self.timeout, self._urls))
+            if self._transport_for_url is not None and request.params is None and not http.cookies:
+                response = await self._send_direct(request)
+            else:
+                response = await http.send(_build(http, request, self.timeout, self._urls))
         except httpx.TransportError as exc:
             raise connection_error(exc) from exc
         return self._finish(request, response)
+
+    async def _send_direct(self, request: _Request) -> httpx.Response:
+        """The request straight to the transport httpx would pick for it, the response read
+        whole. `AsyncClient.send`'s layers do nothing for these requests (no auth flow, no
+        redirects to follow, no cookies to send, no event hooks) and were a third of a
+        Worker's client CPU per pull over httpx's own transport (bench/RESULTS.md run 26).
+        Cookies a server or a proxy in front of it sets are kept as `send` keeps them;
+        once the jar holds one, requests go by `send`, which sends them back."""
+        assert self._transport_for_url is not None
+        content = _content(request)
+        headers = self._headers
+        if content is not None:
+            headers = {**headers, "content-type": "application/json"}
+        url = _url(self._http, request.path, self._urls)
+        timeout = self.timeout + request.extra_timeout
+        sent = httpx.Request(
+            request.method,
+            url,
+            headers=headers,
+            content=content,
+            extensions={
+                "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+            },
+        )
+        response = await self._transport_for_url(url).handle_async_request(sent)
+        response.request = sent
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        if "set-cookie" in response.headers:
+            self._http.cookies.extract_cookies(response)
+        return response
 
     async def browse_pages(
         self, topic: str, *, from_offset: int = 0, limit: int = 100
