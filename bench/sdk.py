@@ -25,8 +25,8 @@ clock = w.clock
 
 
 def transport_suffix(transport: str) -> str:
-    """Rows of the SDK over AsyncClient(transport="aiohttp") say so; httpx's own is the
-    default."""
+    """Rows of the SDK over AsyncClient(transport="aiohttp") say so (the client's default
+    when httpx-aiohttp is installed); rows without a suffix are over httpx's own."""
     return " (aiohttp transport)" if transport == "aiohttp" else ""
 
 
@@ -35,9 +35,7 @@ def worker_label(batch: int, transport: str = "httpx") -> str:
 
 
 def _client(peer: SluicePeer, transport: str) -> AsyncClient:
-    return AsyncClient(
-        peer.base_url, timeout=60, transport="aiohttp" if transport == "aiohttp" else None
-    )
+    return AsyncClient(peer.base_url, timeout=60, transport=transport)  # type: ignore[arg-type]
 
 
 async def worker_drain(

@@ -1,6 +1,7 @@
-"""The SDK over aiohttp (AsyncClient(transport="aiohttp"), the `aiohttp` extra) against a
-real server: the same answers and errors as over httpx's own transport, a Worker draining
-with failures and a Publisher whose batches are retried, and a server that is not there."""
+"""AsyncClient's transports against a real server: over aiohttp (httpx-aiohttp, the
+default when installed) and over httpx's own, the same answers and errors, a Worker
+draining with failures and a Publisher whose batches are retried, a server that is not
+there; proxies from the environment and cookies as httpx keeps them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import pytest
 from tests.conftest import free_port, unique
 from tests.sdk_support import sc, server  # noqa: F401 (the fixture)
 
+TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 
-async def test_operations_and_problem_errors_over_aiohttp(server):
-    async with sc.AsyncClient(server.base_url, transport="aiohttp") as client:
+
+@TRANSPORTS
+async def test_operations_and_problem_errors(server, transport):
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        assert client.transport_name == transport
         topic = unique("aio")
         await client.create_topic(topic)
         await client.create_subscription(topic, "s")
@@ -29,18 +34,20 @@ async def test_operations_and_problem_errors_over_aiohttp(server):
             await client.pull(topic, unique("missing"))
 
 
-async def test_a_server_that_is_not_there_fails_to_connect_over_aiohttp():
+@TRANSPORTS
+async def test_a_server_that_is_not_there_fails_to_connect(transport):
     async with sc.AsyncClient(
-        f"http://127.0.0.1:{free_port()}", transport="aiohttp", timeout=5
+        f"http://127.0.0.1:{free_port()}", transport=transport, timeout=5
     ) as client:
         with pytest.raises(sc.ConnectionFailed):
             await client.list_topics()
 
 
-async def test_worker_and_publisher_over_aiohttp(server):
+@TRANSPORTS
+async def test_worker_and_publisher(server, transport):
     topic = unique("aio")
     count = 600
-    async with sc.AsyncClient(server.base_url, transport="aiohttp") as client:
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
         await client.create_topic(topic)
         await client.create_subscription(topic, "s", retry_min_seconds=1, retry_max_seconds=1)
         async with sc.Publisher(client, topic, linger_seconds=0.005) as publisher:
@@ -82,13 +89,23 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_httpx_aiohttp)
     with pytest.raises(ImportError, match=r"sluice-client\[aiohttp\]"):
         sc.AsyncClient("http://127.0.0.1:1", transport="aiohttp")
+    # The default then is httpx's own transport.
+    assert sc.AsyncClient("http://127.0.0.1:1").transport_name == "httpx"
+
+
+def test_the_default_transport_is_aiohttp_when_it_is_installed():
+    assert sc.AsyncClient("http://127.0.0.1:1").transport_name == "aiohttp"
+    assert sc.AsyncClient("http://127.0.0.1:1", transport="httpx").transport_name == "httpx"
+    with pytest.raises(ValueError, match="transport"):
+        sc.AsyncClient("http://127.0.0.1:1", transport="curl")  # type: ignore[arg-type]
 
 
 # ---- AsyncClient's requests straight to the transport ------------------------------------
 
 
+@TRANSPORTS
 async def test_async_requests_go_through_the_proxy_httpx_takes_from_the_environment(
-    monkeypatch,
+    monkeypatch, transport
 ):
     """AsyncClient hands a request to the transport httpx picks for its URL (not through
     `AsyncClient.send`): a proxy set in the environment still carries it, with the
@@ -117,7 +134,9 @@ async def test_async_requests_go_through_the_proxy_httpx_takes_from_the_environm
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
     try:
-        async with sc.AsyncClient("http://sluice.invalid:8000", api_key="k1") as client:
+        async with sc.AsyncClient(
+            "http://sluice.invalid:8000", api_key="k1", transport=transport
+        ) as client:
 
             async def not_by_send(*args, **kwargs):
                 raise AssertionError("went through AsyncClient.send")

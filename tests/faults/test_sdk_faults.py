@@ -40,8 +40,9 @@ def restart_on_the_same_port(server: SluiceServer) -> None:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])  # the default, and without it
 async def test_kill9_and_restart_of_the_server_under_a_worker_and_a_publisher(
-    db_url, sluice_servers
+    db_url, sluice_servers, transport
 ):
     server = sluice_servers(db_url)
     topic = unique("sdkkill")
@@ -51,7 +52,8 @@ async def test_kill9_and_restart_of_the_server_under_a_worker_and_a_publisher(
         await asyncio.sleep(0.002)
         processed.append(d.value)
 
-    async with sc.AsyncClient(server.base_url, timeout=10) as client:
+    async with sc.AsyncClient(server.base_url, timeout=10, transport=transport) as client:
+        assert client.transport_name == transport
         await client.create_topic(topic)
         # A short lease: deliveries whose ack died with the server come back soon.
         await client.create_subscription(

@@ -537,18 +537,28 @@ def _build(
     )
 
 
-def _aiohttp_transport(max_connections: int) -> httpx.AsyncBaseTransport:
-    """httpx's requests carried by aiohttp (the httpx-aiohttp package, `pip install
-    'sluice-client[aiohttp]'`): the same client API, about a quarter less client CPU per
-    message in a Worker (bench/RESULTS.md run 23), which counts where one process pulls
-    tens of thousands of messages a second."""
+def _aiohttp_client_class() -> type[httpx.AsyncClient] | None:
+    """httpx's AsyncClient carrying its requests over aiohttp (httpx-aiohttp, in the
+    `aiohttp` and `speed` extras), or None when it is not installed. Proxies from the
+    environment and TLS settings are httpx's, as with its own transport."""
     try:
-        from httpx_aiohttp import AiohttpTransport
-    except ImportError as exc:
-        raise ImportError(
-            "transport='aiohttp' needs httpx-aiohttp: pip install 'sluice-client[aiohttp]'"
-        ) from exc
-    return AiohttpTransport(limits=httpx.Limits(max_connections=max_connections))
+        from httpx_aiohttp import HttpxAiohttpClient
+    except ImportError:
+        return None
+    return HttpxAiohttpClient
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """What a request can raise when no answer came: httpx's transport errors, and the
+    aiohttp errors httpx-aiohttp does not map to them (a malformed answer, say)."""
+    try:
+        from aiohttp import ClientError
+    except ImportError:
+        return (httpx.TransportError,)
+    return (httpx.TransportError, ClientError)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
 
 
 class Client(_Operations):
@@ -610,8 +620,13 @@ class Client(_Operations):
 
 class AsyncClient(_Operations):
     """Asynchronous client: the same methods as `Client`, each to be awaited.
-    `transport="aiohttp"` carries the requests over aiohttp (needs the `aiohttp` extra):
-    the same behaviour, less CPU per request."""
+
+    `transport`: "auto" (the default) carries the requests over aiohttp when httpx-aiohttp
+    is installed (the `speed` or `aiohttp` extra), else over httpx's own HTTP/1.1 code;
+    "aiohttp" or "httpx" asks for one (aiohttp: about a third less client CPU per message
+    in a Worker, bench/RESULTS.md run 26); an `httpx.AsyncBaseTransport` is used as it is.
+    Either way the client is httpx's, with its proxies from the environment, TLS
+    settings and limits. `transport_name` says which one carries the requests."""
 
     def __init__(
         self,
@@ -620,18 +635,40 @@ class AsyncClient(_Operations):
         api_key: str | None = None,
         timeout: float = 30.0,
         headers: Mapping[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | Literal["aiohttp"] | None = None,
+        transport: httpx.AsyncBaseTransport | Literal["auto", "aiohttp", "httpx"] | None = "auto",
         max_connections: int = 100,
     ) -> None:
         self.base_url, all_headers = resolve_config(base_url, api_key, headers)
         self.timeout = timeout
-        if transport == "aiohttp":
-            transport = _aiohttp_transport(max_connections)
-        self._http = httpx.AsyncClient(
+        http_class: type[httpx.AsyncClient] = httpx.AsyncClient
+        custom: httpx.AsyncBaseTransport | None = None
+        if transport is None or transport == "auto":
+            http_class = _aiohttp_client_class() or httpx.AsyncClient
+        elif transport == "aiohttp":
+            aiohttp_class = _aiohttp_client_class()
+            if aiohttp_class is None:
+                raise ImportError(
+                    "transport='aiohttp' needs httpx-aiohttp: pip install 'sluice-client[aiohttp]'"
+                )
+            http_class = aiohttp_class
+        elif isinstance(transport, httpx.AsyncBaseTransport):
+            custom = transport
+        elif transport != "httpx":
+            raise ValueError(
+                f"transport: 'auto', 'aiohttp', 'httpx' or a transport, not {transport!r}"
+            )
+        self.transport_name = (
+            "custom"
+            if custom is not None
+            else "httpx"
+            if http_class is httpx.AsyncClient
+            else "aiohttp"
+        )
+        self._http = http_class(
             base_url=self.base_url,
             headers=all_headers,
             timeout=timeout,
-            transport=transport,
+            transport=custom,
             limits=httpx.Limits(max_connections=max_connections),
         )
         self._urls: dict[str, httpx.URL] = {}
@@ -650,7 +687,7 @@ class AsyncClient(_Operations):
                 response = await self._send_direct(request)
             else:
                 response = await http.send(_build(http, request, self.timeout, self._urls))
-        except httpx.TransportError as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise connection_error(exc) from exc
         return self._finish(request, response)
 
