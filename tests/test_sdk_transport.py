@@ -184,3 +184,28 @@ async def test_a_cookie_the_server_sets_is_sent_back_as_httpx_would():
         for _ in range(3):
             await client.pull("t", "s")
     assert cookies_seen == [None, "lb=node-2", "lb=node-2"]
+
+
+@TRANSPORTS
+async def test_an_answer_that_is_not_http_is_a_connection_failure(transport):
+    """Whatever the transport raises when no usable answer came (httpx: a protocol error;
+    aiohttp: errors httpx-aiohttp leaves unmapped) is ConnectionFailed, which a Worker
+    and a Publisher retry, never a bare library exception."""
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SPDY/9 what\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with sc.AsyncClient(
+            f"http://127.0.0.1:{port}", transport=transport, timeout=5
+        ) as client:
+            with pytest.raises(sc.ConnectionFailed):
+                await client.list_topics()
+    finally:
+        listener.close()
+        await listener.wait_closed()
