@@ -24,10 +24,12 @@ SECRET = "secret detail"
 
 
 class Exploding:
-    """Stands in for a queue module: every operation raises an unexpected exception."""
+    """Stands in for a queue module: every operation raises an unexpected exception when it
+    is called (a plain function: an awaited operation raises before anything is awaited,
+    and calling a class such as PullParams leaves no coroutine behind unawaited)."""
 
     def __getattr__(self, name: str) -> Any:
-        async def fail(*args: object, **kwargs: object) -> None:
+        def fail(*args: object, **kwargs: object) -> None:
             raise RuntimeError(f"{SECRET} in {name}")
 
         return fail
