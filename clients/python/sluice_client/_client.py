@@ -621,12 +621,12 @@ class Client(_Operations):
 class AsyncClient(_Operations):
     """Asynchronous client: the same methods as `Client`, each to be awaited.
 
-    `transport`: "auto" (the default) carries the requests over aiohttp when httpx-aiohttp
-    is installed (the `speed` or `aiohttp` extra), else over httpx's own HTTP/1.1 code;
-    "aiohttp" or "httpx" asks for one (aiohttp: about a third less client CPU per message
-    in a Worker, bench/RESULTS.md run 26); an `httpx.AsyncBaseTransport` is used as it is.
-    Either way the client is httpx's, with its proxies from the environment, TLS
-    settings and limits. `transport_name` says which one carries the requests."""
+    `transport`: "auto" (the default; None too) carries the requests over aiohttp when
+    httpx-aiohttp is installed (the `speed` or `aiohttp` extra), else over httpx's own
+    HTTP/1.1 code; "aiohttp" or "httpx" asks for one (aiohttp: about a third less client
+    CPU per message in a Worker, bench/RESULTS.md run 26); an `httpx.AsyncBaseTransport` is
+    used as it is. Either way the client is httpx's, with its proxies from the environment,
+    TLS settings and limits. `transport_name` says which one carries the requests."""
 
     def __init__(
         self,
@@ -657,13 +657,10 @@ class AsyncClient(_Operations):
             raise ValueError(
                 f"transport: 'auto', 'aiohttp', 'httpx' or a transport, not {transport!r}"
             )
-        self.transport_name = (
-            "custom"
-            if custom is not None
-            else "httpx"
-            if http_class is httpx.AsyncClient
-            else "aiohttp"
-        )
+        if custom is not None:
+            self.transport_name = "custom"
+        else:
+            self.transport_name = "httpx" if http_class is httpx.AsyncClient else "aiohttp"
         self._http = http_class(
             base_url=self.base_url,
             headers=all_headers,
@@ -694,8 +691,8 @@ class AsyncClient(_Operations):
     async def _send_direct(self, request: _Request) -> httpx.Response:
         """The request straight to the transport httpx would pick for it, the response read
         whole. `AsyncClient.send`'s layers do nothing for these requests (no auth flow, no
-        redirects to follow, no cookies to send, no event hooks) and were a third of a
-        Worker's client CPU per pull over httpx's own transport (bench/RESULTS.md run 26).
+        redirects to follow, no cookies to send, no event hooks) and took about a sixth of
+        a Worker's event loop over httpx's own transport (bench/RESULTS.md run 26).
         Cookies a server or a proxy in front of it sets are kept as `send` keeps them;
         once the jar holds one, requests go by `send`, which sends them back."""
         assert self._transport_for_url is not None
