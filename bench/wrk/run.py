@@ -124,6 +124,7 @@ async def main() -> None:
     p.add_argument("--profile", type=Path, help="write py-spy profiles of Sluice here")
     p.add_argument("--only-sluice", action="store_true", help="skip the floors")
     p.add_argument("--log-level", default="WARNING", help="Sluice's SLUICE_LOG_LEVEL")
+    p.add_argument("--workers", type=int, default=1, help="sluice serve --workers (default 1)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
@@ -133,7 +134,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-wrk-"))
     # WARNING by default like bench/run.py; INFO adds an access log line per request.
     env = {"SLUICE_LOG_LEVEL": args.log_level}
-    server = SluiceServer(await postgres.create_database("bench_wrk"), 1, tmp, env=env)
+    server = SluiceServer(await postgres.create_database("bench_wrk"), args.workers, tmp, env=env)
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     rows: list[tuple[int, str, dict]] = []
     profiles: list[Path] = []
@@ -150,7 +151,8 @@ async def main() -> None:
             await wait_answering(url)
         assert server.pid is not None
         targets = [(name, url, proc.pid) for name, (url, proc) in started.items()]
-        targets.append(("sluice publish b1", server.base_url, server.pid))
+        label = "sluice publish b1" + (f" ({args.workers} workers)" if args.workers > 1 else "")
+        targets.append((label, server.base_url, server.pid))
         for c in connections:
             for name, url, pid in targets:
                 wrk(url, c, 2, "wrk")  # warm-up
@@ -169,6 +171,7 @@ async def main() -> None:
     print(
         f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
         f"--connections {args.connections} --log-level {args.log_level}"
+        + (f" --workers {args.workers}" if args.workers > 1 else "")
     )
     print("| connections | server | req/s | server us/req | server cpu % | vs floor | errors |")
     print("|---|---|---|---|---|---|---|")
