@@ -235,6 +235,7 @@ async def consume(
     await peer.create_queue(queue)
     loaded = await prefill(ctx, peer, queue, count)
     await ctx.postgres.quiesce()
+    await peer.ready_to_consume(queue)
     unacked: dict[int, list[Any]] = {}  # ack_in_pull: each consumer's batch to ack next
 
     async def op(consumer: int) -> int:

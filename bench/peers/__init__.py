@@ -51,6 +51,10 @@ class Peer:
         """Publish one batch, atomically, made by prepare()."""
         raise NotImplementedError
 
+    async def ready_to_consume(self, queue: str) -> None:
+        """Called once a consume phase's queue is loaded, before its measured window: what a
+        consumer sets up before its first message (nothing for the SQL peers)."""
+
     async def pull(
         self, queue: str, max_messages: int, wait_seconds: float = 0.0, subscriber: int = 0
     ) -> list[Delivery]:

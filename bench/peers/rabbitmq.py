@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - aio-pika comes with the test extra
 _SERVER_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server"
 # After the first message of a pull, how long to wait for more to fill the batch.
 _FILL_SECONDS = 0.002
+# Longest wait for the broker's first push to a newly registered consumer (ready_to_consume).
+_FIRST_PUSH_SECONDS = 10.0
 
 
 def rabbitmq_server() -> Path | None:
@@ -135,9 +137,15 @@ class _Subscriber:
 
     def __init__(self) -> None:
         self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self.pushed = asyncio.Event()  # the broker has pushed at least one delivery
         # The consumer's channel, held for as long as the peer lives: its consumer feeds
         # `buffer`, and the acks of the deliveries go back on it.
         self.channel: Any = None
+
+    async def receive(self, message: Any) -> None:
+        """The consumer's callback: one delivery pushed by the broker."""
+        await self.buffer.put(message)
+        self.pushed.set()
 
 
 class RabbitPeer(Peer):
@@ -204,10 +212,19 @@ class RabbitPeer(Peer):
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=self._prefetch)
             declared = await channel.declare_queue(f"{queue}.{index}", durable=True)
-            await declared.consume(subscriber.buffer.put, no_ack=False)
+            await declared.consume(subscriber.receive, no_ack=False)
             subscriber.channel = channel
             self._subscribers[key] = subscriber
             return subscriber
+
+    async def ready_to_consume(self, queue: str) -> None:
+        """Register the consumer and let the broker start pushing before the window: its
+        first push to a new consumer can take longer than a pull's half-second look for
+        "nothing there" on a busy machine (the pulls then found nothing and a phase drained
+        0 messages)."""
+        source = await self._subscriber(queue, 0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(source.pushed.wait(), _FIRST_PUSH_SECONDS)
 
     async def pull(
         self, queue: str, max_messages: int, wait_seconds: float = 0.0, subscriber: int = 0
