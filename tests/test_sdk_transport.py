@@ -6,10 +6,13 @@ there; proxies from the environment and cookies as httpx keeps them."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
+import httpx
 import pytest
 
-from tests.conftest import free_port, unique
+from tests.conftest import ROOT, free_port, unique
 from tests.sdk_support import sc, server  # noqa: F401 (the fixture)
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
@@ -160,8 +163,6 @@ async def test_async_requests_go_through_the_proxy_httpx_takes_from_the_environm
 async def test_a_cookie_the_server_sets_is_sent_back_as_httpx_would():
     """A load balancer's sticky-session cookie: kept from the answer that set it and sent
     with every later request, as `AsyncClient.send` does."""
-    import httpx
-
     cookies_seen: list[str | None] = []
 
     async def app(scope, receive, send):
@@ -205,7 +206,9 @@ async def test_an_answer_that_is_not_http_is_a_connection_failure(transport):
             f"http://127.0.0.1:{port}", transport=transport, timeout=5
         ) as client:
             with pytest.raises(sc.ConnectionFailed):
-                await client.list_topics()
+                await client.pull("t", "s")  # straight to the transport
+            with pytest.raises(sc.ConnectionFailed):
+                await client.list_topics()  # by httpx's send (query parameters)
     finally:
         listener.close()
         await listener.wait_closed()
@@ -214,11 +217,6 @@ async def test_an_answer_that_is_not_http_is_a_connection_failure(transport):
 def test_importing_the_client_leaves_aiohttp_unloaded():
     """The CLI and the sync Client never use aiohttp; loading it with the package would
     add ~85 ms to the start of every command."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     code = "import sys, sluice_client; sluice_client.Client(); print('aiohttp' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code],
