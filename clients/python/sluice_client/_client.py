@@ -669,8 +669,10 @@ class AsyncClient(_Operations):
         )
         self._transport_errors = _transport_errors()
         self._urls: dict[str, httpx.URL] = {}
-        # The client's own headers (defaults, user agent, API key, `headers`), merged once.
+        # The client's own headers (defaults, user agent, API key, `headers`), merged once,
+        # and with the JSON content type for requests with a body.
         self._headers = dict(self._http.headers)
+        self._json_headers = {**self._headers, **_JSON_CONTENT}
         # httpx's own choice of transport for a URL (the proxy mounts it built from the
         # environment included); without it (another httpx) every request goes by `send`.
         self._transport_for_url: Callable[[httpx.URL], httpx.AsyncBaseTransport] | None = getattr(
@@ -697,9 +699,7 @@ class AsyncClient(_Operations):
         once the jar holds one, requests go by `send`, which sends them back."""
         assert self._transport_for_url is not None
         content = _content(request)
-        headers = self._headers
-        if content is not None:
-            headers = {**headers, "content-type": "application/json"}
+        headers = self._headers if content is None else self._json_headers
         url = _url(self._http, request.path, self._urls)
         timeout = self.timeout + request.extra_timeout
         sent = httpx.Request(
