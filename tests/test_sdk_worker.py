@@ -525,3 +525,44 @@ async def test_a_handler_that_raises_cancelled_error_itself_is_a_failure_not_a_s
         stats = await asyncio.wait_for(task, 10)
     assert stats.failed == 1 and stats.nacked == 1 and stats.succeeded == 5
     assert sorted(handled) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (4, 1)]
+
+
+class AnswerInTransit(httpx.AsyncBaseTransport):
+    """Real HTTP; each pull's answer, read whole, reaches the Worker 0.1 s late (as an
+    answer does that the server sent just before the client stopped)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.pull_answered = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path.endswith("/pull"):
+            await response.aread()
+            self.pull_answered.set()
+            await asyncio.sleep(0.1)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_pull_answered_as_the_worker_stops_is_given_back(server):
+    """stop() while a pull's answer is on its way: the server already leased those messages
+    and cannot know the client is leaving; the Worker takes the answer and gives them back
+    rather than leaving them leased until their deadline."""
+    transport = AnswerInTransit()
+    async with sc.AsyncClient(server.base_url, transport=transport) as client:
+        topic = await setup(client, 3)
+
+        async def handler(d: sc.Delivery) -> None:
+            raise AssertionError("no handler runs: the answer comes after stop()")
+
+        worker = sc.Worker(client, topic, "s", handler, wait_seconds=1, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(transport.pull_answered.wait(), 10)
+        worker.stop()
+        stats = await asyncio.wait_for(task, 5)
+        assert stats.given_back == 3 and stats.received == 0
+        sub = await client.get_subscription(topic, "s")
+        assert sub.in_flight == 0 and sub.backlog == 3

@@ -27,6 +27,10 @@ log = logging.getLogger("sluice_client.worker")
 
 Handler = Callable[[Delivery], Awaitable[Any] | Any]
 
+# On stop(), how long a pull under way may still take to bring its answer before it is
+# cancelled (see _pull_until_stopped).
+_ANSWER_IN_TRANSIT_SECONDS = 0.25
+
 
 class Retry(Exception):
     """Raise from a handler to have the message delivered again after `delay_seconds`
@@ -252,7 +256,13 @@ class Worker:
                 self._reserved -= want
                 self._slot_free.set()  # what this pull did not fill is free again
             if not pull.done():
-                # Stopping during a long-poll: the server gives back what it claimed for a
+                # Stopping while the pull is under way. Its answer may be on its way already
+                # (the server claimed and answered before it could see this client leave):
+                # cancelled then, those leases would wait for their deadline. So it gets a
+                # moment to arrive, and is given back below like any answer after stop().
+                await asyncio.wait({pull}, timeout=_ANSWER_IN_TRANSIT_SECONDS)
+            if not pull.done():
+                # A long-poll still waiting: the server gives back what it claims for a
                 # client that went away. Whether the acks were applied is unknown: resend.
                 pull.cancel()
                 with contextlib.suppress(asyncio.CancelledError, SluiceError):
