@@ -168,8 +168,9 @@ class Claim:
     # When nothing was delivered: the earliest moment something may become deliverable by
     # time alone (a delay, a backoff, a deadline), so a waiting pull can sleep till then.
     next_due: datetime | None = None
-    # Token bucket: the rate, tokens left, and seconds until one token is there when empty.
-    rate_limit: float | None = None
+    # Token bucket: its capacity (the burst), tokens left, and seconds until one token is
+    # there when empty.
+    burst: float | None = None
     tokens: float | None = None
     token_wait: float | None = None
     messages_available: bool = False

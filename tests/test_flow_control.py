@@ -79,7 +79,7 @@ async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
     assert first.status_code == 200
     assert len(first.json()["messages"]) == 2  # the burst
     assert first.headers["RateLimit-Remaining"] == "0"
-    assert first.headers["RateLimit-Limit"]
+    assert first.headers["RateLimit-Limit"] == "2"  # the bucket holds the burst
 
     limited = await client.post(
         sub_path(topic, "s") + "/pull", json={"max_messages": 5, "wait_seconds": 1}
@@ -90,6 +90,7 @@ async def test_pull_without_tokens_answers_429_with_rate_limit_headers(client):
     # request took to get here: ceil() gives 5, or 4 after a stall of a second or more.
     assert limited.headers["Retry-After"] in ("4", "5"), limited.headers
     assert limited.headers["RateLimit-Remaining"] == "0"
+    assert limited.headers["RateLimit-Limit"] == "2"
     assert limited.headers["RateLimit-Reset"] in ("4", "5"), limited.headers
 
 

@@ -52,18 +52,36 @@ async def test_a_claim_reads_a_bounded_stretch_of_delayed_messages(client):
 
 
 async def test_rate_limit_headers_of_a_pull_with_tokens_left(client):
-    """RateLimit-Limit is the rate, RateLimit-Remaining the whole tokens left, and
-    RateLimit-Reset 0 while a token is there (kills consuming.py `rate_limit and 0` in
-    RateLimit-Limit and `else 1` in RateLimit-Reset)."""
+    """RateLimit-Limit is the bucket's capacity (the burst), RateLimit-Remaining the whole
+    tokens left, and RateLimit-Reset 0 while a token is there (kills consuming.py
+    `burst and 0` in RateLimit-Limit and `else 1` in RateLimit-Reset)."""
     topic = await topic_with_subscription(client, rate_limit_per_second=2, rate_limit_burst=10)
     await publish(client, topic, *range(3))
     r = await client.post(sub_path(topic, "s") + "/pull", json={"max_messages": 1})
     assert r.status_code == 200, r.text
     assert len(r.json()["messages"]) == 1
     # The bucket starts full (10) and cannot hold more: 9 whole tokens are left.
-    assert r.headers["RateLimit-Limit"] == "2"
+    assert r.headers["RateLimit-Limit"] == "10"
     assert r.headers["RateLimit-Remaining"] == "9"
     assert r.headers["RateLimit-Reset"] == "0"
+
+
+async def test_rate_limit_headers_of_a_rate_below_one_per_second(client):
+    """A rate below 1/s still says what the bucket holds: its default burst is one token
+    (the rate's integer part, 0, said "Limit 0" next to "Remaining 1"), and Remaining never
+    exceeds Limit."""
+    topic = await topic_with_subscription(client, rate_limit_per_second=0.5)
+    await publish(client, topic, *range(3))
+    first = await client.post(sub_path(topic, "s") + "/pull", json={"max_messages": 1})
+    assert first.status_code == 200, first.text
+    assert len(first.json()["messages"]) == 1
+    assert first.headers["RateLimit-Limit"] == "1"
+    assert first.headers["RateLimit-Remaining"] == "0"
+    assert first.headers["RateLimit-Reset"] == "2"  # the next token is 2 s away
+    limited = await client.post(sub_path(topic, "s") + "/pull", json={"max_messages": 1})
+    assert_problem(limited, 429)
+    assert limited.headers["RateLimit-Limit"] == "1"
+    assert int(limited.headers["Retry-After"]) in (1, 2)
 
 
 async def test_retry_after_of_a_token_less_than_a_second_away_is_1(client):

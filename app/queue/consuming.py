@@ -144,7 +144,9 @@ def _rate_headers(result: Claim) -> dict[str, str]:
         return {}
     reset = math.ceil(result.token_wait) if result.token_wait else 0
     return {
-        "RateLimit-Limit": str(int(result.rate_limit or 0)),
+        # The bucket's capacity: Remaining counts the same unit and never exceeds it (the
+        # rate itself could be below 1/s, which an integer header cannot say).
+        "RateLimit-Limit": str(int(result.burst or 0)),
         "RateLimit-Remaining": str(max(0, math.floor(result.tokens))),
         "RateLimit-Reset": str(reset),
     }

@@ -15,10 +15,16 @@ from sluice.records import Claim, Delivery
 
 # claim: lease up to $3 messages of subscription $2 of topic $1 ($3 = 0 only expires
 # leases); $4 overrides the ack deadline; $6 bounds how far the log is read past messages
-# that cannot go out now (delayed, behind a busy key).
+# that cannot go out now (delayed, behind a busy key). A rate-limited subscription's bucket
+# capacity (its burst, by default one second's worth) comes with it, read here rather than
+# by restating the function to return it: one primary-key lookup, only when rate-limited.
 CLAIM = """
-SELECT * FROM sluice.claim(p_topic => $1, p_subscription => $2, p_max => $3,
-                           p_ack_deadline => $4, p_skew => $5, p_scan => $6)
+SELECT c.*, CASE WHEN c.rate_limit IS NOT NULL THEN (
+           SELECT coalesce(sb.rate_limit_burst, greatest(1, ceil(sb.rate_limit_per_second)))
+           FROM sluice.subscriptions sb WHERE sb.topic_id = c.topic_id AND sb.sub_id = c.sub_id)
+       END AS burst
+FROM sluice.claim(p_topic => $1, p_subscription => $2, p_max => $3,
+                  p_ack_deadline => $4, p_skew => $5, p_scan => $6) c
 """
 
 
@@ -58,7 +64,7 @@ async def claim(
         now=row["now"],
         messages=messages,
         next_due=row["next_due"],
-        rate_limit=row["rate_limit"],
+        burst=row["burst"],
         tokens=row["tokens_left"],
         token_wait=row["token_wait"],
         messages_available=row["available"],
