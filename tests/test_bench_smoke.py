@@ -75,14 +75,27 @@ def test_wrk_bench_smoke() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2 |")]
     names = [row[2].strip() for row in rows]
+    pgmq = DEFAULT_PGMQ_SQL.is_file()
     assert names == [
         "bare ASGI (floor)",
         "Starlette route + orjson",
         "FastAPI route + pydantic",
         "sluice publish b1",
+        *(["pgmq send b1 (pgbench)"] if pgmq else []),
+        "sluice pull + ack b1",
+        *(["pgmq read + delete b1 (pgbench)"] if pgmq else []),
     ], done.stdout
     for row in rows:
-        assert float(row[3].replace(",", "")) > 0 and row[7].strip() == "0", row
+        assert float(row[3].replace(",", "")) > 0 and row[9].strip() == "0", row
+    by_name = {row[2].strip(): row for row in rows}
+    # A consume row's messages were pulled and acked: half as many as its requests, or a
+    # little more than half (the last pulls' acks may not have been sent when wrk stopped).
+    consume = by_name["sluice pull + ack b1"]
+    requests, messages = (float(consume[i].replace(",", "")) for i in (3, 4))
+    assert 0.4 * requests <= messages <= 0.5 * requests + 1, consume
+    assert float(by_name["sluice publish b1"][8]) > 0  # Postgres' CPU per message
+    if not pgmq:
+        assert "pgmq rows skipped" in done.stdout
 
 
 def test_bench_held_xmin_smoke(pg_server: str, tmp_path: Path) -> None:

@@ -1,11 +1,15 @@
 """`python -m bench.wrk.run`: the server's own cost per request, measured with wrk (a load
 generator in C that costs almost nothing), next to the floor of the HTTP path: a bare ASGI
 app on the same uvicorn, and the same answer through a Starlette and a FastAPI route
-(bench/wrk/floor_app.py). Single-message publishes, one message per request, at several
-connection counts. Reports requests/s and each server's CPU time per request (its process
-tree, from /proc), and their ratio to the floor.
+(bench/wrk/floor_app.py). Single-message publishes, one message per request, and
+single-message consumes (a pull of one, then its ack in a request of its own), at several
+connection counts. Reports requests/s, messages/s, each server's CPU time per request (its
+process tree, from /proc) and their ratio to the floor, and Postgres' CPU per message.
+pgmq gets the same workloads from pgbench, Postgres' load generator in C (bench/wrk/pgbench.py),
+when its install file is there (--pgmq-sql): each system with a client that costs ~nothing.
 
     .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64] [--profile DIR]
+                                      [--workloads publish,consume]
 
 With --profile, after the measured rows Sluice is run once more per connection count under
 py-spy (not measured: the sampler costs the server CPU), and the summary of each profile
@@ -27,28 +31,28 @@ from pathlib import Path
 import httpx
 
 from bench.infra import Postgres, SluiceServer, free_port, tree_cpu_seconds
+from bench.run import DEFAULT_PGMQ_SQL
+from bench.wrk import pgbench
 from bench.wrk.profile import summarise
 
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "publish.lua"
+SCRIPTS = {"publish": HERE / "publish.lua", "consume": HERE / "consume.lua"}
+# The message of every row: the value publish.lua sends, which pgmq gets as its payload.
+VALUE = '{"order_id":42,"total":19.9,"customer":"c-7"}'
+WORKLOADS = ("publish", "consume")
+# Messages waiting before each consume row: more than the fastest system takes in the
+# warm-up and the measured seconds, so no row runs dry.
+CONSUME_RATE_CEILING = 8_000
 
 
-def wrk(url: str, connections: int, seconds: float, topic: str) -> tuple[float, int, str]:
+def wrk(
+    url: str, connections: int, seconds: float, args: list[str], workload: str = "publish"
+) -> tuple[float, int, str]:
     """(requests/s, non-2xx or socket errors, raw output)."""
     out = subprocess.run(
         [
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            str(connections),
-            "-d",
-            f"{seconds:g}s",
-            "-s",
-            str(SCRIPT),
-            url,
-            "--",
-            topic,
+            *("wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s"),
+            *("-s", str(SCRIPTS[workload]), url, "--", *args),
         ],
         capture_output=True,
         text=True,
@@ -65,19 +69,48 @@ def wrk(url: str, connections: int, seconds: float, topic: str) -> tuple[float, 
     return rate, bad, text
 
 
-def measure(url: str, pid: int, connections: int, seconds: float, topic: str) -> dict:
+def measure(
+    url: str,
+    pid: int,
+    postmaster: int | None,
+    connections: int,
+    seconds: float,
+    args: list[str],
+    workload: str = "publish",
+) -> dict:
     before = tree_cpu_seconds(pid) or 0.0
+    pg_before = tree_cpu_seconds(postmaster) or 0.0
     started = time.monotonic()
-    rate, bad, _ = wrk(url, connections, seconds, topic)
+    rate, bad, text = wrk(url, connections, seconds, args, workload)
     elapsed = time.monotonic() - started
     cpu = (tree_cpu_seconds(pid) or 0.0) - before
+    pg_cpu = (tree_cpu_seconds(postmaster) or 0.0) - pg_before
     requests = rate * seconds
+    if workload == "consume":
+        acked = re.search(r"^acked (\d+)$", text, re.MULTILINE)
+        messages = int(acked.group(1)) if acked else 0
+    else:
+        messages = round(requests)
+    # wrk's own duration ("N requests in 8.00s"), the one its Requests/sec is over.
+    ran = re.search(r"requests in ([\d.]+)s,", text)
     return {
         "rate": rate,
+        "messages": messages,
+        "msg_rate": messages / (float(ran.group(1)) if ran else seconds),
         "errors": bad,
         "cpu_pct": 100 * cpu / elapsed,
         "us_per_request": 1e6 * cpu / requests if requests else float("nan"),
+        "postgres_us_per_msg": 1e6 * pg_cpu / messages if messages else float("nan"),
     }
+
+
+async def prefill_sluice(client: httpx.AsyncClient, count: int) -> None:
+    body = '{"messages":[' + ",".join([f'{{"value":{VALUE}}}'] * 1000) + "]}"
+    for _ in range(-(-count // 1000)):
+        r = await client.post(
+            "/v1/topics/wrk/messages", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 201, r.text
 
 
 # What else answers the same request, cheapest first: the floor, then the frameworks.
@@ -125,7 +158,17 @@ async def main() -> None:
     p.add_argument("--only-sluice", action="store_true", help="skip the floors")
     p.add_argument("--log-level", default="WARNING", help="Sluice's SLUICE_LOG_LEVEL")
     p.add_argument("--workers", type=int, default=1, help="sluice serve --workers (default 1)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="default: %(default)s")
+    p.add_argument(
+        "--pgmq-sql",
+        type=Path,
+        default=DEFAULT_PGMQ_SQL,
+        help="pgmq SQL-only install file (pgmq rows are skipped without it)",
+    )
     args = p.parse_args()
+    workloads = [w for w in args.workloads.split(",") if w]
+    if not workloads or set(workloads) - set(WORKLOADS):
+        p.error(f"--workloads: a comma list of {', '.join(WORKLOADS)}")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     connections = [int(c) for c in args.connections.split(",")]
@@ -138,25 +181,58 @@ async def main() -> None:
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     rows: list[tuple[int, str, dict]] = []
     profiles: list[Path] = []
+    notes: list[str] = []
+    pgmq_url = None
+    if not args.only_sluice and args.pgmq_sql.is_file():
+        pgmq_url = await postgres.create_database("bench_wrk_pgmq")
+        await pgbench.install(pgmq_url, args.pgmq_sql)
+    elif not args.only_sluice:
+        notes.append(f"pgmq rows skipped: no {args.pgmq_sql}")
+    postmaster = postgres.postmaster_pid
+    workers = f" ({args.workers} workers)" if args.workers > 1 else ""
     try:
         # Sluice first: its port is chosen when it is created, and only bound once it runs,
         # so a floor started before could be given the same free port.
         await server.start()
-        for name, target in ({} if args.only_sluice else FLOORS).items():
-            port = free_port()
-            started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
-        async with httpx.AsyncClient(base_url=server.base_url) as client:
-            assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
+        if "publish" in workloads:
+            for name, target in ({} if args.only_sluice else FLOORS).items():
+                port = free_port()
+                started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
+        client = httpx.AsyncClient(base_url=server.base_url, timeout=60)
+        assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
+        assert (await client.put("/v1/topics/wrk/subscriptions/s", json={})).status_code == 201
         for url, _ in started.values():
             await wait_answering(url)
         assert server.pid is not None
         targets = [(name, url, proc.pid) for name, (url, proc) in started.items()]
-        label = "sluice publish b1" + (f" ({args.workers} workers)" if args.workers > 1 else "")
-        targets.append((label, server.base_url, server.pid))
+        targets.append((f"sluice publish b1{workers}", server.base_url, server.pid))
+        scripts = pgbench.scripts(VALUE)
+        backlog = int(CONSUME_RATE_CEILING * (args.seconds + 2))
         for c in connections:
-            for name, url, pid in targets:
-                wrk(url, c, 2, "wrk")  # warm-up
-                rows.append((c, name, measure(url, pid, c, args.seconds, "wrk")))
+            if "publish" in workloads:
+                for name, url, pid in targets:
+                    wrk(url, c, 2, ["wrk"])  # warm-up
+                    rows.append((c, name, measure(url, pid, postmaster, c, args.seconds, ["wrk"])))
+                if pgmq_url is not None:
+                    found = pgbench.measure(
+                        pgmq_url, postmaster, scripts["publish"], c, args.seconds
+                    )
+                    rows.append((c, "pgmq send b1 (pgbench)", found))
+            if "consume" in workloads:
+                await prefill_sluice(client, backlog)
+                wrk(server.base_url, c, 2, ["wrk", "s"], "consume")  # warm-up
+                found = measure(
+                    server.base_url, server.pid, postmaster, c, args.seconds, ["wrk", "s"],
+                    "consume",
+                )  # fmt: skip
+                rows.append((c, f"sluice pull + ack b1{workers}", found))
+                if pgmq_url is not None:
+                    await pgbench.prefill(pgmq_url, VALUE, backlog)
+                    found = pgbench.measure(
+                        pgmq_url, postmaster, scripts["consume"], c, args.seconds
+                    )
+                    rows.append((c, "pgmq read + delete b1 (pgbench)", found))
+        await client.aclose()
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for c in connections:
@@ -172,16 +248,33 @@ async def main() -> None:
         f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
         f"--connections {args.connections} --log-level {args.log_level}"
         + (f" --workers {args.workers}" if args.workers > 1 else "")
+        + (" --only-sluice" if args.only_sluice else "")
+        + (f" --workloads {args.workloads}" if workloads != list(WORKLOADS) else "")
     )
-    print("| connections | server | req/s | server us/req | server cpu % | vs floor | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| connections | server | req/s | msgs/s | server us/req | server cpu % | vs floor "
+        "| postgres us/msg | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     floor = {c: r for c, name, r in rows if name == "bare ASGI (floor)"}
     for c, name, r in rows:
-        ratio = r["us_per_request"] / floor[c]["us_per_request"] if c in floor else float("nan")
+        if "us_per_request" not in r:  # pgbench: Postgres is the server
+            print(
+                f"| {c} | {name} | {r['rate']:,.0f} | {r['rate']:,.0f} | - | - | - | "
+                f"{r['postgres_us_per_msg']:.0f} | {r['errors']} |"
+            )
+            continue
+        # --only-sluice measures no floor: the column says so rather than "nanx".
+        ratio = f"{r['us_per_request'] / floor[c]['us_per_request']:.1f}x" if c in floor else "-"
+        is_floor = name in FLOORS
+        messages = "-" if is_floor else f"{r['msg_rate']:,.0f}"
+        postgres_cost = "-" if is_floor else f"{r['postgres_us_per_msg']:.0f}"
         print(
-            f"| {c} | {name} | {r['rate']:,.0f} | {r['us_per_request']:.0f} | "
-            f"{r['cpu_pct']:.0f} | {ratio:.1f}x | {r['errors']} |"
+            f"| {c} | {name} | {r['rate']:,.0f} | {messages} | {r['us_per_request']:.0f} | "
+            f"{r['cpu_pct']:.0f} | {ratio} | {postgres_cost} | {r['errors']} |"
         )
+    for note in notes:
+        print(f"\n{note}")
     for path in profiles:
         print()
         print(summarise(path, top=40))
@@ -211,7 +304,7 @@ def profile(url: str, pid: int, connections: int, seconds: float, into: Path) ->
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    wrk(url, connections, seconds, "wrk")
+    wrk(url, connections, seconds, ["wrk"])
     spy.wait(seconds + 30)
     return path
 
