@@ -85,18 +85,19 @@ def measure(
     elapsed = time.monotonic() - started
     cpu = (tree_cpu_seconds(pid) or 0.0) - before
     pg_cpu = (tree_cpu_seconds(postmaster) or 0.0) - pg_before
-    requests = rate * seconds
+    # wrk's own duration ("N requests in 8.00s"), the one its Requests/sec is over.
+    ran = re.search(r"requests in ([\d.]+)s,", text)
+    duration = float(ran.group(1)) if ran else seconds
+    requests = rate * duration
     if workload == "consume":
         acked = re.search(r"^acked (\d+)$", text, re.MULTILINE)
         messages = int(acked.group(1)) if acked else 0
     else:
         messages = round(requests)
-    # wrk's own duration ("N requests in 8.00s"), the one its Requests/sec is over.
-    ran = re.search(r"requests in ([\d.]+)s,", text)
     return {
         "rate": rate,
         "messages": messages,
-        "msg_rate": messages / (float(ran.group(1)) if ran else seconds),
+        "msg_rate": messages / duration,
         "errors": bad,
         "cpu_pct": 100 * cpu / elapsed,
         "us_per_request": 1e6 * cpu / requests if requests else float("nan"),
