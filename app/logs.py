@@ -11,6 +11,7 @@ prints one banner instead) and Alembic's "Context impl" lines.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -137,6 +138,112 @@ class QuietStartup(logging.Filter):
         return True
 
 
+class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes the lines of one turn of the event loop in one write.
+
+    Every request logs an access line; written one by one, each was a write(2) of its own,
+    and the access log (on by default) cost a single-message publish 20-30 µs of server CPU
+    (bench/RESULTS.md run 27). Lines logged on a thread running an asyncio loop are kept
+    until the callbacks ready in that turn have run (`call_soon`): under load many requests
+    finish in one turn and share a write; an idle server still writes each line at once.
+    Warnings and errors, lines from other threads and `flush()` (logging's shutdown at
+    exit) write everything kept first, so the order of lines holds.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        # The loop whose next turn writes the pending lines (another loop schedules anew: a
+        # loop that closed with the callback still queued must not keep lines forever).
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called under the handler's lock (Handler.handle).
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None or record.levelno >= logging.WARNING:
+                self._write_pending()
+            elif self._scheduled_on is not loop:
+                self._scheduled_on = loop
+                loop.call_soon(self._write_from_loop)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def write_json_line(self, entry: dict[str, Any]) -> None:
+        """Keep a line already made (see `access_line_writer`), as emit() keeps a record's."""
+        line = orjson.dumps(entry, default=str).decode() + self.terminator
+        with self.lock:  # type: ignore[union-attr]
+            self._pending.append(line)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None:
+                self._write_pending()
+            elif self._scheduled_on is not loop:
+                self._scheduled_on = loop
+                loop.call_soon(self._write_from_loop)
+
+    def _write_from_loop(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._scheduled_on = None
+            try:
+                self._write_pending()
+            except Exception:
+                self._pending.clear()  # a broken stream: drop rather than grow
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            data = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(data)
+            self.stream.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream and hasattr(self.stream, "flush"):
+                self._write_pending()
+            super().flush()
+
+
+_ROOT = logging.getLogger()
+_ACCESS = logging.getLogger("sluice.access")
+
+
+def access_line_writer() -> LoopBatchedStreamHandler | None:
+    """The handler an INFO access line can be handed to directly, as a JSON object, or None
+    when logging is configured otherwise (then the line goes through `logging`).
+
+    Through `logging` an access line cost 18 µs of a busy server's CPU per request (a
+    LogRecord, the filter, the formatter's generic walk over the record's fields), the same
+    line made directly ~2 µs (bench/RESULTS.md run 27). Only while logging is exactly what
+    `configure_logging` / `log_config` set up: Sluice's JSON handler alone on the root at
+    INFO or DEBUG, nothing added on `sluice.access` (pytest's caplog, an application's own
+    handlers or filters all take the general path). A few attribute reads per request.
+    """
+    handlers = _ROOT.handlers
+    if len(handlers) != 1 or _ACCESS.handlers or _ACCESS.filters or not _ACCESS.propagate:
+        return None
+    handler = handlers[0]
+    if type(handler) is not LoopBatchedStreamHandler or type(handler.formatter) is not (
+        JSONFormatter
+    ):
+        return None
+    if _ACCESS.level not in (logging.NOTSET, logging.DEBUG, logging.INFO):
+        return None
+    if handler.level > logging.INFO or _ROOT.level > logging.INFO or _ROOT.filters:
+        return None
+    if any(type(f) is not QuietStartup for f in handler.filters):
+        return None
+    return handler
+
+
 def resolve_format(fmt: str | None, stream: TextIO | None = None) -> str:
     """`json` or `text`: as asked, or (`auto`) text when the stream is a terminal."""
     if fmt is None:
@@ -160,7 +267,7 @@ def configure_logging(level: str, fmt: str | None = None) -> str:
     """Root logging to stderr at `level`, in `fmt` (json/text/auto; default: the setting
     SLUICE_LOG_FORMAT). Returns the format used."""
     fmt = resolve_format(fmt)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchedStreamHandler(sys.stderr)
     handler.setFormatter(_formatter(fmt))
     handler.addFilter(QuietStartup(level.upper()))
     root = logging.getLogger()
@@ -190,7 +297,7 @@ def log_config(level: str, fmt: str) -> dict[str, object]:
         "filters": {"quiet": {"()": "sluice.logs.QuietStartup", "level": level}},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "class": "sluice.logs.LoopBatchedStreamHandler",
                 "formatter": "sluice",
                 "filters": ["quiet"],
                 "stream": "ext://sys.stderr",

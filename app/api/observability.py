@@ -13,12 +13,14 @@ import logging
 import os
 import re
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice import metrics
+from sluice.logs import READY_PROBE_ID, access_line_writer
 
 log = logging.getLogger("sluice.access")
 
@@ -120,15 +122,22 @@ def record(scope: Scope, request_id: str, route: str, status: int, start: float)
     elapsed = time.perf_counter() - start
     method = scope["method"] if scope["method"] in _METHODS else "OTHER"
     metrics.observe_request(method, route, status, elapsed)
-    if log.isEnabledFor(logging.INFO):
-        log.info(
-            "request",
-            extra={
-                "request_id": request_id,
-                "method": method,
-                "route": route,
-                "path": scope["path"][:512],
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 2),
-            },
-        )
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "request_id": request_id,
+        "method": method,
+        "route": route,
+        "path": scope["path"][:512],
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+    }
+    writer = access_line_writer() if request_id != READY_PROBE_ID else None
+    if writer is None:
+        log.info("request", extra=fields)
+        return
+    # The line JSONFormatter would make of the record, made directly (sluice.logs).
+    ts = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
+    writer.write_json_line(
+        {"ts": ts, "level": "info", "logger": "sluice.access", "msg": "request", **fields}
+    )
