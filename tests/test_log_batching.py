@@ -192,3 +192,28 @@ async def test_the_ready_probe_line_stays_debug(sluice_logging):
     [line] = stream.getvalue().splitlines()
     # The probe's line is DEBUG (QuietStartup), shown only at DEBUG.
     assert json.loads(line)["request_id"] == "not-the-probe"
+
+
+class BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("stderr is gone")
+
+
+async def test_a_broken_stream_never_fails_the_request_that_logs():
+    handler = LoopBatchedStreamHandler(BrokenStream())
+    entry = {"msg": "request", "request_id": "req-3"}
+    handler.write_json_line(entry)  # kept for the end of the turn
+    await asyncio.sleep(0)  # the write fails there: the lines are dropped, nothing raised
+    assert handler._pending == []
+    raised: list[BaseException] = []
+
+    def from_a_thread() -> None:  # no loop there: written at once, and failing quietly too
+        try:
+            handler.write_json_line(entry)
+        except BaseException as exc:
+            raised.append(exc)
+
+    done = threading.Thread(target=from_a_thread)
+    done.start()
+    done.join()
+    assert raised == [] and handler._pending == []
