@@ -161,16 +161,7 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         # Called under the handler's lock (Handler.handle).
         try:
-            self._pending.append(self.format(record) + self.terminator)
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is None or record.levelno >= logging.WARNING:
-                self._write_pending()
-            elif self._scheduled_on is not loop:
-                self._scheduled_on = loop
-                loop.call_soon(self._write_from_loop)
+            self._keep(self.format(record) + self.terminator, record.levelno >= logging.WARNING)
         except RecursionError:
             raise
         except Exception:
@@ -180,19 +171,24 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Keep a line already made (see `access_line_writer`), as emit() keeps a record's."""
         line = orjson.dumps(entry, default=str).decode() + self.terminator
         with self.lock:  # type: ignore[union-attr]
-            self._pending.append(line)
             try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is None:
-                try:
-                    self._write_pending()
-                except Exception:
-                    self._pending.clear()  # a broken stream: the request goes on without
-            elif self._scheduled_on is not loop:
-                self._scheduled_on = loop
-                loop.call_soon(self._write_from_loop)
+                self._keep(line, at_once=False)
+            except Exception:
+                self._pending.clear()  # a broken stream: the request goes on without
+
+    def _keep(self, line: str, at_once: bool) -> None:
+        """Under the lock: the line goes out now (no loop on this thread, or at_once, with
+        what was kept before it) or at the end of the loop's turn."""
+        self._pending.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or at_once:
+            self._write_pending()
+        elif self._scheduled_on is not loop:
+            self._scheduled_on = loop
+            loop.call_soon(self._write_from_loop)
 
     def _write_from_loop(self) -> None:
         with self.lock:  # type: ignore[union-attr]
