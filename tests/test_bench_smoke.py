@@ -219,3 +219,27 @@ def test_bench_sdk_smoke(pg_server: str, tmp_path: Path) -> None:
             assert row["rate"] > 0 and row["errors"] == 0, row
             assert row["ratios"]["ref"] > 0
     assert rows["publish b100"]["rate"] > 0
+
+
+def test_pgbench_rows_are_measured_and_read_from_pgbench(pg_server: str) -> None:
+    """bench/wrk/pgbench.py, which drives pgmq where its install file is (not in a clean
+    clone): the embedded Postgres' pgbench runs a script against a server given by URL, and
+    its count, rate and failures are read back; the pgmq scripts quote the value."""
+    from bench.wrk import pgbench
+
+    assert pgbench.pgbench_binary().is_file()
+    found = pgbench.measure(pg_server, None, "SELECT 1;\n", clients=2, seconds=1)
+    assert found["messages"] > 0 and found["rate"] > 0 and found["errors"] == 0, found
+    with pytest.raises(RuntimeError, match="pgbench failed"):
+        pgbench.measure(pg_server, None, "SELECT no_such_column;\n", clients=1, seconds=1)
+    scripts = pgbench.scripts("""{"it's": 1}""")
+    assert """'{"it''s": 1}'::jsonb""" in scripts["publish"]
+    assert "\\gset" in scripts["consume"] and "pgmq.delete" in scripts["consume"]
+    env = pgbench._libpq_env("postgresql://bench:s3cret@127.0.0.1:6543/db1")
+    assert (env["PGHOST"], env["PGPORT"], env["PGUSER"], env["PGPASSWORD"], env["PGDATABASE"]) == (
+        "127.0.0.1",
+        "6543",
+        "bench",
+        "s3cret",
+        "db1",
+    )
