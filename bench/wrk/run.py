@@ -190,14 +190,15 @@ async def main() -> None:
     profiles: list[Path] = []
     notes: list[str] = []
     pgmq_url = None
-    if not args.only_sluice and args.pgmq_sql.is_file():
-        pgmq_url = await postgres.create_database("bench_wrk_pgmq")
-        await pgbench.install(pgmq_url, args.pgmq_sql)
-    elif not args.only_sluice:
-        notes.append(f"pgmq rows skipped: no {args.pgmq_sql}")
     postmaster = postgres.postmaster_pid
     workers = f" ({args.workers} workers)" if args.workers > 1 else ""
+    client: httpx.AsyncClient | None = None
     try:
+        if not args.only_sluice and args.pgmq_sql.is_file():
+            pgmq_url = await postgres.create_database("bench_wrk_pgmq")
+            await pgbench.install(pgmq_url, args.pgmq_sql)
+        elif not args.only_sluice:
+            notes.append(f"pgmq rows skipped: no {args.pgmq_sql}")
         # Sluice first: its port is chosen when it is created, and only bound once it runs,
         # so a floor started before could be given the same free port.
         await server.start()
@@ -239,12 +240,13 @@ async def main() -> None:
                         pgmq_url, postmaster, scripts["consume"], c, args.seconds
                     )
                     rows.append((c, "pgmq read + delete b1 (pgbench)", found))
-        await client.aclose()
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for c in connections:
                 profiles.append(profile(server.base_url, server.pid, c, args.seconds, args.profile))
     finally:
+        if client is not None:
+            await client.aclose()
         await server.stop()
         for _, proc in started.values():
             proc.terminate()
