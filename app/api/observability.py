@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.routing import Match
@@ -135,9 +134,5 @@ def record(scope: Scope, request_id: str, route: str, status: int, start: float)
     writer = access_line_writer() if request_id != READY_PROBE_ID else None
     if writer is None:
         log.info("request", extra=fields)
-        return
-    # The line JSONFormatter would make of the record, made directly (sluice.logs).
-    ts = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
-    writer.write_json_line(
-        {"ts": ts, "level": "info", "logger": "sluice.access", "msg": "request", **fields}
-    )
+    else:
+        writer.write_info(log.name, "request", fields)
