@@ -136,6 +136,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await listener.stop()
+        await ctx.publisher.close()
         await claim_pool.close()
         await pool.close()
         metrics.process_exit()

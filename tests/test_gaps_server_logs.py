@@ -19,40 +19,47 @@ import pytest
 from tests.conftest import ROOT
 
 INNER = """
+import time
+
 import httpx
 
 from tests.conftest import unique
 
 
-def _touch(base_url):
-    # An access line naming this request id lands in the server's log.
-    r = httpx.get(base_url + "/v1/topics", headers={"X-Request-ID": "marker-" + MARK})
+def _touch(server):
+    # An access line naming this request id lands in the server's log. The server writes it
+    # after the answer (at the end of that turn of its event loop): wait until it is there,
+    # or a busy machine reports the failure before the line is written.
+    r = httpx.get(server.base_url + "/v1/topics", headers={"X-Request-ID": "marker-" + MARK})
     assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while "marker-" + MARK not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def test_server_factory_fails(server_factory):
     server = server_factory(env={"SLUICE_LOG_LEVEL": "INFO"})
-    _touch(server.base_url)
+    _touch(server)
     print("LOG", server.log_path)
     assert False, "failing on purpose"
 
 
 def test_server_factory_passes(server_factory):
     server = server_factory(env={"SLUICE_LOG_LEVEL": "INFO"})
-    _touch(server.base_url)
+    _touch(server)
     print("LOG", server.log_path)
 
 
 async def test_sluice_servers_fails(sluice_servers, db_url):
     server = sluice_servers(db_url, env={"SLUICE_LOG_LEVEL": "INFO"})
-    _touch(server.base_url)
+    _touch(server)
     print("LOG", server.log_path)
     assert False, "failing on purpose"
 
 
 async def test_sluice_servers_passes(sluice_servers, db_url):
     server = sluice_servers(db_url, env={"SLUICE_LOG_LEVEL": "INFO"})
-    _touch(server.base_url)
+    _touch(server)
     print("LOG", server.log_path)
 """
 

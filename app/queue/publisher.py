@@ -4,6 +4,9 @@ Offsets are handed out under the topic's advisory lock until commit (storage
 sluice.append_messages), so on one topic only one publish transaction makes progress at a
 time. To keep throughput high, each process funnels the requests for a topic through a
 writer task: whatever arrived while a transaction was committing goes into the next one.
+The writer keeps its pool connection from one group to the next, and for a moment after its
+queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a task nor
+a pool checkout per group.
 Each request stays atomic: when the combined call is refused by the database (an
 error that proves nothing was stored), its requests are retried one by one so only the
 faulty one fails. When the outcome is unknown (the connection broke, the command timed
@@ -37,6 +40,14 @@ MAX_GROUP_MESSAGES = 5000
 # and kept a backend waiting on the lock (wrk, 4 connections: 5,200 publishes/s and 120 us
 # of server CPU each against 3,600-4,300 and 145-176 us; bench/RESULTS.md run 25).
 WRITERS_PER_TOPIC = 1
+# How long a topic's writer keeps its task and pool connection once its queue is empty,
+# waiting for the next request. A producer that publishes one message per request sends
+# its next one a round trip after its answer: without the wait, every such request paid for
+# a new writer task and a pool acquire and release (~20 us of a ~180 us single-message
+# publish at 4 connections under wrk; bench/RESULTS.md run 28). Short enough that an idle
+# topic holds no connection for long, nor holds up the pool's close at shutdown
+# (Publisher.close ends the waits at once).
+LINGER_SECONDS = 0.002
 
 
 class SkewSource(Protocol):
@@ -63,6 +74,10 @@ class Publisher:
         self._queues: dict[str, deque[_Request]] = {}
         self._writers: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Writers waiting for a request (their topic's queue ran dry): topic -> the future
+        # that wakes them.
+        self._lingering: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
 
     async def publish(
         self, topic: str, messages: list[NewMessage], sizes: list[int]
@@ -71,28 +86,74 @@ class Publisher:
         max_message_bytes check."""
         request = _Request(messages, sizes)
         self._queues.setdefault(topic, deque()).append(request)
-        if self._writers.get(topic, 0) < WRITERS_PER_TOPIC:
+        lingering = self._lingering.pop(topic, None)
+        if lingering is not None:
+            if not lingering.done():
+                lingering.set_result(None)
+        elif self._writers.get(topic, 0) < WRITERS_PER_TOPIC:
             self._writers[topic] = self._writers.get(topic, 0) + 1
             task = asyncio.create_task(self._drain(topic), name=f"sluice-publish-{topic}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await request.future
 
+    async def close(self) -> None:
+        """Wake the writers waiting for a request, so they give their connections back now
+        (before the pool closes)."""
+        self._closed = True
+        for future in self._lingering.values():
+            if not future.done():
+                future.set_result(None)
+        self._lingering.clear()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def _drain(self, topic: str) -> None:
+        conn: asyncpg.Connection | None = None
         try:
-            while self._queues.get(topic):
+            while self._queues.get(topic) or await self._linger(topic):
                 group = self._take_group(topic)
+                if conn is not None and _lost(conn):  # while the writer waited
+                    await self._pool.release(conn)
+                    conn = None
+                if conn is None:
+                    conn = await self._pool.acquire()
                 try:
-                    await self._write_group(topic, group)
+                    usable = await self._write_group(topic, group, conn)
                 except Exception as exc:
                     for request in group:
                         _settle(request, exc)
+                    usable = False
+                if not usable:
+                    # The connection may be broken or still cancelling a command: the pool
+                    # knows what to do with it (it closes a broken one); the next group
+                    # takes another.
+                    await self._pool.release(conn)
+                    conn = None
         finally:
+            # Before the release's await: a request that comes meanwhile starts a writer.
             self._writers[topic] -= 1
             if not self._writers[topic]:
                 del self._writers[topic]
                 if not self._queues.get(topic):
                     self._queues.pop(topic, None)
+            if conn is not None:
+                await self._pool.release(conn)
+
+    async def _linger(self, topic: str) -> bool:
+        """Wait up to LINGER_SECONDS for the topic's next request: True if one came."""
+        if self._closed:
+            return False
+        loop = asyncio.get_running_loop()
+        woken = self._lingering[topic] = loop.create_future()
+        timer = loop.call_later(LINGER_SECONDS, _wake, woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            if self._lingering.get(topic) is woken:
+                del self._lingering[topic]
+        return bool(self._queues.get(topic))
 
     def _take_group(self, topic: str) -> list[_Request]:
         pending = self._queues[topic]
@@ -104,13 +165,16 @@ class Publisher:
             total += len(request.messages)
         return group
 
-    async def _write_group(self, topic: str, group: list[_Request]) -> None:
+    async def _write_group(
+        self, topic: str, group: list[_Request], conn: asyncpg.Connection
+    ) -> bool:
+        """Write the group and answer its requests; False when `conn` may be unusable."""
         try:
-            outcome = await self._write(topic, group)
+            outcome = await self._write(topic, group, conn)
         except _Refused as refused:
             if len(group) == 1:
                 _settle(group[0], refused.__cause__ or refused)
-                return
+                return True
             outcome = None
         except (
             OSError,
@@ -128,22 +192,23 @@ class Publisher:
             )
             for request in group:
                 _settle(request, unknown)
-            return
+            return False
         if outcome is None or outcome.status == "too_large":
             if len(group) == 1:
-                _settle(group[0], await self._refusal(topic, group[0]))
-                return
+                _settle(group[0], await self._refusal(topic, group[0], conn))
+                return True
             # Isolate the faulty request: each one alone, atomic on its own.
+            usable = True
             for request in group:
                 try:
-                    await self._write_group(topic, [request])
+                    usable = await self._write_group(topic, [request], conn) and usable
                 except Exception as exc:  # answered above; this is only a guard
                     _settle(request, exc)
-            return
+            return usable
         if outcome.status == "no_topic":
             for request in group:
                 _settle(request, topic_not_found(topic))
-            return
+            return True
         offset = 0
         for request in group:
             count = len(request.messages)
@@ -159,11 +224,11 @@ class Publisher:
                 ],
             )
             offset += count
+        return True
 
-    async def _refusal(self, topic: str, request: _Request) -> Exception:
+    async def _refusal(self, topic: str, request: _Request, conn: asyncpg.Connection) -> Exception:
         """Why the topic refused a request alone: gone, or a message above its size limit."""
-        async with self._pool.acquire() as conn:
-            found = await topics_sql.get_topic(conn, topic)
+        found = await topics_sql.get_topic(conn, topic)
         if found is None:
             return topic_not_found(topic)
         index, size = max(enumerate(request.sizes), key=lambda item: item[1])
@@ -172,17 +237,30 @@ class Publisher:
             f"{found.max_message_bytes}"
         )
 
-    async def _write(self, topic: str, group: list[_Request]) -> log_sql.Appended:
+    async def _write(
+        self, topic: str, group: list[_Request], conn: asyncpg.Connection
+    ) -> log_sql.Appended:
         """Write the group in one transaction (one call)."""
         largest = max(size for request in group for size in request.sizes)
         flat = [m for request in group for m in request.messages]
-        async with self._pool.acquire() as conn:
-            try:
-                return await log_sql.publish_batch(conn, topic, flat, largest, self._clock.skew)
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, asyncpg.PostgresConnectionError):
-                    raise
-                raise _Refused(str(exc)) from exc
+        try:
+            return await log_sql.publish_batch(conn, topic, flat, largest, self._clock.skew)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                raise
+            raise _Refused(str(exc)) from exc
+
+
+def _lost(conn: asyncpg.Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # the pool took it back when it broke (asyncpg detaches it)
+        return True
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(request: _Request, outcome: list[Published] | BaseException) -> None:
