@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import sys
 import time
@@ -54,7 +55,33 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _no_escapes(text: str) -> str:
+    if text.isascii() and text.isprintable():  # most messages: nothing to replace
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# The second a log line's time stamp starts with, formatted once per second: every request
+# logs a line, and datetime's formatting was most of the cost of making one.
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """`created` (a time.time()) in UTC as datetime's isoformat(timespec="milliseconds")
+    writes it: microseconds rounded half to even as datetime.fromtimestamp does, then cut
+    to milliseconds."""
+    global _second
+    fraction, whole = math.modf(created)
+    second = int(whole)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    return f"{cached[1]}.{micros // 1000:03d}+00:00"
 
 
 def _json_entry(
@@ -62,7 +89,7 @@ def _json_entry(
 ) -> dict[str, Any]:
     """The object of a JSON line: ts, level, logger, msg, then the fields in their order."""
     entry: dict[str, Any] = {
-        "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "ts": _timestamp(created),
         "level": level,
         "logger": logger,
         "msg": _no_escapes(message),

@@ -84,20 +84,69 @@ IN_PROGRESS = Gauge(
 )
 
 
-# ---- what the queue reports -------------------------------------------------------------
+# ---- counting on the hot paths ----------------------------------------------------------
+# A Prometheus counter's inc() checks its labels and takes a lock, a few calls each: the
+# counts of one single-message publish (its request, the in-progress gauge up and down, the
+# messages published) cost ~12% of its server CPU (bench/RESULTS.md run 28). In one process,
+# the default, they are added to plain dicts instead, and each scrape adds those to the
+# metrics before it reads them (flush_pending, called by render), so a scrape is as exact as
+# before; the in-progress gauge reads a plain int. Under --workers N a scrape answered by one
+# worker reads every worker's files, so there each count goes to its metric at once.
+# Decided at import: `sluice serve --workers N` sets the variable before its workers start.
+_DEFERRED = not os.environ.get(MULTIPROC_ENV)
+
+_pending_published: dict[str, int] = {}
+_pending_duplicates: dict[str, int] = {}
+_pending_events: dict[tuple[str, str, str], int] = {}
+_pending_requests: dict[tuple[str, str, int], int] = {}
+
+
+class _InProgress:
+    """HTTP requests being handled in this process (the gauge's value in one process)."""
+
+    count = 0
+
+
+if _DEFERRED:
+    IN_PROGRESS.set_function(lambda: _InProgress.count)
+
+
+def request_started() -> None:
+    if _DEFERRED:
+        _InProgress.count += 1
+    else:
+        IN_PROGRESS.inc()
+
+
+def request_finished() -> None:
+    if _DEFERRED:
+        _InProgress.count -= 1
+    else:
+        IN_PROGRESS.dec()
 
 
 def observe_event(topic: str, subscription: str, kind: str, count: int) -> None:
     """A RateRecorder listener: delivered/acked/nacked/expired/dead_lettered events."""
-    counter = EVENTS.get(kind)
-    if counter is not None:
-        counter.labels(topic, subscription).inc(count)
+    if kind not in EVENTS:
+        return
+    if _DEFERRED:
+        key = (kind, topic, subscription)
+        _pending_events[key] = _pending_events.get(key, 0) + count
+    else:
+        EVENTS[kind].labels(topic, subscription).inc(count)
 
 
 def observe_published(topic: str, published: Sequence[Published]) -> None:
     duplicates = sum(1 for p in published if p.duplicate)
-    if len(published) > duplicates:
-        PUBLISHED.labels(topic).inc(len(published) - duplicates)
+    stored = len(published) - duplicates
+    if _DEFERRED:
+        if stored:
+            _pending_published[topic] = _pending_published.get(topic, 0) + stored
+        if duplicates:
+            _pending_duplicates[topic] = _pending_duplicates.get(topic, 0) + duplicates
+        return
+    if stored:
+        PUBLISHED.labels(topic).inc(stored)
     if duplicates:
         DUPLICATES.labels(topic).inc(duplicates)
 
@@ -108,16 +157,40 @@ def observe_published(topic: str, published: Sequence[Published]) -> None:
 _REQUEST_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
-def observe_request(method: str, route: str, status: int, seconds: float) -> None:
-    series = _REQUEST_SERIES.get((method, route, status))
+def _request_series(key: tuple[str, str, int]) -> tuple[Any, Any]:
+    series = _REQUEST_SERIES.get(key)
     if series is None:
-        labels = (method, route, str(status))
-        series = _REQUEST_SERIES[(method, route, status)] = (
-            REQUESTS.labels(*labels),
-            LATENCY.labels(*labels),
-        )
-    series[0].inc()
+        labels = (key[0], key[1], str(key[2]))
+        series = _REQUEST_SERIES[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+    return series
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    key = (method, route, status)
+    series = _REQUEST_SERIES.get(key) or _request_series(key)
+    # The histogram has no way to add many observations at once: each goes in now.
     series[1].observe(seconds)
+    if _DEFERRED:
+        _pending_requests[key] = _pending_requests.get(key, 0) + 1
+    else:
+        series[0].inc()
+
+
+def flush_pending() -> None:
+    """Add the counts kept in plain dicts to their metrics (before a scrape reads them)."""
+    global _pending_published, _pending_duplicates, _pending_events, _pending_requests
+    published, _pending_published = _pending_published, {}
+    duplicates, _pending_duplicates = _pending_duplicates, {}
+    events, _pending_events = _pending_events, {}
+    requests, _pending_requests = _pending_requests, {}
+    for topic, count in published.items():
+        PUBLISHED.labels(topic).inc(count)
+    for topic, count in duplicates.items():
+        DUPLICATES.labels(topic).inc(count)
+    for (kind, topic, subscription), count in events.items():
+        EVENTS[kind].labels(topic, subscription).inc(count)
+    for key, count in requests.items():
+        _request_series(key)[0].inc(count)
 
 
 def process_exit() -> None:
@@ -191,6 +264,7 @@ def database_families(gauges: Sequence[SubscriptionGauges] | None) -> list[Metri
 
 def render(gauges: Sequence[SubscriptionGauges] | None, accept: str | None) -> tuple[bytes, str]:
     """The exposition (body, content type), in the format the Accept header asks for."""
+    flush_pending()
     registry = CollectorRegistry(auto_describe=False)
     path = os.environ.get(MULTIPROC_ENV)
     if path:

@@ -7,8 +7,10 @@ import asyncio
 import io
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -19,6 +21,8 @@ from sluice.logs import (
     LoopBatchedStreamHandler,
     QuietStartup,
     TextFormatter,
+    _no_escapes,
+    _timestamp,
     access_line_writer,
     configure_logging,
 )
@@ -217,3 +221,28 @@ async def test_a_broken_stream_never_fails_the_request_that_logs():
     done.start()
     done.join()
     assert raised == [] and handler._pending == []
+
+
+def test_time_stamps_are_datetimes_own_formatting():
+    """The line's time stamp, formatted once per second, is what datetime writes, for any
+    time: rounding of the microseconds (half to even) and carries into the next second
+    included."""
+    rng = random.Random(2026)
+    times = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    # Whole microseconds, and times halfway between two microseconds (the rounding's ties).
+    times += [rng.randrange(4 * 10**9) + rng.randrange(10**6) / 1e6 for _ in range(20_000)]
+    times += [rng.randrange(4 * 10**9) + (rng.randrange(10**7) + 0.5) / 1e7 for _ in range(20_000)]
+    times += [0.0, 1.9999995, 1.9999994999, 1e9 + 0.9999996, 1733356800.9995, 1733356800.999999]
+    for created in times:
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert _timestamp(created) == expected, created
+
+
+@pytest.mark.parametrize(
+    "text", ["request", "plain ascii", "a\x1bb", "tab\tand\nnewline", "é\x07", "\u00a0x", "\x7f"]
+)
+def test_control_characters_are_written_out_whatever_else_the_text_holds(text):
+    expected = "".join(
+        f"\\x{ord(c):02x}" if (ord(c) < 32 and c not in "\t\n") or c == "\x7f" else c for c in text
+    )
+    assert _no_escapes(text) == expected

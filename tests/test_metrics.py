@@ -101,6 +101,30 @@ async def test_counters_follow_publish_pull_ack_nack(client):
     assert delta("sluice_messages_dead_lettered_total", **labels) == 0
 
 
+async def test_requests_in_progress_counts_waiting_long_polls(client):
+    """Two long-polls through the hot path and one through the app's own stack (another
+    Content-Type), then the scrape itself; once they have answered, only the scrape."""
+    topic = unique("inprog")
+    await create_topic(client, topic)
+    await create_subscription(client, topic, "s")
+    body = b'{"max_messages": 1, "wait_seconds": 1}'
+    url = sub_path(topic, "s") + "/pull"
+
+    async def long_poll(content_type: str) -> None:
+        r = await client.post(url, content=body, headers={"content-type": content_type})
+        assert r.status_code == 200, r.text
+
+    polls = [
+        asyncio.create_task(long_poll("application/json")),
+        asyncio.create_task(long_poll("application/json")),
+        asyncio.create_task(long_poll("application/json; charset=utf-8")),
+    ]
+    await asyncio.sleep(0.3)
+    assert value(await scrape(client), "sluice_http_requests_in_progress") == 4
+    await asyncio.gather(*polls)
+    assert value(await scrape(client), "sluice_http_requests_in_progress") == 1
+
+
 async def test_expired_and_dead_lettered_are_counted(harness):
     client = harness.client
     topic = unique("m")

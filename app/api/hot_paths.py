@@ -240,7 +240,7 @@ class HotFront:
         request_id = request_id_of(scope)
         scope["state"]["request_id"] = request_id
         status = 500
-        metrics.IN_PROGRESS.inc()
+        metrics.request_started()
         try:
             try:
                 response = await hot.answer(request, scope["path_params"], values)
@@ -252,7 +252,7 @@ class HotFront:
             status = response.status_code
             await response(scope, receive, send)
         finally:
-            metrics.IN_PROGRESS.dec()
+            metrics.request_finished()
             record(scope, request_id, hot.template, status, start)
 
     async def _problem(self, request: Request, exc: Exception) -> Response:

@@ -108,11 +108,11 @@ class ObservabilityMiddleware:
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        metrics.IN_PROGRESS.inc()
+        metrics.request_started()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            metrics.IN_PROGRESS.dec()
+            metrics.request_finished()
             record(scope, request_id, route_template(scope), status, start)
 
 
