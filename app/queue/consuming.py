@@ -24,7 +24,7 @@ from sluice.errors import RateLimited, SluiceError
 from sluice.queue import receipts
 from sluice.queue.context import QueueContext
 from sluice.queue.topics import subscription_missing
-from sluice.records import Claim, Delivery, EventKind, Settlement
+from sluice.records import Claim, Delivery, EventKind, Receipt, Settled, Settlement
 from sluice.storage import claims as claims_sql
 from sluice.storage import settlement as settlement_sql
 
@@ -272,12 +272,20 @@ async def _settle(
 ) -> SettleOutcome:
     decoded = receipts.decode_all(receipt_list)
     valid = [receipt for receipt in decoded if receipt is not None]
-    async with ctx.pool.acquire() as conn:
-        settled = await settlement_sql.settle(
-            conn, kind, topic, sub, valid, seconds, ctx.clock.skew
-        )
-        if not settled.found:
-            raise await subscription_missing(conn, topic, sub)
+
+    async def write(given: list[Receipt]) -> Settled:
+        async with ctx.pool.acquire() as conn:
+            settled = await settlement_sql.settle(
+                conn, kind, topic, sub, given, seconds, ctx.clock.skew
+            )
+            if not settled.found:
+                raise await subscription_missing(conn, topic, sub)
+        return settled
+
+    if kind is Settlement.ACK:  # the acks of concurrent requests share a write
+        settled = await ctx.ack_groups.ack(topic, sub, valid, write)
+    else:
+        settled = await write(valid)
     assert settled.topic_id is not None and settled.sub_id is not None
     # One offset may come with several receipts (an old attempt's and the current one):
     # only the current one applied, and a receipt given twice applies once.

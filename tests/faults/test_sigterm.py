@@ -32,6 +32,14 @@ async def _blocked_acks(db_url: str) -> int:
         await conn.close()
 
 
+async def _in_progress(client: httpx.AsyncClient, base: str) -> float:
+    metrics = (await client.get(f"{base}/metrics")).text
+    for line in metrics.splitlines():
+        if line.startswith("sluice_http_requests_in_progress "):
+            return float(line.split()[1])
+    raise AssertionError("no sluice_http_requests_in_progress in /metrics")
+
+
 @pytest.mark.timeout(180)
 async def test_sigterm_answers_long_polls_and_finishes_in_flight_acks(db_url, sluice_servers):
     server = sluice_servers(db_url)
@@ -69,7 +77,8 @@ async def test_sigterm_answers_long_polls_and_finishes_in_flight_acks(db_url, sl
         for poll in polls:
             poll.add_done_callback(lambda _task: answered_at.append(time.monotonic()))
         # Acks held in flight inside the server: another session holds the subscription's
-        # lock exclusively (as a claim does), so they wait for it in Postgres.
+        # lock exclusively (as a claim does), so the first waits for it in Postgres and the
+        # others, queued behind that write, for the next one (app.queue.ack_groups).
         db = await asyncpg.connect(plain_url(db_url))
         try:
             lock = db.transaction()
@@ -89,8 +98,12 @@ async def test_sigterm_answers_long_polls_and_finishes_in_flight_acks(db_url, sl
                 for i in range(ACK_REQUESTS)
             ]
             deadline = time.monotonic() + 8  # the server's lock_timeout is 10 s
-            while await _blocked_acks(db_url) < ACK_REQUESTS:
+            while await _blocked_acks(db_url) < 1:
                 assert time.monotonic() < deadline, "the acks never reached the database"
+                await asyncio.sleep(0.05)
+            # Every ack is in the server: the long-polls, the acks and this scrape in progress.
+            while await _in_progress(client, base) < LONG_POLLS + ACK_REQUESTS + 1:
+                assert time.monotonic() < deadline, "the acks never reached the server"
                 await asyncio.sleep(0.05)
             assert not any(p.done() for p in polls), "long-polls should still be waiting"
 

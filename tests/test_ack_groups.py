@@ -1,0 +1,235 @@
+"""Concurrent acks of a subscription share writes (app.queue.ack_groups): each request is
+answered with its own receipts, once the write holding them has committed; a receipt given
+by two requests of a group counts for the first; a failed write fails every request of its
+group; a request cancelled before its group was taken is not written; groups are capped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from sluice.errors import NotFound, Unavailable
+from sluice.queue import ack_groups
+from sluice.queue.ack_groups import AckGroups
+from sluice.records import Receipt, Settled
+from sluice.storage import settlement as settlement_sql
+from tests.helpers import (
+    ack,
+    assert_problem,
+    publish,
+    pull,
+    stats,
+    sub_path,
+    topic_with_subscription,
+)
+
+
+class CountedSettles:
+    """Wraps the storage's settle: records the receipts of each call; the first call waits
+    for `release`, so that the acks after it queue up."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = settlement_sql.settle
+        self.calls: list[int] = []
+        self.release = asyncio.Event()
+        monkeypatch.setattr(settlement_sql, "settle", self.settle)
+
+    async def settle(self, conn, kind, topic, sub, receipts, seconds, skew):
+        self.calls.append(len(receipts))
+        if len(self.calls) == 1:  # bounded, so a failing test leaves nothing waiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 5)
+        return await self.real(conn, kind, topic, sub, receipts, seconds, skew)
+
+    async def reach(self, calls: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.calls) < calls:
+                await asyncio.sleep(0.01)
+
+
+async def test_acks_that_arrive_during_a_write_share_the_next_one(harness, monkeypatch):
+    client = harness.client
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, *range(12))
+    receipts = [m["receipt"] for m in await pull(client, topic, "s", 12)]
+    settles = CountedSettles(monkeypatch)
+
+    first = asyncio.create_task(ack(client, topic, "s", receipts[:1]))
+    await settles.reach(1)
+    # Ten acks queue behind the write under way; one of them repeats a receipt of another.
+    others = [asyncio.create_task(ack(client, topic, "s", [r])) for r in receipts[1:11]]
+    others.append(asyncio.create_task(ack(client, topic, "s", receipts[10:12])))
+    await asyncio.sleep(0.2)
+    settles.release.set()
+    answers = await asyncio.gather(first, *others)
+
+    assert settles.calls == [1, 12]  # the first alone, then all the others in one write
+    assert [a["acked"] for a in answers] == [1] * 11 + [1]
+    # receipts[10] was given by two requests of the group: it counts for the first.
+    assert answers[-1]["stale"] == [receipts[10]]
+    assert all(a["stale"] == [] for a in answers[:-1])
+    after = await stats(client, topic, "s")
+    assert (after["in_flight"], after["backlog"]) == (0, 0)
+
+
+async def test_stale_and_acked_receipts_in_one_group_are_told_apart(harness, monkeypatch):
+    client = harness.client
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, 1, 2, 3)
+    receipts = [m["receipt"] for m in await pull(client, topic, "s", 3)]
+    assert (await ack(client, topic, "s", [receipts[0]]))["acked"] == 1  # acked before
+    settles = CountedSettles(monkeypatch)
+
+    first = asyncio.create_task(ack(client, topic, "s", [receipts[1]]))
+    await settles.reach(1)
+    grouped = [
+        asyncio.create_task(ack(client, topic, "s", [receipts[0], receipts[2]])),
+        asyncio.create_task(ack(client, topic, "s", ["not-a-receipt"])),
+    ]
+    await asyncio.sleep(0.1)
+    settles.release.set()
+    one, (two, three) = await first, await asyncio.gather(*grouped)
+    assert settles.calls == [1, 2]
+    assert one == {"acked": 1, "stale": []}
+    assert two == {"acked": 1, "stale": [receipts[0]]}
+    assert three == {"acked": 0, "stale": ["not-a-receipt"]}
+
+
+async def test_a_failed_write_fails_every_ack_of_its_group(harness, monkeypatch):
+    client = harness.client
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, *range(4))
+    receipts = [m["receipt"] for m in await pull(client, topic, "s", 4)]
+    settles = CountedSettles(monkeypatch)
+    real = settles.settle
+
+    async def failing_second(conn, kind, topic_name, sub, given, seconds, skew):
+        if len(settles.calls) == 1:  # the group's write
+            settles.calls.append(len(given))
+            raise Unavailable("the database went away")
+        return await real(conn, kind, topic_name, sub, given, seconds, skew)
+
+    first = asyncio.create_task(ack(client, topic, "s", receipts[:1]))
+    await settles.reach(1)
+    monkeypatch.setattr(settlement_sql, "settle", failing_second)
+    grouped = [
+        asyncio.create_task(client.post(sub_path(topic, "s") + "/ack", json={"receipts": [r]}))
+        for r in receipts[1:]
+    ]
+    await asyncio.sleep(0.1)
+    settles.release.set()
+    assert (await first)["acked"] == 1
+    for answer in await asyncio.gather(*grouped):
+        assert_problem(answer, 503)
+    assert settles.calls == [1, 3]
+    # Nothing of the failed group was applied: the receipts still ack.
+    monkeypatch.setattr(settlement_sql, "settle", settles.real)
+    assert (await ack(client, topic, "s", receipts[1:]))["acked"] == 3
+
+
+async def test_acks_for_a_deleted_subscription_are_answered_404_each(harness, monkeypatch):
+    client = harness.client
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, 1)
+    [receipt] = [m["receipt"] for m in await pull(client, topic, "s", 1)]
+    settles = CountedSettles(monkeypatch)
+    url = sub_path(topic, "s") + "/ack"
+
+    def post() -> asyncio.Task:
+        return asyncio.create_task(client.post(url, json={"receipts": [receipt]}))
+
+    first = post()
+    await settles.reach(1)  # held before its statement: the subscription is not locked
+    grouped = [post() for _ in range(3)]
+    await asyncio.sleep(0.1)
+    assert (await client.delete(sub_path(topic, "s"))).status_code == 204
+    settles.release.set()
+    for answer in [await first, *await asyncio.gather(*grouped)]:
+        assert_problem(answer, 404)
+    assert settles.calls == [1, 3]
+
+
+def _receipt(offset: int) -> Receipt:
+    return Receipt(offset=offset, lease_id=1, seg=0, token=f"{offset:032x}")
+
+
+async def test_a_request_cancelled_while_it_waited_is_not_written():
+    groups = AckGroups()
+    written: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def write(receipts: list[Receipt]) -> Settled:
+        written.append([r.offset for r in receipts])
+        if len(written) == 1:
+            await release.wait()
+        return Settled(found=True, topic_id=1, sub_id=1, applied={r.key for r in receipts})
+
+    first = asyncio.create_task(groups.ack("t", "s", [_receipt(1)], write))
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(groups.ack("t", "s", [_receipt(2)], write))
+    kept = asyncio.create_task(groups.ack("t", "s", [_receipt(3)], write))
+    await asyncio.sleep(0)
+    gone.cancel()
+    release.set()
+    assert (await first).applied == {_receipt(1).key}
+    assert (await kept).applied == {_receipt(3).key}
+    assert written == [[1], [3]]
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+async def test_groups_hold_at_most_max_group_receipts(monkeypatch):
+    monkeypatch.setattr(ack_groups, "MAX_GROUP_RECEIPTS", 4)
+    groups = AckGroups()
+    written: list[int] = []
+    release = asyncio.Event()
+
+    async def write(receipts: list[Receipt]) -> Settled:
+        written.append(len(receipts))
+        if len(written) == 1:
+            await release.wait()
+        return Settled(found=True, topic_id=1, sub_id=1, applied={r.key for r in receipts})
+
+    first = asyncio.create_task(groups.ack("t", "s", [_receipt(0)], write))
+    await asyncio.sleep(0)
+    sizes = [3, 1, 2, 2, 5]  # the 5 exceeds the cap alone: it still goes, in a group of its own
+    offsets = iter(range(1, 100))
+    waiting = [
+        asyncio.create_task(
+            groups.ack("t", "s", [_receipt(next(offsets)) for _ in range(n)], write)
+        )
+        for n in sizes
+    ]
+    await asyncio.sleep(0)
+    release.set()
+    await first
+    answers = await asyncio.gather(*waiting)
+    assert [len(a.applied) for a in answers] == sizes
+    assert written == [1, 4, 4, 5]
+
+
+async def test_different_subscriptions_do_not_wait_for_each_other():
+    groups = AckGroups()
+    release = asyncio.Event()
+
+    async def slow(receipts: list[Receipt]) -> Settled:
+        await release.wait()
+        return Settled(found=True, topic_id=1, sub_id=1, applied=set())
+
+    async def fast(receipts: list[Receipt]) -> Settled:
+        return Settled(found=True, topic_id=1, sub_id=2, applied={r.key for r in receipts})
+
+    held = asyncio.create_task(groups.ack("t", "a", [_receipt(1)], slow))
+    await asyncio.sleep(0)
+    other = await asyncio.wait_for(groups.ack("t", "b", [_receipt(2)], fast), 2)
+    assert other.applied == {_receipt(2).key}
+    release.set()
+    await held
+    with pytest.raises(NotFound):  # nothing left over: a later ack of "a" writes at once
+
+        async def missing(receipts: list[Receipt]) -> Settled:
+            raise NotFound("gone")
+
+        await groups.ack("t", "a", [], missing)
