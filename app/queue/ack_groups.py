@@ -21,12 +21,12 @@ in Postgres.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from sluice.queue.grouping import cancel_unserved, fail_group, take_group
 from sluice.records import Receipt, Settled
 
 # Upper bound of receipts in one write (an ack request carries at most 1000).
@@ -82,28 +82,16 @@ class AckGroups:
                 try:
                     settled = await write([r for waiting in group for r in waiting.receipts])
                 except Exception as exc:
-                    for waiting in group:
-                        if not waiting.future.done():
-                            waiting.future.set_exception(copy.copy(exc))
+                    fail_group(group, exc)
                     continue
                 _hand_out(settled, group)
         finally:
             del self._busy[key]
-            for waiting in [*group, *busy]:  # left only when this task was cancelled
-                if not waiting.future.done():
-                    waiting.future.cancel()
+            cancel_unserved(group, busy)  # left only when this task was cancelled
 
 
 def _take_group(waiting: deque[_Waiting]) -> list[_Waiting]:
-    group: list[_Waiting] = []
-    total = 0
-    while waiting and (not group or total + len(waiting[0].receipts) <= MAX_GROUP_RECEIPTS):
-        ack = waiting.popleft()
-        if ack.future.done():  # cancelled while it waited (its client went away): not written
-            continue
-        group.append(ack)
-        total += len(ack.receipts)
-    return group
+    return take_group(waiting, lambda ack: len(ack.receipts), MAX_GROUP_RECEIPTS)
 
 
 def _hand_out(settled: Settled, group: list[_Waiting]) -> None:

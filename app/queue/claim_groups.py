@@ -19,7 +19,6 @@ processes' claims still meet at the lock in Postgres.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 from collections import deque
@@ -27,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.queue.grouping import cancel_unserved, fail_group, take_group
 from sluice.records import Claim, Delivery
 
 log = logging.getLogger("sluice.claims")
@@ -109,10 +109,7 @@ class ClaimGroups:
                 try:
                     result = await claim(sum(w.count for w in group))
                 except Exception as exc:
-                    for waiting in group:
-                        if not waiting.future.done():
-                            # A copy each: a pull adds its own acks to the error it answers.
-                            waiting.future.set_exception(copy.copy(exc))
+                    fail_group(group, exc)
                     continue
                 orphaned = _hand_out(result, group)
                 if orphaned:
@@ -122,21 +119,11 @@ class ClaimGroups:
                         log.warning("giving back %d messages failed", len(orphaned), exc_info=True)
         finally:
             del self._busy[key]
-            for waiting in [*group, *busy]:  # left only when this task was cancelled
-                if not waiting.future.done():
-                    waiting.future.cancel()
+            cancel_unserved(group, busy)  # left only when this task was cancelled
 
 
 def _take_group(waiting: deque[_Waiting]) -> list[_Waiting]:
-    group: list[_Waiting] = []
-    total = 0
-    while waiting and (not group or total + waiting[0].count <= MAX_GROUP_MESSAGES):
-        pull = waiting.popleft()
-        if pull.future.done():  # cancelled while it waited: nothing to claim for it
-            continue
-        group.append(pull)
-        total += pull.count
-    return group
+    return take_group(waiting, lambda pull: pull.count, MAX_GROUP_MESSAGES)
 
 
 def _hand_out(result: Claim, group: list[_Waiting]) -> list[Delivery]:
