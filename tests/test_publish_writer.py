@@ -17,6 +17,7 @@ from sluice.errors import NotFound, PayloadTooLarge
 from sluice.queue import publisher as publisher_module
 from sluice.queue.publisher import Publisher, _lost
 from sluice.records import NewMessage, Published
+from sluice.storage.db import create_pool
 from tests.conftest import unique, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -38,6 +39,9 @@ class CountingPool:
     async def release(self, conn: asyncpg.Connection) -> None:
         self.released += 1
         await self.pool.release(conn)
+
+    def __getattr__(self, name: str) -> object:  # sizes and the rest: the pool's own
+        return getattr(self.pool, name)
 
 
 def message(value: str) -> NewMessage:
@@ -166,3 +170,34 @@ async def test_requests_arriving_around_the_end_of_the_wait_are_all_answered(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_busy_writer_does_not_keep_the_last_connection_from_others(
+    harness, topic, monkeypatch, db_url
+):
+    """With a pool of one connection, a topic published without pause must not hold it
+    for as long as it stays busy: another user of the pool gets it between two groups."""
+    monkeypatch.setattr(publisher_module, "LINGER_SECONDS", 30.0)
+    small = await create_pool(db_url, 1)
+    publisher = Publisher(small, harness.ctx.clock)
+    stop = asyncio.Event()
+
+    async def producer() -> int:
+        count = 0
+        while not stop.is_set():
+            await publish_one(publisher, topic)
+            count += 1
+        return count
+
+    producers = [asyncio.create_task(producer()) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.1)  # the writer is busy: one group after another
+        async with asyncio.timeout(5):
+            async with small.acquire() as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        stop.set()
+        counts = await asyncio.gather(*producers)
+        await publisher.close()
+        await small.close()
+    assert all(counts)

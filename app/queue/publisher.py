@@ -46,7 +46,8 @@ WRITERS_PER_TOPIC = 1
 # a new writer task and a pool acquire and release (~20 us of a ~180 us single-message
 # publish at 4 connections under wrk; bench/RESULTS.md run 28). Short enough that an idle
 # topic holds no connection for long, nor holds up the pool's close at shutdown
-# (Publisher.close ends the waits at once).
+# (Publisher.close ends the waits at once). When the pool has no connection left, writers
+# keep none between groups (Publisher._pool_exhausted).
 LINGER_SECONDS = 0.002
 
 
@@ -124,10 +125,10 @@ class Publisher:
                     for request in group:
                         _settle(request, exc)
                     usable = False
-                if not usable:
-                    # The connection may be broken or still cancelling a command: the pool
-                    # knows what to do with it (it closes a broken one); the next group
-                    # takes another.
+                if not usable or self._pool_exhausted():
+                    # The connection may be broken or still cancelling a command (the pool
+                    # knows what to do with it: it closes a broken one), or others may be
+                    # waiting for one: the next group takes a connection again.
                     await self._pool.release(conn)
                     conn = None
         finally:
@@ -139,6 +140,13 @@ class Publisher:
                     self._queues.pop(topic, None)
             if conn is not None:
                 await self._pool.release(conn)
+
+    def _pool_exhausted(self) -> bool:
+        """No connection idle and none can be opened: a writer that kept its connection
+        could keep everyone else waiting for the pool (acks, other topics) while its topic
+        stays busy, so it gives it back after each group, as without the wait."""
+        pool = self._pool
+        return pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size()
 
     async def _linger(self, topic: str) -> bool:
         """Wait up to LINGER_SECONDS for the topic's next request: True if one came."""
