@@ -167,7 +167,9 @@ class KeyCache:
         self._lock = asyncio.Lock()
         self._snapshot: KeySnapshot | None = None
 
-    def _fresh(self) -> KeySnapshot | None:
+    def fresh(self) -> KeySnapshot | None:
+        """The keys if they are at most `max_age` old, without waiting (else None: then
+        `current()` reads them)."""
         snap = self._snapshot
         if snap is not None and self._now() - snap.loaded_at < self._max_age:
             return snap
@@ -176,11 +178,11 @@ class KeyCache:
     async def current(self) -> KeySnapshot:
         """The keys, at most `max_age` old. Raises (OSError, TimeoutError, asyncpg errors)
         when they cannot be read: the caller fails closed."""
-        snap = self._fresh()
+        snap = self.fresh()
         if snap is not None:
             return snap
         async with self._lock:
-            snap = self._fresh()
+            snap = self.fresh()
             if snap is not None:
                 return snap
             started = self._now()

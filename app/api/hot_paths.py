@@ -209,10 +209,13 @@ class HotFront:
 
     async def _admitted(self, scope: Scope, hot: _Hot) -> bool:
         """The key is known and has the route's scope (the stack answers 401/403/503)."""
-        try:
-            keys = await self.app.state.keys.current()
-        except Exception:  # the stack's auth layer answers 503 and logs it
-            return False
+        cache = self.app.state.keys
+        keys = cache.fresh()  # nearly always: no coroutine to run
+        if keys is None:
+            try:
+                keys = await cache.current()
+            except Exception:  # the stack's auth layer answers 503 and logs it
+                return False
         principal = None
         if not keys.open:
             token = bearer_token(scope)
@@ -247,9 +250,10 @@ class HotFront:
             except Exception as exc:
                 response = await self._problem(request, exc)
             headers = response.raw_headers
-            if not any(name == REQUEST_ID_HEADER for name, _ in headers):  # 500s carry it
-                headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
             status = response.status_code
+            # Only a 500's answer carries the id already (the app's handler adds it).
+            if status < 500 or not any(name == REQUEST_ID_HEADER for name, _ in headers):
+                headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
             await response(scope, receive, send)
         finally:
             metrics.request_finished()
