@@ -251,7 +251,8 @@ class HotFront:
                 response = await self._problem(request, exc)
             headers = response.raw_headers
             status = response.status_code
-            # Only a 500's answer carries the id already (the app's handler adds it).
+            # Only the app's last-resort handler (500, or 503 for a lost connection) has
+            # put the id on its answer already.
             if status < 500 or not any(name == REQUEST_ID_HEADER for name, _ in headers):
                 headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
             await response(scope, receive, send)
