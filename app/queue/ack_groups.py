@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sluice.queue.grouping import cancel_unserved, fail_group, take_group
+from sluice.queue.grouping import serve_groups, take_group
 from sluice.records import Receipt, Settled
 
 # Upper bound of receipts in one write (an ack request carries at most 1000).
@@ -73,21 +73,14 @@ class AckGroups:
 
     async def _serve(self, key: tuple[str, str], busy: deque[_Waiting], write: WriteFn) -> None:
         """Write the waiting acks, a group at a time, until none are left."""
-        group: list[_Waiting] = []
+
+        async def write_group(group: list[_Waiting]) -> None:
+            _hand_out(await write([r for waiting in group for r in waiting.receipts]), group)
+
         try:
-            while busy:
-                group = _take_group(busy)
-                if not group:  # all of them were cancelled while they waited
-                    continue
-                try:
-                    settled = await write([r for waiting in group for r in waiting.receipts])
-                except Exception as exc:
-                    fail_group(group, exc)
-                    continue
-                _hand_out(settled, group)
+            await serve_groups(busy, _take_group, write_group)
         finally:
             del self._busy[key]
-            cancel_unserved(group, busy)  # left only when this task was cancelled
 
 
 def _take_group(waiting: deque[_Waiting]) -> list[_Waiting]:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice.queue.grouping import cancel_unserved, fail_group, take_group
+from sluice.queue.grouping import serve_groups, take_group
 from sluice.records import Claim, Delivery
 
 log = logging.getLogger("sluice.claims")
@@ -100,26 +100,19 @@ class ClaimGroups:
         give_back: GiveBackFn,
     ) -> None:
         """Claim for the waiting pulls, a group at a time, until none are left."""
-        group: list[_Waiting] = []
-        try:
-            while busy:
-                group = _take_group(busy)
-                if not group:  # all of them were cancelled while they waited
-                    continue
+
+        async def claim_group(group: list[_Waiting]) -> None:
+            orphaned = _hand_out(await claim(sum(w.count for w in group)), group)
+            if orphaned:
                 try:
-                    result = await claim(sum(w.count for w in group))
-                except Exception as exc:
-                    fail_group(group, exc)
-                    continue
-                orphaned = _hand_out(result, group)
-                if orphaned:
-                    try:
-                        await give_back(orphaned)
-                    except Exception:  # they come back at their deadline instead
-                        log.warning("giving back %d messages failed", len(orphaned), exc_info=True)
+                    await give_back(orphaned)
+                except Exception:  # they come back at their deadline instead
+                    log.warning("giving back %d messages failed", len(orphaned), exc_info=True)
+
+        try:
+            await serve_groups(busy, _take_group, claim_group)
         finally:
             del self._busy[key]
-            cancel_unserved(group, busy)  # left only when this task was cancelled
 
 
 def _take_group(waiting: deque[_Waiting]) -> list[_Waiting]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 
@@ -33,17 +33,28 @@ def take_group(waiting: deque[W], size: Callable[[W], int], cap: int) -> list[W]
     return group
 
 
-def fail_group(group: Iterable[Waiting], exc: Exception) -> None:
-    """Every request of the group gets the error, a copy each (a pull adds its own acks to
-    the error it answers)."""
-    for request in group:
-        if not request.future.done():
-            request.future.set_exception(copy.copy(exc))
-
-
-def cancel_unserved(*requests: Iterable[Waiting]) -> None:
-    """The requests a serving task leaves when it is cancelled: cancelled too."""
-    for waiting in requests:
-        for request in waiting:
+async def serve_groups(
+    waiting: deque[W],
+    take: Callable[[deque[W]], list[W]],
+    serve: Callable[[list[W]], Awaitable[None]],
+) -> None:
+    """Serve the waiting requests a group at a time (`take`, then `serve`, which answers
+    them) until none are left. When `serve` raises, every request of its group not answered
+    yet gets the error, a copy each (a pull adds its own acks to the error it answers). When
+    this task is cancelled, the requests it leaves are cancelled too."""
+    group: list[W] = []
+    try:
+        while waiting:
+            group = take(waiting)
+            if not group:  # all of them were cancelled while they waited
+                continue
+            try:
+                await serve(group)
+            except Exception as exc:
+                for request in group:
+                    if not request.future.done():
+                        request.future.set_exception(copy.copy(exc))
+    finally:
+        for request in [*group, *waiting]:
             if not request.future.done():
                 request.future.cancel()
