@@ -49,11 +49,19 @@ class CountedSettles:
                 await asyncio.sleep(0.01)
 
 
+async def leased(client, count: int) -> tuple[str, list[str]]:
+    """A new topic with subscription "s", `count` messages published and pulled: their
+    receipts."""
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, *range(count))
+    receipts = [m["receipt"] for m in await pull(client, topic, "s", count)]
+    assert len(receipts) == count
+    return topic, receipts
+
+
 async def test_acks_that_arrive_during_a_write_share_the_next_one(harness, monkeypatch):
     client = harness.client
-    topic = await topic_with_subscription(client)
-    await publish(client, topic, *range(12))
-    receipts = [m["receipt"] for m in await pull(client, topic, "s", 12)]
+    topic, receipts = await leased(client, 12)
     settles = CountedSettles(monkeypatch)
 
     first = asyncio.create_task(ack(client, topic, "s", receipts[:1]))
@@ -76,9 +84,7 @@ async def test_acks_that_arrive_during_a_write_share_the_next_one(harness, monke
 
 async def test_stale_and_acked_receipts_in_one_group_are_told_apart(harness, monkeypatch):
     client = harness.client
-    topic = await topic_with_subscription(client)
-    await publish(client, topic, 1, 2, 3)
-    receipts = [m["receipt"] for m in await pull(client, topic, "s", 3)]
+    topic, receipts = await leased(client, 3)
     assert (await ack(client, topic, "s", [receipts[0]]))["acked"] == 1  # acked before
     settles = CountedSettles(monkeypatch)
 
@@ -99,9 +105,7 @@ async def test_stale_and_acked_receipts_in_one_group_are_told_apart(harness, mon
 
 async def test_a_failed_write_fails_every_ack_of_its_group(harness, monkeypatch):
     client = harness.client
-    topic = await topic_with_subscription(client)
-    await publish(client, topic, *range(4))
-    receipts = [m["receipt"] for m in await pull(client, topic, "s", 4)]
+    topic, receipts = await leased(client, 4)
     settles = CountedSettles(monkeypatch)
     real = settles.settle
 
@@ -131,9 +135,7 @@ async def test_a_failed_write_fails_every_ack_of_its_group(harness, monkeypatch)
 
 async def test_acks_for_a_deleted_subscription_are_answered_404_each(harness, monkeypatch):
     client = harness.client
-    topic = await topic_with_subscription(client)
-    await publish(client, topic, 1)
-    [receipt] = [m["receipt"] for m in await pull(client, topic, "s", 1)]
+    topic, [receipt] = await leased(client, 1)
     settles = CountedSettles(monkeypatch)
     url = sub_path(topic, "s") + "/ack"
 
