@@ -80,6 +80,8 @@ def test_wrk_bench_smoke() -> None:
         "bare ASGI (floor)",
         "Starlette route + orjson",
         "FastAPI route + pydantic",
+        "ASGI + INSERT per request (asyncpg pool)",
+        "ASGI + INSERT per request (connection list)",
         "sluice publish b1",
         *(["pgmq send b1 (pgbench)"] if pgmq else []),
         "sluice pull + ack b1",
@@ -94,6 +96,13 @@ def test_wrk_bench_smoke() -> None:
     requests, messages = (float(consume[i].replace(",", "")) for i in (3, 4))
     assert 0.4 * requests <= messages <= 0.5 * requests + 1, consume
     assert float(by_name["sluice publish b1"][8]) > 0  # Postgres' CPU per message
+    # The commit floors stored what they answered: a message per request.
+    for name in (
+        "ASGI + INSERT per request (asyncpg pool)",
+        "ASGI + INSERT per request (connection list)",
+    ):
+        row = by_name[name]
+        assert row[4].strip() == row[3].strip() and float(row[8]) > 0, row
     if not pgmq:
         assert "pgmq rows skipped" in done.stdout
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -121,9 +122,18 @@ FLOORS = {
     "Starlette route + orjson": "bench.wrk.floor_app:starlette_app",
     "FastAPI route + pydantic": "bench.wrk.floor_app:fastapi_app",
 }
+# The floor of a publish that commits: the bare ASGI app plus one INSERT per request, its
+# own transaction (bench/wrk/floor_pg_app.py), through asyncpg's pool or a list of
+# connections. Sluice's publish can go below it only by sharing commits.
+COMMIT_FLOORS = {
+    "ASGI + INSERT per request (asyncpg pool)": "bench.wrk.floor_pg_app:pool_app",
+    "ASGI + INSERT per request (connection list)": "bench.wrk.floor_pg_app:free_list_app",
+}
 
 
-def start_floor(target: str, port: int) -> subprocess.Popen[bytes]:
+def start_floor(
+    target: str, port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -139,6 +149,7 @@ def start_floor(target: str, port: int) -> subprocess.Popen[bytes]:
             "--no-access-log",
         ],
         cwd=HERE.parents[1],
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -206,6 +217,15 @@ async def main() -> None:
             for name, target in ({} if args.only_sluice else FLOORS).items():
                 port = free_port()
                 started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
+            if not args.only_sluice:
+                floor_url = await postgres.create_database("bench_wrk_floor")
+                floor_env = {"FLOOR_DATABASE_URL": floor_url}
+                for name, target in COMMIT_FLOORS.items():
+                    port = free_port()
+                    started[name] = (
+                        f"http://127.0.0.1:{port}",
+                        start_floor(target, port, floor_env),
+                    )
         client = httpx.AsyncClient(base_url=server.base_url, timeout=60)
         assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
         assert (await client.put("/v1/topics/wrk/subscriptions/s", json={})).status_code == 201
