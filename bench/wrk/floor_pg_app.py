@@ -9,6 +9,10 @@ to share its commit (few connections). Two ways to the connection:
 - `free_list_app`: a list of connections opened at start, taken and put back without an
   await when one is idle (the cheapest way there is).
 
+And the floor of a publish that shares its commit (`grouped_app`): one writer task on one
+connection inserts, in one statement and transaction, every request that queued while it
+wrote the previous ones (Sluice's publisher, minus everything else).
+
     FLOOR_DATABASE_URL=postgresql://... .venv/bin/python -m uvicorn \\
         bench.wrk.floor_pg_app:pool_app --port 8002 --log-level warning --no-access-log
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from typing import Any, Protocol
 
 import asyncpg
@@ -90,6 +95,43 @@ class _FreeList:
             self._idle.put_nowait(conn)
 
 
+class _Grouped:
+    table = "floor_grouped"
+    insert_sql = (
+        f"INSERT INTO {table} (value) SELECT v FROM unnest($1::jsonb[]) WITH ORDINALITY AS x(v, n)"
+        " ORDER BY n RETURNING msg_offset"
+    )
+
+    async def open(self, url: str) -> None:
+        self._conn = await asyncpg.connect(url)
+        self._waiting: deque[tuple[str, asyncio.Future[int]]] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._writer = asyncio.create_task(self._write())
+
+    async def close(self) -> None:
+        self._writer.cancel()
+        await self._conn.close()
+
+    async def insert(self, value: str) -> int:
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append((value, answer))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        return await answer
+
+    async def _write(self) -> None:
+        while True:
+            if not self._waiting:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+            group = list(self._waiting)
+            self._waiting.clear()
+            rows = await self._conn.fetch(self.insert_sql, [value for value, _ in group])
+            # Offsets are taken in insertion order (one sequence, one statement).
+            for (_, answer), offset in zip(group, sorted(row[0] for row in rows), strict=True):
+                answer.set_result(offset)
+
+
 def _app(connections: _Connections) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -132,3 +174,4 @@ def _app(connections: _Connections) -> Any:
 
 pool_app = _app(_Pool())
 free_list_app = _app(_FreeList())
+grouped_app = _app(_Grouped())

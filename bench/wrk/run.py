@@ -123,11 +123,14 @@ FLOORS = {
     "FastAPI route + pydantic": "bench.wrk.floor_app:fastapi_app",
 }
 # The floor of a publish that commits: the bare ASGI app plus one INSERT per request, its
-# own transaction (bench/wrk/floor_pg_app.py), through asyncpg's pool or a list of
-# connections. Sluice's publish can go below it only by sharing commits.
+# own transaction, through asyncpg's pool or a list of connections; and with the requests
+# that arrive during a write sharing the next one (bench/wrk/floor_pg_app.py). What Sluice
+# adds on top of the last one is the cost of its own work (auth, validation, limits, offsets
+# in commit order, the log line, metrics).
 COMMIT_FLOORS = {
     "ASGI + INSERT per request (asyncpg pool)": "bench.wrk.floor_pg_app:pool_app",
     "ASGI + INSERT per request (connection list)": "bench.wrk.floor_pg_app:free_list_app",
+    "ASGI + INSERT per group (one writer)": "bench.wrk.floor_pg_app:grouped_app",
 }
 
 
