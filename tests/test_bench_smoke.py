@@ -250,3 +250,25 @@ def test_pgbench_rows_are_measured_and_read_from_pgbench(pg_server: str) -> None
         "s3cret",
         "db1",
     )
+
+
+def test_publish_floor_smoke() -> None:
+    """bench/publish_floor: the Python load generator's single-message publishes against the
+    grouped commit floor, Sluice and pgmq, and a table of their medians."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.publish_floor", "--rounds", "1", "--seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| server")
+    }
+    expected = {"grouped commit floor", "sluice", *(["pgmq"] if DEFAULT_PGMQ_SQL.is_file() else [])}
+    assert set(rows) == expected, done.stdout
+    for row in rows.values():
+        assert float(row[2].replace(",", "")) > 0, row
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == len(expected), done.stdout
+    assert all(", 0 errors" in line for line in rounds), done.stdout
