@@ -16,6 +16,19 @@ from bench.run import DEFAULT_PGMQ_SQL, QUICK_REPEAT, REPEAT, parse_args
 from tests.conftest import ROOT
 
 
+def _bench(*args: str) -> str:
+    """`python -m <args>` from the repository's root: its output (the test fails on a
+    non-zero exit). A bench that drives wrk is skipped where wrk is not installed."""
+    if args[0].startswith("bench.wrk") and shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [
@@ -67,14 +80,8 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
 def test_wrk_bench_smoke() -> None:
     """bench/wrk: the server's CPU per request under wrk next to the floors (wrk is a
     Debian package; .ci/run installs it)."""
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.wrk.run", "--seconds", "1", "--connections", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    out = _bench("bench.wrk.run", "--seconds", "1", "--connections", "2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 2 |")]
     names = [row[2].strip() for row in rows]
     pgmq = DEFAULT_PGMQ_SQL.is_file()
     assert names == [
@@ -88,7 +95,7 @@ def test_wrk_bench_smoke() -> None:
         *(["pgmq send b1 (pgbench)"] if pgmq else []),
         "sluice pull + ack b1",
         *(["pgmq read + delete b1 (pgbench)"] if pgmq else []),
-    ], done.stdout
+    ], out
     for row in rows:
         assert float(row[3].replace(",", "")) > 0 and row[9].strip() == "0", row
     by_name = {row[2].strip(): row for row in rows}
@@ -103,7 +110,7 @@ def test_wrk_bench_smoke() -> None:
         if name.startswith("ASGI + INSERT"):
             assert float(by_name[name][8]) > 0, by_name[name]
     if not pgmq:
-        assert "pgmq rows skipped" in done.stdout
+        assert "pgmq rows skipped" in out
 
 
 def test_bench_held_xmin_smoke(pg_server: str, tmp_path: Path) -> None:
@@ -256,42 +263,30 @@ def test_pgbench_rows_are_measured_and_read_from_pgbench(pg_server: str) -> None
 def test_publish_floor_smoke() -> None:
     """bench/publish_floor: the Python load generator's single-message publishes against the
     grouped commit floor, Sluice and pgmq, and a table of their medians."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.publish_floor", "--rounds", "1", "--seconds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = _bench("bench.publish_floor", "--rounds", "1", "--seconds", "1")
     rows = {
         line.split("|")[1].strip(): line.split("|")
-        for line in done.stdout.splitlines()
+        for line in out.splitlines()
         if line.startswith("| ") and not line.startswith("| server")
     }
     expected = {"grouped commit floor", "sluice", *(["pgmq"] if DEFAULT_PGMQ_SQL.is_file() else [])}
-    assert set(rows) == expected, done.stdout
+    assert set(rows) == expected, out
     for row in rows.values():
         assert float(row[2].replace(",", "")) > 0, row
-    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
-    assert len(rounds) == len(expected), done.stdout
-    assert all(", 0 errors" in line for line in rounds), done.stdout
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == len(expected), out
+    assert all(", 0 errors" in line for line in rounds), out
 
 
 def test_wrk_statements_smoke() -> None:
     """bench/wrk/statements: Postgres' time per statement under wrk, from pg_stat_statements
     loaded into a restarted bench Postgres; the statements inside Sluice's functions count
     on their own (track = all)."""
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.wrk.statements", "--seconds", "1", "--top", "40"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"^[\d,]+ requests, [\d,]+/s, 0 errors$", done.stdout, re.M), done.stdout
-    rows = [
-        line.split(" | ") for line in done.stdout.splitlines() if re.match(r"\| [\d,]+ \|", line)
-    ]
+    out = _bench("bench.wrk.statements", "--seconds", "1", "--top", "40")
+    assert re.search(r"^[\d,]+ requests, [\d,]+/s, 0 errors$", out, re.M), out
+    rows = [line.split(" | ") for line in out.splitlines() if re.match(r"\| [\d,]+ \|", line)]
     top_level = [row[-1] for row in rows if row[4] == "yes"]
     nested = [row[-1] for row in rows if row[4] == "no"]
-    assert any("sluice.publish_batch" in statement for statement in top_level), done.stdout
-    assert any("INSERT INTO sluice.messages" in statement for statement in nested), done.stdout
-    assert all(float(row[1]) >= 0 and float(row[2]) >= 0 for row in rows), done.stdout
+    assert any("sluice.publish_batch" in statement for statement in top_level), out
+    assert any("INSERT INTO sluice.messages" in statement for statement in nested), out
+    assert all(float(row[1]) >= 0 and float(row[2]) >= 0 for row in rows), out
