@@ -1,12 +1,14 @@
 """`python -m bench.wrk.run`: the server's own cost per request, measured with wrk (a load
 generator in C that costs almost nothing), next to the floor of the HTTP path: a bare ASGI
 app on the same uvicorn, and the same answer through a Starlette and a FastAPI route
-(bench/wrk/floor_app.py). Single-message publishes, one message per request, and
-single-message consumes (a pull of one, then its ack in a request of its own), at several
-connection counts. Reports requests/s, messages/s, each server's CPU time per request (its
-process tree, from /proc) and their ratio to the floor, and Postgres' CPU per message.
-pgmq gets the same workloads from pgbench, Postgres' load generator in C (bench/wrk/pgbench.py),
-when its install file is there (--pgmq-sql): each system with a client that costs ~nothing.
+(bench/wrk/floor_app.py), and the floors of a publish that commits: that app plus one
+INSERT per request, or per group of requests (bench/wrk/floor_pg_app.py). Single-message
+publishes, one message per request, and single-message consumes (a pull of one, then its
+ack in a request of its own), at several connection counts. Reports requests/s,
+messages/s, each server's CPU time per request (its process tree, from /proc) and their
+ratio to the floor, and Postgres' CPU per message. pgmq gets the same workloads from
+pgbench, Postgres' load generator in C (bench/wrk/pgbench.py), when its install file is
+there (--pgmq-sql): each system with a client that costs ~nothing.
 
     .venv/bin/python -m bench.wrk.run [--seconds 10] [--connections 4,16,64] [--profile DIR]
                                       [--workloads publish,consume]
