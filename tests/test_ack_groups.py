@@ -15,6 +15,7 @@ from sluice.queue import ack_groups
 from sluice.queue.ack_groups import AckGroups
 from sluice.records import Receipt, Settled
 from sluice.storage import settlement as settlement_sql
+from tests.conftest import wait_until
 from tests.helpers import (
     ack,
     assert_problem,
@@ -44,9 +45,10 @@ class CountedSettles:
         return await self.real(conn, kind, topic, sub, receipts, seconds, skew)
 
     async def reach(self, calls: int) -> None:
-        async with asyncio.timeout(10):
-            while len(self.calls) < calls:
-                await asyncio.sleep(0.01)
+        async def reached() -> bool:
+            return len(self.calls) >= calls
+
+        await wait_until(reached, timeout=10, interval=0.01)
 
 
 async def leased(client, count: int) -> tuple[str, list[str]]:

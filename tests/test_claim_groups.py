@@ -12,6 +12,7 @@ import pytest
 from sluice.errors import SluiceError
 from sluice.queue import consuming
 from sluice.storage import claims as claims_sql
+from tests.conftest import wait_until
 from tests.helpers import ack, publish, pull, stats, topic_with_subscription
 
 
@@ -40,9 +41,10 @@ class CountedClaims:
         return await self.real(conn, topic, sub, max_messages, deadline, skew, scan)
 
     async def reach(self, calls: int) -> None:
-        async with asyncio.timeout(10):
-            while len(self.asked) < calls:
-                await asyncio.sleep(0.01)
+        async def reached() -> bool:
+            return len(self.asked) >= calls
+
+        await wait_until(reached, timeout=10, interval=0.01)
 
 
 async def test_pulls_that_arrive_during_a_claim_share_the_next_one(harness, monkeypatch):
