@@ -112,8 +112,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay.wake()  # notifications may have been lost meanwhile
 
     listener = Listener(
-        url, hub.notify, on_reconnect, settings.listener_keepalive_seconds, relay.wake
+        url,
+        hub.notify,
+        on_reconnect,
+        settings.listener_keepalive_seconds,
+        relay.wake,
+        on_interest=hub.wake_topics,
+        linger_seconds=settings.listener_linger_seconds,
     )
+    hub.on_topic_waited = listener.topic_waited
+    hub.on_topic_unwaited = listener.topic_unwaited
     listener.start()
     app.state.ctx = ctx
     app.state.listener = listener

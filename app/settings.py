@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = 5.0
     # Seconds an idle LISTEN connection waits before a keepalive query proves it alive.
     listener_keepalive_seconds: float = 5.0
+    # Publishes notify only the topics some process has a long-poll waiting for; a process
+    # keeps saying so this long after its last long-poll of a topic ended, so that consumers
+    # that poll again and again do not declare and withdraw it on every pull.
+    listener_linger_seconds: float = Field(default=30.0, ge=0)
     # The SQL API's relay (outbox -> log): a pass at least this often even without a
     # notification, at most this many outbox rows per pass (and transaction).
     relay_interval_seconds: float = Field(default=1.0, gt=0)

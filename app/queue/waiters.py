@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 
@@ -39,7 +39,15 @@ async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
 
 
 class WaiterHub:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_topic_waited: Callable[[int], None] | None = None,
+        on_topic_unwaited: Callable[[int], None] | None = None,
+    ) -> None:
+        # Told when a topic gets its first waiter and loses its last: the listener declares
+        # the process's interest in the topic's publishes (storage.listener).
+        self.on_topic_waited = on_topic_waited
+        self.on_topic_unwaited = on_topic_unwaited
         # topic_id -> subscription key -> waiters in arrival order
         self._waiters: dict[int, dict[str, OrderedDict[Waiter, None]]] = {}
         self.closing = False
@@ -61,7 +69,12 @@ class WaiterHub:
         waiter = Waiter(capacity)
         if self.closing:
             waiter.event.set()
-        queue = self._waiters.setdefault(topic_id, {}).setdefault(subscription, OrderedDict())
+        subscriptions = self._waiters.get(topic_id)
+        if subscriptions is None:
+            subscriptions = self._waiters[topic_id] = {}
+            if self.on_topic_waited is not None:
+                self.on_topic_waited(topic_id)
+        queue = subscriptions.setdefault(subscription, OrderedDict())
         queue[waiter] = None
         relay = None
         if client_gone is not None:
@@ -79,6 +92,8 @@ class WaiterHub:
                     self._rechecked.pop((topic_id, subscription), None)
                     if not subs:
                         del self._waiters[topic_id]
+                        if self.on_topic_unwaited is not None:
+                            self.on_topic_unwaited(topic_id)
 
     def notify(self, topic_id: int, count: int) -> None:
         self.notifications += 1
@@ -89,6 +104,15 @@ class WaiterHub:
         queue = self._waiters.get(topic_id, {}).get(subscription)
         if queue:
             self._wake(queue, 1)
+
+    def wake_topics(self, topic_ids: frozenset[int]) -> None:
+        """Every waiter of these topics claims again: publishes that did not notify may have
+        committed before this process's interest was declared (storage.listener)."""
+        self.notifications += 1
+        for topic_id in topic_ids:
+            for queue in list(self._waiters.get(topic_id, {}).values()):
+                for waiter in queue:
+                    waiter.event.set()
 
     def wake_all(self) -> None:
         self.notifications += 1

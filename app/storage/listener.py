@@ -1,9 +1,18 @@
-"""The one LISTEN connection of a process.
+"""The one LISTEN connection of a process, and the topics it declares waiters for.
 
 It hands every notification to a callback (the waiter hub). Notifications are hints: when
 the connection dies (Postgres restart, network) we reconnect with backoff and tell the hub
 to wake everybody, since notifications may have been lost meanwhile. A periodic keepalive
 query detects a silently dead connection.
+
+A publish notifies only when some process declares that it has a long-poll waiting for the
+topic (revision 0010): the connection holds a session-level shared advisory lock on the
+topic's bucket while this process has waiters there, and for `linger_seconds` after the
+last one left, so a consumer that long-polls again and again does not take and give back
+the lock on every pull. A publish that finds the key free takes it until its commit and does
+not notify; asking for the key then waits for that commit. So once the key is held, every
+publish either has notified or is visible to a claim that starts now: `on_interest` is
+called then with the bucket's waited topics, whose waiters the hub wakes to claim again.
 """
 
 from __future__ import annotations
@@ -21,6 +30,21 @@ from sluice.storage.outbox import OUTBOX_PAYLOAD
 
 log = logging.getLogger("sluice.listener")
 
+# The advisory lock class and bucket count of sluice.append_messages (revision 0010).
+INTEREST_LOCK_CLASS = 1397511171
+INTEREST_BUCKETS = 256
+DECLARE_INTEREST = "SELECT pg_advisory_lock_shared($1, $2)"
+WITHDRAW_INTEREST = "SELECT pg_advisory_unlock_shared($1, $2)"
+# How long declaring interest may wait for a publish of the bucket to commit before it is
+# tried again later (notifications to this connection wait meanwhile).
+INTEREST_LOCK_TIMEOUT = "50ms"
+INTEREST_RETRY_SECONDS = 0.05
+
+
+def interest_bucket(topic_id: int) -> int:
+    """The bucket of a topic's advisory key, as sluice.append_messages computes it."""
+    return topic_id % INTEREST_BUCKETS
+
 
 class Listener:
     def __init__(
@@ -30,14 +54,25 @@ class Listener:
         on_reconnect: Callable[[], None],
         keepalive_seconds: float = 5.0,
         on_outbox: Callable[[], None] | None = None,
+        on_interest: Callable[[frozenset[int]], None] | None = None,
+        linger_seconds: float = 30.0,
     ) -> None:
         self._url = plain_url(url)
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._on_outbox = on_outbox
+        self._on_interest = on_interest
         self._keepalive = keepalive_seconds
+        self._linger = linger_seconds
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # bucket -> topics of this process with waiters there
+        self._waiting: dict[int, set[int]] = {}
+        # bucket -> loop time its last waiter left (its key is given back `linger` later)
+        self._idle_since: dict[int, float] = {}
+        self._held: set[int] = set()  # buckets whose key this connection holds
+        self._retry_at = 0.0  # when to try again to declare what a lock timeout refused
+        self._changed = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sluice-listener")
@@ -47,6 +82,30 @@ class Listener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def topic_waited(self, topic_id: int) -> None:
+        """The hub's first waiter for a topic arrived."""
+        bucket = interest_bucket(topic_id)
+        self._waiting.setdefault(bucket, set()).add(topic_id)
+        self._idle_since.pop(bucket, None)
+        if bucket not in self._held:
+            self._changed.set()
+
+    def topic_unwaited(self, topic_id: int) -> None:
+        """The hub's last waiter for a topic left."""
+        bucket = interest_bucket(topic_id)
+        topics = self._waiting.get(bucket)
+        if topics is None:
+            return
+        topics.discard(topic_id)
+        if not topics:
+            del self._waiting[bucket]
+            self._idle_since[bucket] = asyncio.get_running_loop().time()
+            self._changed.set()
+
+    def declared(self) -> frozenset[int]:
+        """The buckets whose key this process holds now (for tests and /readyz-style looks)."""
+        return frozenset(self._held)
 
     def _dispatch(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload == OUTBOX_PAYLOAD:
@@ -68,9 +127,18 @@ class Listener:
             # not wait for the next keepalive to notice, or /readyz says "ready" and
             # notifications are lost for up to a keepalive period after a restart.
             closed = asyncio.Event()
+
+            def on_close(_conn: object, closed: asyncio.Event = closed) -> None:
+                closed.set()
+                self._changed.set()
+
             try:
-                conn = await asyncpg.connect(self._url, timeout=5)
-                conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=5,
+                    server_settings={"lock_timeout": INTEREST_LOCK_TIMEOUT},
+                )
+                conn.add_termination_listener(on_close)
                 await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
                 self.connected.set()
                 if not first:
@@ -78,12 +146,7 @@ class Listener:
                     self._on_reconnect()
                 first = False
                 delay = 0.1
-                while True:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(closed.wait(), self._keepalive)
-                    if closed.is_set():
-                        raise ConnectionError("listen connection closed")
-                    await conn.fetchval("SELECT 1", timeout=self._keepalive)
+                await self._serve(conn, closed)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure means: reconnect
@@ -94,6 +157,63 @@ class Listener:
                 delay = min(delay * 2, 5.0)
                 first = False
             finally:
+                # The session's locks end with it: the next connection declares again.
+                self._held.clear()
+                self._retry_at = 0.0
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)
+
+    async def _serve(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
+        """Keep the connection alive and its declared buckets in step with the waiters."""
+        loop = asyncio.get_running_loop()
+        last_query = loop.time()
+        while True:
+            await self._reconcile(conn)
+            if closed.is_set():
+                raise ConnectionError("listen connection closed")
+            now = loop.time()
+            wake_at = last_query + self._keepalive
+            for since in self._idle_since.values():
+                wake_at = min(wake_at, since + self._linger)
+            if self._retry_at > now:
+                wake_at = min(wake_at, self._retry_at)
+            self._changed.clear()
+            if not self._pending(now):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, wake_at - now))
+            if closed.is_set():
+                raise ConnectionError("listen connection closed")
+            if loop.time() >= last_query + self._keepalive:
+                await conn.fetchval("SELECT 1", timeout=self._keepalive)
+                last_query = loop.time()
+
+    def _pending(self, now: float) -> bool:
+        """Whether `_reconcile` has something to do now."""
+        if now >= self._retry_at and any(b not in self._held for b in self._waiting):
+            return True
+        return any(now >= since + self._linger for since in self._idle_since.values())
+
+    async def _reconcile(self, conn: asyncpg.Connection) -> None:
+        now = asyncio.get_running_loop().time()
+        for bucket, since in list(self._idle_since.items()):
+            if now < since + self._linger or bucket in self._waiting:
+                continue
+            del self._idle_since[bucket]
+            if bucket in self._held:
+                await conn.fetchval(WITHDRAW_INTEREST, INTEREST_LOCK_CLASS, bucket)
+                self._held.discard(bucket)
+        if now < self._retry_at:
+            return
+        for bucket in [b for b in self._waiting if b not in self._held]:
+            try:
+                await conn.fetchval(DECLARE_INTEREST, INTEREST_LOCK_CLASS, bucket)
+            except asyncpg.LockNotAvailableError:
+                # A publish of the bucket is still committing (or an unusually long relay
+                # pass): its waiters re-check when the key is ours, a moment later.
+                self._retry_at = asyncio.get_running_loop().time() + INTEREST_RETRY_SECONDS
+                return
+            self._held.add(bucket)
+            topics = self._waiting.get(bucket)
+            if topics and self._on_interest is not None:
+                self._on_interest(frozenset(topics))

@@ -1,0 +1,209 @@
+"""A publish notifies only the topics some process has a long-poll waiting for (revision
+0010): each process's listener holds a shared advisory key per topic bucket while it has
+waiters there (and `listener_linger_seconds` after), and a publish that can take the key
+itself skips its NOTIFY. What must hold: a waiting long-poll still wakes within
+milliseconds, whatever moment the publish committed at, including while the key was being
+declared and after the listener's connection was lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import asyncpg
+import pytest
+
+from sluice.storage.db import plain_url
+from sluice.storage.listener import INTEREST_LOCK_CLASS, interest_bucket
+from tests.conftest import run_app, wait_until
+from tests.helpers import publish, pull, topic_with_subscription
+
+# Anything faster than this comes from a notification or a declared key, never from the
+# periodic safety re-check.
+RECHECK = 30.0
+
+HELD_KEYS = """
+    SELECT pid, objid::int AS bucket FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def topic_id_of(conn: asyncpg.Connection, topic: str) -> int:
+    return await conn.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", topic)
+
+
+async def start_waiting(harness, topic: str, wait_seconds: float = 10):
+    before = harness.ctx.hub.waiting_count()
+    task = asyncio.create_task(pull(harness.client, topic, "s", 10, wait_seconds=wait_seconds))
+
+    async def parked() -> bool:
+        return harness.ctx.hub.waiting_count() > before
+
+    await wait_until(parked, timeout=10, interval=0.005)
+    return task
+
+
+class Notifications:
+    """A LISTEN of the channel Sluice notifies on, from outside the app."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.payloads: list[str] = []
+
+    async def __aenter__(self) -> Notifications:
+        await self.conn.add_listener("sluice", self._got)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.remove_listener("sluice", self._got)
+
+    def _got(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.payloads.append(payload)
+
+    async def settle(self) -> list[str]:
+        """What arrived, once a round trip has let anything already sent come in."""
+        await asyncio.sleep(0.2)
+        await self.conn.fetchval("SELECT 1")
+        return list(self.payloads)
+
+
+@pytest.fixture
+async def db(fresh_db_url):
+    conn = await asyncpg.connect(plain_url(fresh_db_url))
+    yield conn
+    await conn.close()
+
+
+async def test_a_publish_notifies_only_while_a_process_declares_waiters(fresh_db_url, db):
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        topic = await topic_with_subscription(h.client)
+        topic_id = await topic_id_of(db, topic)
+        async with Notifications(db) as seen:
+            await publish(h.client, topic, "nobody waits")
+            assert await seen.settle() == []
+            assert await db.fetch(HELD_KEYS, INTEREST_LOCK_CLASS) == []
+
+            # Somebody (here: this test's session) declares waiters for the topic's bucket.
+            await db.execute(
+                "SELECT pg_advisory_lock_shared($1, $2)",
+                INTEREST_LOCK_CLASS,
+                interest_bucket(topic_id),
+            )
+            await publish(h.client, topic, "somebody waits")
+            assert await seen.settle() == [f"{topic_id}:1"]
+
+            await db.execute(
+                "SELECT pg_advisory_unlock_shared($1, $2)",
+                INTEREST_LOCK_CLASS,
+                interest_bucket(topic_id),
+            )
+            await publish(h.client, topic, "nobody again")
+            assert await seen.settle() == [f"{topic_id}:1"]
+
+
+async def test_a_long_poll_declares_its_topic_and_the_key_is_given_back_after_the_linger(
+    fresh_db_url, db
+):
+    async with run_app(
+        fresh_db_url, poll_recheck_seconds=RECHECK, listener_linger_seconds=0.5
+    ) as h:
+        listener = h.app.state.listener
+        topic = await topic_with_subscription(h.client)
+        bucket = interest_bucket(await topic_id_of(db, topic))
+        task = await start_waiting(h, topic)
+
+        async def declared() -> bool:
+            return bucket in listener.declared()
+
+        await wait_until(declared, timeout=5, interval=0.01)
+        held = await db.fetch(HELD_KEYS, INTEREST_LOCK_CLASS)
+        assert [row["bucket"] for row in held] == [bucket]
+
+        published = time.monotonic()
+        [offset] = await publish(h.client, topic, "wake up")
+        got = await asyncio.wait_for(task, 5)
+        assert [m["offset"] for m in got] == [offset]
+        assert time.monotonic() - published < 1.0
+
+        # The key stays while consumers keep coming back, then goes.
+        await asyncio.sleep(0.2)
+        assert bucket in listener.declared()
+
+        async def withdrawn() -> bool:
+            return not listener.declared() and not await db.fetch(HELD_KEYS, INTEREST_LOCK_CLASS)
+
+        await wait_until(withdrawn, timeout=5, interval=0.02)
+        async with Notifications(db) as seen:
+            await publish(h.client, topic, "nobody waits any more")
+            assert await seen.settle() == []
+
+
+async def test_a_publish_that_skipped_its_notify_still_wakes_a_long_poll_parked_meanwhile(
+    fresh_db_url, db
+):
+    """The race the key closes: a publish finds nobody waiting and skips its NOTIFY; before
+    it commits, a long-poll claims (nothing yet visible) and parks. Declaring the key waits
+    for the publish's commit, and the long-poll claims again once the key is held."""
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        listener = h.app.state.listener
+        topic = await topic_with_subscription(h.client)
+        bucket = interest_bucket(await topic_id_of(db, topic))
+        async with Notifications(db) as seen:
+            publisher = await asyncpg.connect(plain_url(fresh_db_url))
+            try:
+                tx = publisher.transaction()
+                await tx.start()
+                row = await publisher.fetchrow(
+                    "SELECT * FROM sluice.publish_batch($1, $2, $3, $4, $5, $6, $7, 0)",
+                    topic,
+                    [json.dumps("in flight")],
+                    [None],
+                    [None],
+                    [0],
+                    None,
+                    100,
+                )
+                assert row["status"] == "ok"
+                task = await start_waiting(h, topic)
+                # The listener cannot declare the bucket while the publish holds its key.
+                await asyncio.sleep(0.3)
+                assert bucket not in listener.declared()
+                assert not task.done()
+                committed = time.monotonic()
+                await tx.commit()
+            finally:
+                await publisher.close()
+            got = await asyncio.wait_for(task, 5)
+            woke_after = time.monotonic() - committed
+            assert [m["offset"] for m in got] == [row["first_offset"]]
+            assert woke_after < 1.0, woke_after
+            assert await seen.settle() == []  # it was woken without a notification
+
+
+async def test_the_key_is_declared_again_when_the_listen_connection_is_lost(fresh_db_url, db):
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        listener = h.app.state.listener
+        topic = await topic_with_subscription(h.client)
+        bucket = interest_bucket(await topic_id_of(db, topic))
+        task = await start_waiting(h, topic, wait_seconds=15)
+
+        async def holder() -> int | None:
+            rows = await db.fetch(HELD_KEYS, INTEREST_LOCK_CLASS)
+            return rows[0]["pid"] if rows and bucket in listener.declared() else None
+
+        first = await wait_until(holder, timeout=5, interval=0.01)
+        await db.execute("SELECT pg_terminate_backend($1)", first)
+
+        async def declared_again() -> int | None:
+            pid = await holder()
+            return pid if pid not in (None, first) else None
+
+        await wait_until(declared_again, timeout=10, interval=0.02)
+        assert not task.done()  # woken by the reconnect, it claimed again and waits on
+        published = time.monotonic()
+        [offset] = await publish(h.client, topic, "after the reconnect")
+        got = await asyncio.wait_for(task, 5)
+        assert [m["offset"] for m in got] == [offset]
+        assert time.monotonic() - published < 1.0
