@@ -290,3 +290,13 @@ def test_wrk_statements_smoke() -> None:
     assert any("sluice.publish_batch" in statement for statement in top_level), out
     assert any("INSERT INTO sluice.messages" in statement for statement in nested), out
     assert all(float(row[1]) >= 0 and float(row[2]) >= 0 for row in rows), out
+
+
+def test_notify_lock_smoke() -> None:
+    """bench/notify_lock: pgbench publishing through sluice.publish_batch with nobody waiting
+    and with every bucket declared, and a table of the two rates per client count."""
+    out = _bench("bench.notify_lock", "--clients", "2", "--seconds", "1", "--rounds", "1")
+    rows = [line.split("|") for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row[1].strip() for row in rows] == ["2"], out
+    quiet, noisy = (float(row[2 + i].replace(",", "")) for row in rows for i in range(2))
+    assert quiet > 0 and noisy > 0, out
