@@ -119,7 +119,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay.wake,
         on_interest=hub.wake_topics,
         linger_seconds=settings.listener_linger_seconds,
+        on_outbox_declared=relay.wake,
     )
+    relay.declare_waiting = listener.want_outbox
     hub.on_topic_waited = listener.topic_waited
     hub.on_topic_unwaited = listener.topic_unwaited
     listener.start()

@@ -2,11 +2,13 @@
 moves from the outbox into the queue once their transaction has committed.
 
 Every process runs one; a transaction-scoped try-lock in Postgres lets one pass run at a
-time cluster-wide (a process that finds it taken does nothing: the holder relays). A pass
-runs when the SQL API's notification arrives (at the application's commit), when the
-previous pass left rows behind, and every `relay_interval_seconds` in any case
-(notifications are hints: a reconnecting listener may have missed some). The outbox's
-partitions rotate in the maintenance pass (rotate_outbox below).
+time cluster-wide (a process that finds it taken does nothing: the holder relays). A relay
+that has work polls every ACTIVE_POLL_SECONDS until QUIET_PASSES passes in a row found
+nothing; then it asks its listener to declare that it waits (revision 0011: only then do
+the applications' commits notify, see storage.listener) and waits for a notification, or
+`relay_interval_seconds` in any case (notifications are hints: a reconnecting listener may
+have missed some). The outbox's partitions rotate in the maintenance pass (rotate_outbox
+below).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import asyncpg
 
@@ -25,12 +28,17 @@ log = logging.getLogger("sluice.relay")
 
 # How long the DDL of the rotation (TRUNCATE of a relayed partition) may wait for its lock.
 TRUNCATE_LOCK_TIMEOUT = "100ms"
+# While there is work: a pass this often, until this many passes in a row found nothing.
+ACTIVE_POLL_SECONDS = 0.02
+QUIET_PASSES = 5
 
 
 class Relay:
     def __init__(self, ctx: QueueContext) -> None:
         self._ctx = ctx
         self._wake = asyncio.Event()
+        # Declares (True) or withdraws (False) this relay's waiting: Listener.want_outbox.
+        self.declare_waiting: Callable[[bool], None] | None = None
 
     def wake(self) -> None:
         """Called by the listener on the SQL API's notification."""
@@ -38,13 +46,24 @@ class Relay:
 
     async def run(self) -> None:
         interval = self._ctx.settings.relay_interval_seconds
+        quiet = 0
         while True:
+            waiting = quiet >= QUIET_PASSES
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+            # arrives as the event is set, and the relay then outlives the app's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(
+                    interval if waiting else min(interval, ACTIVE_POLL_SECONDS)
+                ):
+                    await self._wake.wait()
             self._wake.clear()
+            relayed = 0
             try:
-                while (await relay_once(self._ctx)).more:
-                    pass
+                while True:
+                    done = await relay_once(self._ctx)
+                    relayed += max(done.relayed, 0)
+                    if not done.more:
+                        break
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -53,6 +72,10 @@ class Relay:
                 log.warning("relay pass failed; retrying", exc_info=True)
                 await asyncio.sleep(min(interval, 1.0))
                 self._wake.set()
+                continue
+            quiet = 0 if relayed else min(quiet + 1, QUIET_PASSES)
+            if self.declare_waiting is not None:
+                self.declare_waiting(quiet >= QUIET_PASSES)
 
 
 async def relay_once(ctx: QueueContext) -> outbox_sql.RelayPass:

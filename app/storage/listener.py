@@ -13,6 +13,12 @@ the lock on every pull. A publish that finds the key free takes it until its com
 not notify; asking for the key then waits for that commit. So once the key is held, every
 publish either has notified or is visible to a claim that starts now: `on_interest` is
 called then with the bucket's waited topics, whose waiters the hub wakes to claim again.
+
+The relay declares in the same way that it waits for the SQL API's writes (revision 0011),
+with one key for the whole cluster taken exclusively and without waiting: an application's
+commit takes it shared, so it is free only between commits, and a process that finds it
+taken tries again later (another process may hold it, which serves everybody: the
+notification reaches every listener). `on_outbox_declared` is called once it is held.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ WITHDRAW_INTEREST = "SELECT pg_advisory_unlock_shared($1, $2)"
 # tried again later (notifications to this connection wait meanwhile).
 INTEREST_LOCK_TIMEOUT = "50ms"
 INTEREST_RETRY_SECONDS = 0.05
+# The relays' key (sluice.outbox_committing, revision 0011): at most one process holds it.
+OUTBOX_LOCK_CLASS = 1397511172
+DECLARE_OUTBOX = "SELECT pg_try_advisory_lock($1, 0)"
+WITHDRAW_OUTBOX = "SELECT pg_advisory_unlock($1, 0)"
+OUTBOX_RETRY_SECONDS = (0.02, 1.0)  # first and longest wait before trying the key again
 
 
 def interest_bucket(topic_id: int) -> int:
@@ -56,6 +67,7 @@ class Listener:
         on_outbox: Callable[[], None] | None = None,
         on_interest: Callable[[frozenset[int]], None] | None = None,
         linger_seconds: float = 30.0,
+        on_outbox_declared: Callable[[], None] | None = None,
     ) -> None:
         self._url = plain_url(url)
         self._on_notify = on_notify
@@ -73,6 +85,11 @@ class Listener:
         self._held: set[int] = set()  # buckets whose key this connection holds
         self._retry_at = 0.0  # when to try again to declare what a lock timeout refused
         self._changed = asyncio.Event()
+        self._on_outbox_declared = on_outbox_declared
+        self._outbox_wanted = False
+        self.outbox_declared = False  # this connection holds the relays' key
+        self._outbox_retry_at = 0.0
+        self._outbox_backoff = OUTBOX_RETRY_SECONDS[0]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sluice-listener")
@@ -102,6 +119,15 @@ class Listener:
             del self._waiting[bucket]
             self._idle_since[bucket] = asyncio.get_running_loop().time()
             self._changed.set()
+
+    def want_outbox(self, wanted: bool) -> None:
+        """The relay has found the outbox empty for a while (True) or has work (False)."""
+        if wanted == self._outbox_wanted:
+            return
+        self._outbox_wanted = wanted
+        self._outbox_retry_at = 0.0
+        self._outbox_backoff = OUTBOX_RETRY_SECONDS[0]
+        self._changed.set()
 
     def declared(self) -> frozenset[int]:
         """The buckets whose key this process holds now (for tests and /readyz-style looks)."""
@@ -160,6 +186,8 @@ class Listener:
                 # The session's locks end with it: the next connection declares again.
                 self._held.clear()
                 self._retry_at = 0.0
+                self.outbox_declared = False
+                self._outbox_retry_at = 0.0
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)
@@ -178,10 +206,14 @@ class Listener:
                 wake_at = min(wake_at, since + self._linger)
             if self._retry_at > now:
                 wake_at = min(wake_at, self._retry_at)
+            if self._outbox_wanted and not self.outbox_declared:
+                wake_at = min(wake_at, self._outbox_retry_at)
             self._changed.clear()
             if not self._pending(now):
+                # asyncio.timeout, not wait_for: see Relay.run.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), max(0.0, wake_at - now))
+                    async with asyncio.timeout(max(0.0, wake_at - now)):
+                        await self._changed.wait()
             if closed.is_set():
                 raise ConnectionError("listen connection closed")
             if loop.time() >= last_query + self._keepalive:
@@ -192,9 +224,14 @@ class Listener:
         """Whether `_reconcile` has something to do now."""
         if now >= self._retry_at and any(b not in self._held for b in self._waiting):
             return True
+        if self._outbox_wanted != self.outbox_declared and (
+            not self._outbox_wanted or now >= self._outbox_retry_at
+        ):
+            return True
         return any(now >= since + self._linger for since in self._idle_since.values())
 
     async def _reconcile(self, conn: asyncpg.Connection) -> None:
+        await self._reconcile_outbox(conn)
         now = asyncio.get_running_loop().time()
         for bucket, since in list(self._idle_since.items()):
             if now < since + self._linger or bucket in self._waiting:
@@ -217,3 +254,22 @@ class Listener:
             topics = self._waiting.get(bucket)
             if topics and self._on_interest is not None:
                 self._on_interest(frozenset(topics))
+
+    async def _reconcile_outbox(self, conn: asyncpg.Connection) -> None:
+        if not self._outbox_wanted:
+            if self.outbox_declared:
+                await conn.fetchval(WITHDRAW_OUTBOX, OUTBOX_LOCK_CLASS)
+                self.outbox_declared = False
+            return
+        now = asyncio.get_running_loop().time()
+        if self.outbox_declared or now < self._outbox_retry_at:
+            return
+        if await conn.fetchval(DECLARE_OUTBOX, OUTBOX_LOCK_CLASS):
+            self.outbox_declared = True
+            self._outbox_backoff = OUTBOX_RETRY_SECONDS[0]
+            if self._on_outbox_declared is not None:
+                self._on_outbox_declared()  # one more pass: a commit may have skipped notifying
+            return
+        # An application's commit holds it shared (a moment), or another process holds it.
+        self._outbox_retry_at = now + self._outbox_backoff
+        self._outbox_backoff = min(self._outbox_backoff * 2, OUTBOX_RETRY_SECONDS[1])
