@@ -142,7 +142,7 @@ async def test_a_long_poll_declares_its_topic_and_the_key_is_given_back_after_th
 
 
 async def test_a_publish_that_skipped_its_notify_still_wakes_a_long_poll_parked_meanwhile(
-    fresh_db_url, db
+    fresh_db_url, db, caplog
 ):
     """The race the key closes: a publish finds nobody waiting and skips its NOTIFY; before
     it commits, a long-poll claims (nothing yet visible) and parks. Declaring the key waits
@@ -181,6 +181,8 @@ async def test_a_publish_that_skipped_its_notify_still_wakes_a_long_poll_parked_
             assert [m["offset"] for m in got] == [row["first_offset"]]
             assert woke_after < 1.0, woke_after
             assert await seen.settle() == []  # it was woken without a notification
+        # The listener waited for the key (lock_timeout, then again), it did not reconnect.
+        assert "listen connection lost" not in caplog.text
 
 
 async def test_the_key_is_declared_again_when_the_listen_connection_is_lost(fresh_db_url, db):
