@@ -108,7 +108,7 @@ async def test_a_long_poll_declares_its_topic_and_the_key_is_given_back_after_th
     fresh_db_url, db
 ):
     async with run_app(
-        fresh_db_url, poll_recheck_seconds=RECHECK, listener_linger_seconds=0.5
+        fresh_db_url, poll_recheck_seconds=RECHECK, listener_linger_seconds=2.0
     ) as h:
         listener = h.app.state.listener
         topic = await topic_with_subscription(h.client)
@@ -135,7 +135,7 @@ async def test_a_long_poll_declares_its_topic_and_the_key_is_given_back_after_th
         async def withdrawn() -> bool:
             return not listener.declared() and not await db.fetch(HELD_KEYS, INTEREST_LOCK_CLASS)
 
-        await wait_until(withdrawn, timeout=5, interval=0.02)
+        await wait_until(withdrawn, timeout=10, interval=0.02)
         async with Notifications(db) as seen:
             await publish(h.client, topic, "nobody waits any more")
             assert await seen.settle() == []
