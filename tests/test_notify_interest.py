@@ -3,7 +3,9 @@
 waiters there (and `listener_linger_seconds` after), and a publish that can take the key
 itself skips its NOTIFY. What must hold: a waiting long-poll still wakes within
 milliseconds, whatever moment the publish committed at, including while the key was being
-declared and after the listener's connection was lost."""
+declared and after the listener's connection was lost. The same for the SQL API (revision
+0011): an application's commit wakes the relays only while one of them declares it waits,
+and every commit is relayed in time whichever relay holds the key."""
 
 from __future__ import annotations
 
