@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import asyncpg
 import httpx
 
 from bench.infra import Postgres, SluiceServer
-from bench.wrk.pgbench import pgbench_binary
+from bench.wrk.pgbench import measure
 from sluice.storage.db import plain_url
 from sluice.storage.listener import INTEREST_BUCKETS, INTEREST_LOCK_CLASS, OUTBOX_LOCK_CLASS
 
@@ -52,26 +50,12 @@ MODES = ("nobody waits", "every topic waited for")
 SQL_MODES = ("relays declare only when idle", "every commit notifies")
 
 
-def pgbench(url: str, script: Path, clients: int, seconds: float) -> tuple[float, int]:
-    """(transactions/s, transactions done)."""
-    out = subprocess.run(
-        [
-            str(pgbench_binary()),
-            *("-n", "-c", str(clients), "-j", "1", "-T", f"{seconds:g}"),
-            *("-f", str(script), plain_url(url)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
-    found = re.search(r"tps = ([\d.]+)", out.stdout)
-    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
-    if out.returncode != 0 or found is None or (failed and int(failed.group(1))):
-        text = (out.stdout + out.stderr)[-2000:]
-        raise RuntimeError(f"pgbench failed ({out.returncode}): {text}")
-    done = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
-    assert done is not None, out.stdout
-    return float(found.group(1)), int(done.group(1))
+def pgbench(url: str, script: str, clients: int, seconds: float) -> tuple[float, int]:
+    """(transactions/s, transactions done): one transaction per script run."""
+    done = measure(url, None, script, clients, seconds)
+    if done["errors"]:
+        raise RuntimeError(f"pgbench: {done['errors']} transactions failed")
+    return done["rate"], done["messages"]
 
 
 async def declare_every_bucket(conn: asyncpg.Connection, on: bool) -> None:
@@ -124,8 +108,6 @@ async def main() -> None:
                 assert r.status_code in (200, 201), r.text
     finally:
         await server.stop()
-    script = Path(tempfile.mkdtemp(prefix="sluice-notify-")) / "publish.sql"
-    script.write_text(SCRIPT)
     declarer = await asyncpg.connect(plain_url(url))
     rates: dict[tuple[str, int], list[float]] = {}
     try:
@@ -135,7 +117,7 @@ async def main() -> None:
                 await declare_every_bucket(declarer, mode != MODES[0])
                 for n in clients:
                     await postgres.quiesce()
-                    rate, _ = await asyncio.to_thread(pgbench, url, script, n, args.seconds)
+                    rate, _ = await asyncio.to_thread(pgbench, url, SCRIPT, n, args.seconds)
                     rates.setdefault((mode, n), []).append(rate)
                     print(f"round {round_ + 1}: {mode}, {n} clients: {rate:,.0f} publishes/s")
                 await declare_every_bucket(declarer, False)
@@ -175,8 +157,6 @@ async def measure_sql_api(
 ) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], list[float]]]:
     """The SQL rows: sends/s per mode and client count, and how long the relay took after
     each pgbench run to have every sent message in the log."""
-    script = Path(tempfile.mkdtemp(prefix="sluice-notify-")) / "send.sql"
-    script.write_text(SEND_SCRIPT)
     server = SluiceServer(url, 1, Path(tempfile.mkdtemp(prefix="sluice-notify-")), env={})
     await server.start()
     rates: dict[tuple[str, int], list[float]] = {}
@@ -191,7 +171,7 @@ async def measure_sql_api(
                 for n in clients:
                     await postgres.quiesce()
                     before = await relayed_count(declarer)
-                    rate, sent = await asyncio.to_thread(pgbench, url, script, n, args.seconds)
+                    rate, sent = await asyncio.to_thread(pgbench, url, SEND_SCRIPT, n, args.seconds)
                     ended = loop.time()
                     while await relayed_count(declarer) < before + sent:
                         if loop.time() - ended > 60:

@@ -39,15 +39,11 @@ async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
 
 
 class WaiterHub:
-    def __init__(
-        self,
-        on_topic_waited: Callable[[int], None] | None = None,
-        on_topic_unwaited: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self) -> None:
         # Told when a topic gets its first waiter and loses its last: the listener declares
         # the process's interest in the topic's publishes (storage.listener).
-        self.on_topic_waited = on_topic_waited
-        self.on_topic_unwaited = on_topic_unwaited
+        self.on_topic_waited: Callable[[int], None] | None = None
+        self.on_topic_unwaited: Callable[[int], None] | None = None
         # topic_id -> subscription key -> waiters in arrival order
         self._waiters: dict[int, dict[str, OrderedDict[Waiter, None]]] = {}
         self.closing = False
@@ -115,11 +111,7 @@ class WaiterHub:
                     waiter.event.set()
 
     def wake_all(self) -> None:
-        self.notifications += 1
-        for subs in list(self._waiters.values()):
-            for queue in list(subs.values()):
-                for waiter in queue:
-                    waiter.event.set()
+        self.wake_topics(frozenset(self._waiters))
 
     def close(self) -> None:
         """Shutdown: every waiting pull returns now with what it has."""

@@ -130,7 +130,7 @@ class Listener:
         self._changed.set()
 
     def declared(self) -> frozenset[int]:
-        """The buckets whose key this process holds now (for tests and /readyz-style looks)."""
+        """The buckets whose key this process holds now."""
         return frozenset(self._held)
 
     def _dispatch(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
