@@ -113,6 +113,20 @@ def test_wrk_bench_smoke() -> None:
         assert "pgmq rows skipped" in out
 
 
+def test_wrk_bench_topics_smoke() -> None:
+    """`--topics N`: Sluice's publish row spreads its requests over N topics, every one
+    answered 201 (a missing topic would be a 404, counted as an error)."""
+    out = _bench(
+        "bench.wrk.run", "--seconds", "1", "--connections", "4", "--only-sluice",
+        "--workloads", "publish", "--topics", "3",
+    )  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 4 |")]
+    assert [row[2].strip() for row in rows] == ["sluice publish b1, 3 topics"], out
+    [row] = rows
+    assert float(row[3].replace(",", "")) > 0 and row[9].strip() == "0", row
+    assert "--topics 3" in out
+
+
 def test_bench_held_xmin_smoke(pg_server: str, tmp_path: Path) -> None:
     """The held-xmin workload end to end in its pg_dump form, seconds instead of minutes:
     per system a block before, the long transaction, a block after; rates, ratios, dead

@@ -13,7 +13,7 @@ import random
 import asyncpg
 import pytest
 
-from sluice.errors import NotFound, PayloadTooLarge
+from sluice.errors import NotFound, PayloadTooLarge, Unavailable
 from sluice.queue import publisher as publisher_module
 from sluice.queue.publisher import Publisher, _lost
 from sluice.records import NewMessage, Published
@@ -201,3 +201,194 @@ async def test_a_busy_writer_does_not_keep_the_last_connection_from_others(
         await publisher.close()
         await small.close()
     assert all(counts)
+
+
+# ---- groups of several topics (revision 0012) ---------------------------------------------
+
+APPEND_LOCK_CLASS = 1397511169  # sluice.append_messages: a topic's lock until commit
+
+
+async def new_topic(client, max_message_bytes: int = 1000) -> str:
+    name = unique("multi")
+    body = {"max_message_bytes": max_message_bytes}
+    assert (await client.put(f"/v1/topics/{name}", json=body)).status_code == 201
+    return name
+
+
+async def topic_id(conn: asyncpg.Connection, name: str) -> int:
+    return await conn.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", name)
+
+
+def dedup_message(value: str, dedup_id: str) -> NewMessage:
+    return NewMessage(value=value, key=None, headers=None, delay_seconds=0, dedup_id=dedup_id)
+
+
+async def test_requests_of_several_topics_share_one_transaction(writer, client, harness):
+    publisher, pool = writer
+    a, b, c = [await new_topic(client) for _ in range(3)]
+    # Queued in one loop turn: one group, one call, one transaction.
+    order = [a, b, a, c, b, a]
+    results = await asyncio.gather(
+        *(publish_one(publisher, t, f'"{i}"') for i, t in enumerate(order))
+    )
+    assert len(pool.acquired) == 1
+    async with harness.ctx.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT t.name, m.msg_offset, m.value, m.xmin::text AS xid FROM sluice.messages m "
+            "JOIN sluice.topics t USING (topic_id) WHERE t.name = ANY($1) ORDER BY m.msg_offset",
+            [a, b, c],
+        )
+    assert len({row["xid"] for row in rows}) == 1  # one transaction
+    stored = {(row["name"], row["msg_offset"]): row["value"] for row in rows}
+    for i, (name, published) in enumerate(zip(order, results, strict=True)):
+        assert stored[(name, published.offset)] == f'"{i}"'
+    for name in (a, b, c):  # each topic's requests in arrival order
+        offsets = [p.offset for t, p in zip(order, results, strict=True) if t == name]
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+
+
+async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
+    writer, client, harness
+):
+    """Another transaction holds topic b's lock (another process's publish, the relay):
+    the group writes a and answers it, and b's requests wait, first in line, for that
+    lock alone, in their arrival order."""
+    publisher, _ = writer
+    a, b = await new_topic(client), await new_topic(client)
+    async with harness.ctx.pool.acquire() as holder:
+        blocker = holder.transaction()
+        await blocker.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, b)
+        )
+        first = asyncio.create_task(publish_one(publisher, a, '"a1"'))
+        waiting = asyncio.create_task(publish_one(publisher, b, '"b1"'))
+        async with asyncio.timeout(5):
+            await first
+        later = asyncio.create_task(publish_one(publisher, b, '"b2"'))
+        other = asyncio.create_task(publish_one(publisher, a, '"a2"'))
+        await asyncio.sleep(0.3)
+        assert not waiting.done() and not later.done()
+        await blocker.commit()
+    async with asyncio.timeout(5):
+        b1, b2, a2 = await asyncio.gather(waiting, later, other)
+    assert b1.offset < b2.offset
+    assert first.result().offset < a2.offset
+
+
+async def test_a_refused_or_missing_topic_in_a_group_of_several_fails_alone(writer, client):
+    publisher, _ = writer
+    small, other = await new_topic(client, max_message_bytes=100), await new_topic(client)
+    missing = unique("missing")
+    big = '"' + "x" * 200 + '"'
+    results = await asyncio.gather(
+        publish_one(publisher, small, '"s1"'),
+        publish_one(publisher, other, '"o1"'),
+        publish_one(publisher, small, big),
+        publish_one(publisher, missing),
+        publish_one(publisher, small, '"s2"'),
+        return_exceptions=True,
+    )
+    s1, o1, refused, absent, s2 = results
+    assert isinstance(refused, PayloadTooLarge), refused
+    assert isinstance(absent, NotFound), absent
+    assert isinstance(o1, Published)
+    assert isinstance(s1, Published) and isinstance(s2, Published) and s1.offset < s2.offset
+
+
+async def test_dedup_ids_in_a_group_of_several_topics_are_per_topic(writer, client):
+    publisher, _ = writer
+    a, b = await new_topic(client), await new_topic(client)
+
+    async def publish(topic: str, value: str, dedup_id: str) -> Published:
+        [published] = await publisher.publish(topic, [dedup_message(value, dedup_id)], [10])
+        return published
+
+    a1, b1, a2, plain = await asyncio.gather(
+        publish(a, '"a1"', "same"),
+        publish(b, '"b1"', "same"),
+        publish(a, '"a2"', "same"),
+        publish_one(publisher, b, '"plain"'),
+    )
+    assert not a1.duplicate and not b1.duplicate
+    assert a2.duplicate and a2.offset == a1.offset
+    assert not plain.duplicate and plain.offset > b1.offset
+
+
+async def test_a_group_of_several_topics_whose_outcome_is_unknown_is_answered_503(
+    writer, client, harness, monkeypatch
+):
+    """The combined call committed, then the connection broke: every request of every
+    topic is answered 503, and nothing is written twice."""
+    from sluice.storage import log as log_sql
+
+    publisher, _ = writer
+    a, b = await new_topic(client), await new_topic(client)
+    real = log_sql.publish_topics
+
+    async def committed_then_lost(conn, topics, skew):
+        await real(conn, topics, skew)
+        raise ConnectionResetError("connection lost after COMMIT was sent")
+
+    monkeypatch.setattr(log_sql, "publish_topics", committed_then_lost)
+    results = await asyncio.gather(
+        publish_one(publisher, a), publish_one(publisher, b), return_exceptions=True
+    )
+    assert all(isinstance(r, Unavailable) for r in results), results
+    async with harness.ctx.pool.acquire() as conn:
+        counts = await conn.fetch(
+            "SELECT t.name, count(*) FROM sluice.messages m JOIN sluice.topics t USING "
+            "(topic_id) WHERE t.name = ANY($1) GROUP BY t.name",
+            [a, b],
+        )
+    assert sorted(row["count"] for row in counts) == [1, 1]
+
+
+async def test_writers_grouping_the_same_topics_in_opposite_orders_never_deadlock(
+    harness, client, db_url
+):
+    """Two processes' writers (two publishers, each on a pool of its own), one grouping a
+    before b, the other b before a, many times over: a group waits only for its first
+    topic's lock, so Postgres never finds a deadlock, and every request is stored once."""
+    a, b = await new_topic(client), await new_topic(client)
+    pools = [await create_pool(db_url, 2) for _ in range(2)]
+    publishers = [Publisher(pool, harness.ctx.clock) for pool in pools]
+    async with harness.ctx.pool.acquire() as conn:
+        before = await conn.fetchval(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+
+    async def rounds(publisher: Publisher, first: str, second: str) -> list[Published]:
+        done: list[Published] = []
+        for i in range(40):
+            done += await asyncio.gather(
+                publish_one(publisher, first, f'"{i}"'), publish_one(publisher, second, f'"{i}"')
+            )
+        return done
+
+    try:
+        async with asyncio.timeout(60):
+            runs = await asyncio.gather(rounds(publishers[0], a, b), rounds(publishers[1], b, a))
+    finally:
+        for publisher in publishers:
+            await publisher.close()
+        for pool in pools:
+            await pool.close()
+    async with harness.ctx.pool.acquire() as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        after = await conn.fetchval(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM sluice.messages m JOIN sluice.topics t USING (topic_id) "
+            "WHERE t.name = ANY($1)",
+            [a, b],
+        )
+    assert after == before
+    topics_of_runs = [(a, b), (b, a)]
+    stored_by_us = {
+        (topics_of_runs[k][i % 2], published.offset)
+        for k, run in enumerate(runs)
+        for i, published in enumerate(run)
+    }
+    assert stored == 160 == len(stored_by_us)

@@ -2,17 +2,22 @@
 
 Offsets are handed out under the topic's advisory lock until commit (storage
 sluice.append_messages), so on one topic only one publish transaction makes progress at a
-time. To keep throughput high, each process funnels the requests for a topic through a
-writer task: whatever arrived while a transaction was committing goes into the next one.
-The writer keeps its pool connection from one group to the next, and for a moment after its
-queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a task nor
-a pool checkout per group.
+time. To keep throughput high, each process funnels its publish requests through one writer
+task: whatever arrived while a transaction was committing goes into the next one, whatever
+its topics. A group of one topic is one sluice.publish_batch call; a group of several is one
+sluice.publish_topics call, which appends topic after topic in one transaction, waits only
+for the first topic's lock and leaves out a topic whose lock another transaction holds
+('busy': its requests go first in line for the next group). A process publishing to many
+topics thus pays one round trip and one commit per group, not per topic (bench/RESULTS.md
+run 31). The writer keeps its pool connection from one group to the next, and for a moment
+after the queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a
+task nor a pool checkout per group.
 Each request stays atomic: when the combined call is refused by the database (an
-error that proves nothing was stored), its requests are retried one by one so only the
-faulty one fails. When the outcome is unknown (the connection broke, the command timed
-out: the transaction may have committed), nothing is retried: every request of the group
-is answered 503, and clients retry with dedup ids. The batching is only an optimisation;
-correctness lives in Postgres.
+error that proves nothing was stored), its topics are written one by one, and a topic's
+requests one by one, so only the faulty one fails. When the outcome is unknown (the
+connection broke, the command timed out: the transaction may have committed), nothing is
+retried: every request of the group is answered 503, and clients retry with dedup ids. The
+batching is only an optimisation; correctness lives in Postgres.
 """
 
 from __future__ import annotations
@@ -34,20 +39,19 @@ log = logging.getLogger("sluice.publish")
 
 # Upper bound of messages in one combined transaction.
 MAX_GROUP_MESSAGES = 5000
-# Writer tasks per topic and process. With two, one committed while the other already
-# waited on the topic's lock; measured, one does as well or better: it takes everything that
-# arrived during the commit as one group, where two split the arrivals into smaller groups
-# and kept a backend waiting on the lock (wrk, 4 connections: 5,200 publishes/s and 120 us
-# of server CPU each against 3,600-4,300 and 145-176 us; bench/RESULTS.md run 25).
-WRITERS_PER_TOPIC = 1
-# How long a topic's writer keeps its task and pool connection once its queue is empty,
+# One writer per process, for every topic. Two writers of one topic split the arrivals into
+# smaller groups and kept a backend waiting on the topic's lock (wrk, 4 connections: 5,200
+# publishes/s and 120 us of server CPU each with one, 3,600-4,300 and 145-176 us with two;
+# bench/RESULTS.md run 25); a writer per topic wrote a transaction per topic where one writer
+# shares it among them (run 31).
+# How long the writer keeps its task and pool connection once the queue is empty,
 # waiting for the next request. A producer that publishes one message per request sends
 # its next one a round trip after its answer: without the wait, every such request paid for
 # a new writer task and a pool acquire and release (~20 us of a ~180 us single-message
 # publish at 4 connections under wrk; bench/RESULTS.md run 28). Short enough that an idle
-# topic holds no connection for long, nor holds up the pool's close at shutdown
-# (Publisher.close ends the waits at once). When the pool has no connection left, writers
-# keep none between groups (Publisher._pool_exhausted).
+# process holds no connection for long, nor holds up the pool's close at shutdown
+# (Publisher.close ends the wait at once). When the pool has no connection left, the writer
+# keeps none between groups (Publisher._pool_exhausted).
 LINGER_SECONDS = 0.002
 
 
@@ -61,6 +65,7 @@ class _Refused(Exception):
 
 @dataclass(slots=True)
 class _Request:
+    topic: str
     messages: list[NewMessage]
     sizes: list[int]
     future: asyncio.Future[list[Published]] = field(
@@ -72,12 +77,10 @@ class Publisher:
     def __init__(self, pool: asyncpg.Pool, clock: SkewSource) -> None:
         self._pool = pool
         self._clock = clock
-        self._queues: dict[str, deque[_Request]] = {}
-        self._writers: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Writers waiting for a request (their topic's queue ran dry): topic -> the future
-        # that wakes them.
-        self._lingering: dict[str, asyncio.Future[None]] = {}
+        self._queue: deque[_Request] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        # The writer waiting for a request (the queue ran dry): the future that wakes it.
+        self._lingering: asyncio.Future[None] | None = None
         self._closed = False
 
     async def publish(
@@ -85,42 +88,38 @@ class Publisher:
     ) -> list[Published]:
         """Store the messages atomically; `sizes` are their byte sizes for the topic's
         max_message_bytes check."""
-        request = _Request(messages, sizes)
-        self._queues.setdefault(topic, deque()).append(request)
-        lingering = self._lingering.pop(topic, None)
+        request = _Request(topic, messages, sizes)
+        self._queue.append(request)
+        lingering, self._lingering = self._lingering, None
         if lingering is not None:
             if not lingering.done():
                 lingering.set_result(None)
-        elif self._writers.get(topic, 0) < WRITERS_PER_TOPIC:
-            self._writers[topic] = self._writers.get(topic, 0) + 1
-            task = asyncio.create_task(self._drain(topic), name=f"sluice-publish-{topic}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        elif self._writer is None:
+            self._writer = asyncio.create_task(self._drain(), name="sluice-publish")
         return await request.future
 
     async def close(self) -> None:
-        """Wake the writers waiting for a request, so they give their connections back now
+        """Wake the writer if it waits for a request, so it gives its connection back now
         (before the pool closes)."""
         self._closed = True
-        for future in self._lingering.values():
-            if not future.done():
-                future.set_result(None)
-        self._lingering.clear()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
+        self._lingering = None
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
 
-    async def _drain(self, topic: str) -> None:
+    async def _drain(self) -> None:
         conn: asyncpg.Connection | None = None
         try:
-            while self._queues.get(topic) or await self._linger(topic):
-                group = self._take_group(topic)
+            while self._queue or await self._linger():
+                group = self._take_group()
                 if conn is not None and _lost(conn):  # while the writer waited
                     await self._pool.release(conn)
                     conn = None
                 if conn is None:
                     conn = await self._pool.acquire()
                 try:
-                    usable = await self._write_group(topic, group, conn)
+                    usable = await self._write_group(group, conn)
                 except Exception as exc:
                     for request in group:
                         _settle(request, exc)
@@ -133,11 +132,7 @@ class Publisher:
                     conn = None
         finally:
             # Before the release's await: a request that comes meanwhile starts a writer.
-            self._writers[topic] -= 1
-            if not self._writers[topic]:
-                del self._writers[topic]
-                if not self._queues.get(topic):
-                    self._queues.pop(topic, None)
+            self._writer = None
             if conn is not None:
                 await self._pool.release(conn)
 
@@ -148,23 +143,23 @@ class Publisher:
         pool = self._pool
         return pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size()
 
-    async def _linger(self, topic: str) -> bool:
-        """Wait up to LINGER_SECONDS for the topic's next request: True if one came."""
+    async def _linger(self) -> bool:
+        """Wait up to LINGER_SECONDS for the next request: True if one came."""
         if self._closed:
             return False
         loop = asyncio.get_running_loop()
-        woken = self._lingering[topic] = loop.create_future()
+        woken = self._lingering = loop.create_future()
         timer = loop.call_later(LINGER_SECONDS, _wake, woken)
         try:
             await woken
         finally:
             timer.cancel()
-            if self._lingering.get(topic) is woken:
-                del self._lingering[topic]
-        return bool(self._queues.get(topic))
+            if self._lingering is woken:
+                self._lingering = None
+        return bool(self._queue)
 
-    def _take_group(self, topic: str) -> list[_Request]:
-        pending = self._queues[topic]
+    def _take_group(self) -> list[_Request]:
+        pending = self._queue
         group: list[_Request] = []
         total = 0
         while pending and (not group or total + len(pending[0].messages) <= MAX_GROUP_MESSAGES):
@@ -173,10 +168,79 @@ class Publisher:
             total += len(request.messages)
         return group
 
-    async def _write_group(
+    async def _write_group(self, group: list[_Request], conn: asyncpg.Connection) -> bool:
+        """Write the group and answer its requests; False when `conn` may be unusable."""
+        by_topic: dict[str, list[_Request]] = {}
+        for request in group:
+            by_topic.setdefault(request.topic, []).append(request)
+        if len(by_topic) == 1:
+            [(topic, requests)] = by_topic.items()
+            return await self._write_topic_group(topic, requests, conn)
+        return await self._write_topics_group(by_topic, conn)
+
+    async def _write_topics_group(
+        self, by_topic: dict[str, list[_Request]], conn: asyncpg.Connection
+    ) -> bool:
+        """The requests of several topics in one transaction (sluice.publish_topics)."""
+        topics = [
+            (
+                topic,
+                [m for request in requests for m in request.messages],
+                max(size for request in requests for size in request.sizes),
+            )
+            for topic, requests in by_topic.items()
+        ]
+        try:
+            outcomes = await log_sql.publish_topics(conn, topics, self._clock.skew)
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+        ) as exc:
+            self._outcome_unknown(list(by_topic), [r for rs in by_topic.values() for r in rs], exc)
+            return False
+        except asyncpg.PostgresError:
+            # Refused, so rolled back: each topic in a transaction of its own.
+            outcomes = [None] * len(topics)
+        usable = True
+        busy: list[_Request] = []
+        for (topic, requests), outcome in zip(by_topic.items(), outcomes, strict=True):
+            if outcome is not None and outcome.status == "ok":
+                _answer(requests, outcome)
+            elif outcome is not None and outcome.status == "no_topic":
+                for request in requests:
+                    _settle(request, topic_not_found(topic))
+            elif outcome is not None and outcome.status == "busy":
+                busy.extend(requests)
+            else:  # refused, or a message too large: the topic's requests on their own
+                usable = await self._write_topic_group(topic, requests, conn) and usable
+        # Another transaction holds these topics' locks: first in line for the next group,
+        # whose first topic's lock is waited for.
+        self._queue.extendleft(reversed(busy))
+        return usable
+
+    def _outcome_unknown(
+        self, topics: list[str], requests: list[_Request], exc: BaseException
+    ) -> None:
+        # The combined transaction may or may not have committed: retrying could store
+        # every message twice. Answer 503; the clients retry with their dedup ids.
+        log.warning(
+            "publish outcome unknown", extra={"topic": ",".join(topics), "error": repr(exc)[:200]}
+        )
+        unknown = Unavailable(
+            "the database connection was lost while publishing; the messages may or may "
+            "not be stored: retry with dedup_id to avoid duplicates",
+            headers={"Retry-After": "1"},
+        )
+        for request in requests:
+            _settle(request, unknown)
+
+    async def _write_topic_group(
         self, topic: str, group: list[_Request], conn: asyncpg.Connection
     ) -> bool:
-        """Write the group and answer its requests; False when `conn` may be unusable."""
+        """Write the requests of one topic and answer them; False when `conn` may be
+        unusable."""
         try:
             outcome = await self._write(topic, group, conn)
         except _Refused as refused:
@@ -190,16 +254,7 @@ class Publisher:
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
         ) as exc:
-            # The combined transaction may or may not have committed: retrying could store
-            # every message twice. Answer 503; the clients retry with their dedup ids.
-            log.warning("publish outcome unknown", extra={"topic": topic, "error": repr(exc)[:200]})
-            unknown = Unavailable(
-                "the database connection was lost while publishing; the messages may or may "
-                "not be stored: retry with dedup_id to avoid duplicates",
-                headers={"Retry-After": "1"},
-            )
-            for request in group:
-                _settle(request, unknown)
+            self._outcome_unknown([topic], group, exc)
             return False
         if outcome is None or outcome.status == "too_large":
             if len(group) == 1:
@@ -209,7 +264,7 @@ class Publisher:
             usable = True
             for request in group:
                 try:
-                    usable = await self._write_group(topic, [request], conn) and usable
+                    usable = await self._write_topic_group(topic, [request], conn) and usable
                 except Exception as exc:  # answered above; this is only a guard
                     _settle(request, exc)
             return usable
@@ -217,21 +272,7 @@ class Publisher:
             for request in group:
                 _settle(request, topic_not_found(topic))
             return True
-        offset = 0
-        for request in group:
-            count = len(request.messages)
-            _settle(
-                request,
-                [
-                    Published(o, d)
-                    for o, d in zip(
-                        outcome.offsets[offset : offset + count],
-                        outcome.duplicates[offset : offset + count],
-                        strict=True,
-                    )
-                ],
-            )
-            offset += count
+        _answer(group, outcome)
         return True
 
     async def _refusal(self, topic: str, request: _Request, conn: asyncpg.Connection) -> Exception:
@@ -264,6 +305,25 @@ def _lost(conn: asyncpg.Connection) -> bool:
         return conn.is_closed()
     except asyncpg.InterfaceError:  # the pool took it back when it broke (asyncpg detaches it)
         return True
+
+
+def _answer(requests: list[_Request], outcome: log_sql.Appended) -> None:
+    """Each request its slice of the offsets, in the order they were appended."""
+    offset = 0
+    for request in requests:
+        count = len(request.messages)
+        _settle(
+            request,
+            [
+                Published(o, d)
+                for o, d in zip(
+                    outcome.offsets[offset : offset + count],
+                    outcome.duplicates[offset : offset + count],
+                    strict=True,
+                )
+            ],
+        )
+        offset += count
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -26,6 +26,15 @@ SELECT status, first_offset, offsets, duplicates FROM sluice.publish_batch(
     p_dedup_ids => $6, p_largest => $7, p_skew => $8)
 """
 
+# publish_topics: the messages of several topics in one transaction, topic after topic in
+# the given order, each as publish_batch would append them (revision 0012); a topic whose
+# lock another transaction holds is left out ('busy') rather than waited for.
+PUBLISH_TOPICS = """
+SELECT statuses, first_offsets, listed, offsets, duplicates FROM sluice.publish_topics(
+    p_topics => $1, p_counts => $2, p_largest => $3, p_values => $4, p_keys => $5,
+    p_headers => $6, p_delays => $7, p_dedup_ids => $8, p_skew => $9)
+"""
+
 # notify: wake the long-polls of a topic on every process (delivered at commit).
 NOTIFY = "SELECT pg_notify($1, $2)"
 
@@ -75,6 +84,47 @@ async def publish_batch(
         first = row["first_offset"]
         return Appended("ok", list(range(first, first + len(messages))), [False] * len(messages))
     return Appended(row["status"], row["offsets"] or [], row["duplicates"] or [])
+
+
+async def publish_topics(
+    conn: asyncpg.Connection,
+    topics: list[tuple[str, list[NewMessage], int]],
+    skew: float,
+) -> list[Appended]:
+    """Append each topic's messages (topic name, messages, largest message's bytes) in one
+    transaction: an outcome per topic, in the same order; a topic that is not 'ok' stored
+    nothing ('busy': another transaction holds its lock)."""
+    flat = [m for _, messages, _ in topics for m in messages]
+    row = await conn.fetchrow(
+        PUBLISH_TOPICS,
+        [name for name, _, _ in topics],
+        [len(messages) for _, messages, _ in topics],
+        [largest for _, _, largest in topics],
+        [m.value for m in flat],
+        _sparse([m.key for m in flat]),
+        _sparse([m.headers for m in flat]),
+        _sparse([m.delay_seconds or None for m in flat]),
+        _sparse([m.dedup_id for m in flat]),
+        skew,
+    )
+    assert row is not None
+    outcomes = []
+    listed_at = 0
+    for (_, messages, _), status, first, listed in zip(
+        topics, row["statuses"], row["first_offsets"], row["listed"], strict=True
+    ):
+        count = len(messages)
+        if status != "ok":
+            outcomes.append(Appended(status, [], []))
+        elif listed:
+            end = listed_at + count
+            outcomes.append(
+                Appended("ok", row["offsets"][listed_at:end], row["duplicates"][listed_at:end])
+            )
+            listed_at = end
+        else:
+            outcomes.append(Appended("ok", list(range(first, first + count)), [False] * count))
+    return outcomes
 
 
 async def notify(conn: asyncpg.Connection, topic_id: int, count: int) -> None:

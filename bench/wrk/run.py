@@ -39,7 +39,11 @@ from bench.wrk import pgbench
 from bench.wrk.profile import summarise
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"publish": HERE / "publish.lua", "consume": HERE / "consume.lua"}
+SCRIPTS = {
+    "publish": HERE / "publish.lua",
+    "publish-topics": HERE / "publish_topics.lua",
+    "consume": HERE / "consume.lua",
+}
 # The message of every row: the value publish.lua sends, which pgmq gets as its payload.
 VALUE = '{"order_id":42,"total":19.9,"customer":"c-7"}'
 WORKLOADS = ("publish", "consume")
@@ -183,6 +187,13 @@ async def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="sluice serve --workers (default 1)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="default: %(default)s")
     p.add_argument(
+        "--topics",
+        type=int,
+        default=1,
+        help="Sluice's publish rows spread the requests over this many topics, in turn "
+        "(default 1; the floors and pgmq are unchanged)",
+    )
+    p.add_argument(
         "--pgmq-sql",
         type=Path,
         default=DEFAULT_PGMQ_SQL,
@@ -195,6 +206,8 @@ async def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     connections = [int(c) for c in args.connections.split(",")]
+    if args.topics < 1:
+        p.error("--topics: at least 1")
     postgres = Postgres(None)
     await asyncio.to_thread(postgres.start)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-wrk-"))
@@ -234,18 +247,29 @@ async def main() -> None:
         client = httpx.AsyncClient(base_url=server.base_url, timeout=60)
         assert (await client.put("/v1/topics/wrk", json={})).status_code == 201
         assert (await client.put("/v1/topics/wrk/subscriptions/s", json={})).status_code == 201
+        for i in range(args.topics if args.topics > 1 else 0):
+            assert (await client.put(f"/v1/topics/wrk{i}", json={})).status_code == 201
         for url, _ in started.values():
             await wait_answering(url)
         assert server.pid is not None
         targets = [(name, url, proc.pid) for name, (url, proc) in started.items()]
-        targets.append((f"sluice publish b1{workers}", server.base_url, server.pid))
+        spread = f", {args.topics} topics" if args.topics > 1 else ""
+        targets.append((f"sluice publish b1{spread}{workers}", server.base_url, server.pid))
+        # (workload, wrk script arguments) of each target's publish rows
+        publish_load = (
+            ("publish-topics", ["wrk", str(args.topics)])
+            if args.topics > 1
+            else ("publish", ["wrk"])
+        )
         scripts = pgbench.scripts(VALUE)
         backlog = int(CONSUME_RATE_CEILING * (args.seconds + 2))
         for c in connections:
             if "publish" in workloads:
                 for name, url, pid in targets:
-                    wrk(url, c, 2, ["wrk"])  # warm-up
-                    rows.append((c, name, measure(url, pid, postmaster, c, args.seconds, ["wrk"])))
+                    workload, wrk_args = publish_load if pid == server.pid else ("publish", ["wrk"])
+                    wrk(url, c, 2, wrk_args, workload)  # warm-up
+                    found = measure(url, pid, postmaster, c, args.seconds, wrk_args, workload)
+                    rows.append((c, name, found))
                 if pgmq_url is not None:
                     found = pgbench.measure(
                         pgmq_url, postmaster, scripts["publish"], c, args.seconds
@@ -282,6 +306,7 @@ async def main() -> None:
         f"command: python -m bench.wrk.run --seconds {args.seconds:g} "
         f"--connections {args.connections} --log-level {args.log_level}"
         + (f" --workers {args.workers}" if args.workers > 1 else "")
+        + (f" --topics {args.topics}" if args.topics > 1 else "")
         + (" --only-sluice" if args.only_sluice else "")
         + (f" --workloads {args.workloads}" if workloads != list(WORKLOADS) else "")
     )
