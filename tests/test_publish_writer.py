@@ -248,32 +248,62 @@ async def test_requests_of_several_topics_share_one_transaction(writer, client, 
 
 
 async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
-    writer, client, harness
+    writer, client, harness, monkeypatch
 ):
-    """Another transaction holds topic b's lock (another process's publish, the relay):
-    the group writes a and answers it, and b's requests wait, first in line, for that
-    lock alone, in their arrival order."""
+    """Another transaction holds topic b's lock (another process's publish, the relay's
+    pass). A group of b's and a's requests, b's first, writes a's; b's requests, the one
+    that came while that group was written and those that come later wait for the lock
+    with a writer of their own, in arrival order, while the other topics' requests keep
+    being answered. Once b's are written, b's next requests share groups again."""
+    from sluice.storage import log as log_sql
+
     publisher, _ = writer
-    a, b = await new_topic(client), await new_topic(client)
+    a, b, c = [await new_topic(client) for _ in range(3)]
+    real = log_sql.publish_topics
+    gate = asyncio.Event()
+    calls = 0
+
+    async def held_at_first(conn, topics, skew):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()
+        return await real(conn, topics, skew)
+
+    monkeypatch.setattr(log_sql, "publish_topics", held_at_first)
     async with harness.ctx.pool.acquire() as holder:
         blocker = holder.transaction()
         await blocker.start()
         await holder.execute(
             "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, b)
         )
-        first = asyncio.create_task(publish_one(publisher, a, '"a1"'))
-        waiting = asyncio.create_task(publish_one(publisher, b, '"b1"'))
+        b1 = asyncio.create_task(publish_one(publisher, b, '"b1"'))
+        a1 = asyncio.create_task(publish_one(publisher, a, '"a1"'))
+        await wait_until(lambda: _true(calls == 1), timeout=5)
+        b2 = asyncio.create_task(publish_one(publisher, b, '"b2"'))  # queued meanwhile
+        await asyncio.sleep(0.05)
+        gate.set()
         async with asyncio.timeout(5):
-            await first
-        later = asyncio.create_task(publish_one(publisher, b, '"b2"'))
-        other = asyncio.create_task(publish_one(publisher, a, '"a2"'))
+            await a1
+            c1 = await publish_one(publisher, c, '"c1"')  # not behind b's lock
+            a2 = await publish_one(publisher, a, '"a2"')
+        b3 = asyncio.create_task(publish_one(publisher, b, '"b3"'))
         await asyncio.sleep(0.3)
-        assert not waiting.done() and not later.done()
+        assert not any(task.done() for task in (b1, b2, b3))
         await blocker.commit()
     async with asyncio.timeout(5):
-        b1, b2, a2 = await asyncio.gather(waiting, later, other)
-    assert b1.offset < b2.offset
-    assert first.result().offset < a2.offset
+        written = await asyncio.gather(b1, b2, b3)
+    assert [p.offset for p in written] == sorted(p.offset for p in written)
+    assert a2.offset > a1.result().offset and c1.offset >= 0
+    # b's requests are back with the others: one group, one transaction.
+    results = await asyncio.gather(publish_one(publisher, b, '"b4"'), publish_one(publisher, c))
+    async with harness.ctx.pool.acquire() as conn:
+        xids = await conn.fetch(
+            "SELECT DISTINCT m.xmin::text FROM sluice.messages m JOIN sluice.topics t "
+            "USING (topic_id) WHERE (t.name, m.msg_offset) IN (($1, $2), ($3, $4))",
+            b, results[0].offset, c, results[1].offset,
+        )  # fmt: skip
+    assert len(xids) == 1
 
 
 async def test_a_refused_or_missing_topic_in_a_group_of_several_fails_alone(writer, client):

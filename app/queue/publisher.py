@@ -5,9 +5,11 @@ sluice.append_messages), so on one topic only one publish transaction makes prog
 time. To keep throughput high, each process funnels its publish requests through one writer
 task: whatever arrived while a transaction was committing goes into the next one, whatever
 its topics. A group of one topic is one sluice.publish_batch call; a group of several is one
-sluice.publish_topics call, which appends topic after topic in one transaction, waits only
-for the first topic's lock and leaves out a topic whose lock another transaction holds
-('busy': its requests go first in line for the next group). A process publishing to many
+sluice.publish_topics call, which appends topic after topic in one transaction and leaves
+out a topic whose lock another transaction holds ('busy'): that topic's requests, and those
+that come for it until they are all written, go to a writer of their own, which waits for
+the lock on its own connection (as every topic's writer did before revision 0012), so the
+process's other topics are not held up. A process publishing to many
 topics thus pays one round trip and one commit per group, not per topic (bench/RESULTS.md
 run 31). The writer keeps its pool connection from one group to the next, and for a moment
 after the queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a
@@ -81,6 +83,10 @@ class Publisher:
         self._writer: asyncio.Task[None] | None = None
         # The writer waiting for a request (the queue ran dry): the future that wakes it.
         self._lingering: asyncio.Future[None] | None = None
+        # Topics whose lock another transaction held when a group of several topics tried it:
+        # their requests, in arrival order, for a writer of their own.
+        self._contended: dict[str, deque[_Request]] = {}
+        self._side_writers: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def publish(
@@ -89,6 +95,10 @@ class Publisher:
         """Store the messages atomically; `sizes` are their byte sizes for the topic's
         max_message_bytes check."""
         request = _Request(topic, messages, sizes)
+        contended = self._contended.get(topic)
+        if contended is not None:  # behind the topic's requests that wait for its lock
+            contended.append(request)
+            return await request.future
         self._queue.append(request)
         lingering, self._lingering = self._lingering, None
         if lingering is not None:
@@ -107,12 +117,14 @@ class Publisher:
         self._lingering = None
         if self._writer is not None:
             await asyncio.wait([self._writer])
+        while self._side_writers:
+            await asyncio.wait(list(self._side_writers))
 
     async def _drain(self) -> None:
         conn: asyncpg.Connection | None = None
         try:
             while self._queue or await self._linger():
-                group = self._take_group()
+                group = _take_group(self._queue)
                 if conn is not None and _lost(conn):  # while the writer waited
                     await self._pool.release(conn)
                     conn = None
@@ -158,16 +170,6 @@ class Publisher:
                 self._lingering = None
         return bool(self._queue)
 
-    def _take_group(self) -> list[_Request]:
-        pending = self._queue
-        group: list[_Request] = []
-        total = 0
-        while pending and (not group or total + len(pending[0].messages) <= MAX_GROUP_MESSAGES):
-            request = pending.popleft()
-            group.append(request)
-            total += len(request.messages)
-        return group
-
     async def _write_group(self, group: list[_Request], conn: asyncpg.Connection) -> bool:
         """Write the group and answer its requests; False when `conn` may be unusable."""
         by_topic: dict[str, list[_Request]] = {}
@@ -204,7 +206,6 @@ class Publisher:
             # Refused, so rolled back: each topic in a transaction of its own.
             outcomes = [None] * len(topics)
         usable = True
-        busy: list[_Request] = []
         for (topic, requests), outcome in zip(by_topic.items(), outcomes, strict=True):
             if outcome is not None and outcome.status == "ok":
                 _answer(requests, outcome)
@@ -212,13 +213,54 @@ class Publisher:
                 for request in requests:
                     _settle(request, topic_not_found(topic))
             elif outcome is not None and outcome.status == "busy":
-                busy.extend(requests)
+                self._set_aside(topic, requests)
             else:  # refused, or a message too large: the topic's requests on their own
                 usable = await self._write_topic_group(topic, requests, conn) and usable
-        # Another transaction holds these topics' locks: first in line for the next group,
-        # whose first topic's lock is waited for.
-        self._queue.extendleft(reversed(busy))
         return usable
+
+    def _set_aside(self, topic: str, requests: list[_Request]) -> None:
+        """Another transaction holds the topic's lock: its requests, and those of it that
+        came meanwhile, go to a writer of its own, which waits for the lock."""
+        contended = self._contended.get(topic)
+        if contended is None:
+            contended = self._contended[topic] = deque()
+            task = asyncio.create_task(
+                self._drain_contended(topic, contended), name=f"sluice-publish-{topic}"
+            )
+            self._side_writers.add(task)
+            task.add_done_callback(self._side_writers.discard)
+        contended.extend(requests)
+        if any(request.topic == topic for request in self._queue):
+            others: deque[_Request] = deque()
+            for request in self._queue:
+                (contended if request.topic == topic else others).append(request)
+            self._queue = others
+
+    async def _drain_contended(self, topic: str, contended: deque[_Request]) -> None:
+        """Write a contended topic's requests, one group after another, each waiting for
+        the topic's lock on a connection of its own, until none are left; the topic's next
+        requests go to the main writer again."""
+        try:
+            while contended:
+                group = _take_group(contended)
+                conn = await self._pool.acquire()
+                try:
+                    await self._write_topic_group(topic, group, conn)
+                except Exception as exc:
+                    for request in group:
+                        _settle(request, exc)
+                finally:
+                    await self._pool.release(conn)
+        except Exception as exc:  # no connection to be had (the pool closing)
+            for request in contended:
+                _settle(request, exc)
+        except asyncio.CancelledError:
+            for request in contended:
+                request.future.cancel()
+            raise
+        finally:
+            if self._contended.get(topic) is contended:
+                del self._contended[topic]
 
     def _outcome_unknown(
         self, topics: list[str], requests: list[_Request], exc: BaseException
@@ -305,6 +347,18 @@ def _lost(conn: asyncpg.Connection) -> bool:
         return conn.is_closed()
     except asyncpg.InterfaceError:  # the pool took it back when it broke (asyncpg detaches it)
         return True
+
+
+def _take_group(pending: deque[_Request]) -> list[_Request]:
+    """The requests at the head of the queue, up to MAX_GROUP_MESSAGES messages (at least
+    one request)."""
+    group: list[_Request] = []
+    total = 0
+    while pending and (not group or total + len(pending[0].messages) <= MAX_GROUP_MESSAGES):
+        request = pending.popleft()
+        group.append(request)
+        total += len(request.messages)
+    return group
 
 
 def _answer(requests: list[_Request], outcome: log_sql.Appended) -> None:

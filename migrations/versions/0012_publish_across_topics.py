@@ -2,8 +2,8 @@
 
 A process now has one publish writer instead of one per topic; a group with the requests of
 several topics is written by this new function, which appends each topic's messages under
-that topic's lock as before, waiting only for the first topic's lock. The .sql file next to
-this one says why.
+that topic's lock as before and waiting for none while it holds another. The .sql file next
+to this one says why.
 
 Revision ID: 0012
 Revises: 0011

@@ -9,11 +9,11 @@
 --
 -- Commit order is kept as before: every topic's messages are appended by
 -- sluice.append_messages, which takes the topic's advisory lock until commit. What is new
--- is holding several of those locks at once, so the group must never wait for one while
--- it holds another (another process's group, the relay and the dead-letter copies take
--- topic locks too, in other orders): the first topic's lock is waited for as always (while
--- the group holds no other), each later one is only tried, and a topic whose lock is taken is left out ('busy') for the
--- caller to write in a later transaction, first in line.
+-- is holding several of those locks at once, so the call must never wait for one while it
+-- holds another (another process's group, the relay and the dead-letter copies take topic
+-- locks too, in other orders): each topic's lock is only tried, and a topic whose lock is
+-- taken is left out ('busy'). The caller writes that topic's requests in a transaction of
+-- their own, which waits for the lock and holds no other (app/queue/publisher.py).
 --
 -- Arguments: the topics in the order to write them, how many of the flat message arrays'
 -- entries each one takes, and the largest message of each (checked against the topic's
@@ -35,7 +35,6 @@ DECLARE
     v_topic_id bigint;
     v_max integer;
     v_dedup text[];
-    v_holding boolean := false;  -- a topic's lock is ours: wait for no other
     r record;
 BEGIN
     statuses := '{}';
@@ -51,8 +50,7 @@ BEGIN
             statuses := statuses || 'no_topic'::text;
         ELSIF p_largest[i] > v_max THEN
             statuses := statuses || 'too_large'::text;
-        ELSIF v_holding AND NOT pg_try_advisory_xact_lock(1397511169,
-                                                          (v_topic_id % 2147483647)::int) THEN
+        ELSIF NOT pg_try_advisory_xact_lock(1397511169, (v_topic_id % 2147483647)::int) THEN
             statuses := statuses || 'busy'::text;
         ELSE
             v_dedup := p_dedup_ids[v_from:v_to];
@@ -64,7 +62,6 @@ BEGIN
             FROM sluice.append_messages(v_topic_id, p_values[v_from:v_to], p_keys[v_from:v_to],
                                         p_headers[v_from:v_to], p_delays[v_from:v_to], v_dedup,
                                         v_now) a;
-            v_holding := true;
             statuses := statuses || 'ok'::text;
             first_offsets := first_offsets || r.first_offset;
             IF v_dedup IS NOT NULL THEN
