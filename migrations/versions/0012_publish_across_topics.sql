@@ -3,9 +3,10 @@
 -- Each process funnelled the publishes of a topic through a writer of its own (one group
 -- commit per topic), so a process publishing to many topics at once wrote one transaction,
 -- one round trip and one WAL flush per topic: 16 topics at 16 connections (wrk) were
--- answered at 3,300 publishes/s with 210 us of server CPU each, one topic at 9,900/s and
--- 77 us (bench/RESULTS.md run 31). Now a process has one writer, and a group holding the
--- requests of several topics goes to Postgres as one call of this function.
+-- answered at 2,700-3,000 publishes/s with 240-270 us of server CPU each, one topic at
+-- 8,400-9,800/s and 86-101 us. Now a process has one writer, and a group holding the
+-- requests of several topics goes to Postgres as one call of this function: 16 topics
+-- 6,500-7,100/s at 98-106 us (bench/RESULTS.md run 31).
 --
 -- Commit order is kept as before: every topic's messages are appended by
 -- sluice.append_messages, which takes the topic's advisory lock until commit. What is new
