@@ -422,3 +422,68 @@ async def test_writers_grouping_the_same_topics_in_opposite_orders_never_deadloc
         for i, published in enumerate(run)
     }
     assert stored == 160 == len(stored_by_us)
+
+
+class UnreachablePool(CountingPool):
+    """A pool that can make no connection (Postgres down): acquire raises."""
+
+    async def acquire(self) -> asyncpg.Connection:
+        raise ConnectionRefusedError("connection refused")
+
+
+async def test_a_group_whose_connection_cannot_be_made_gets_the_error(harness, topic):
+    """No connection to be had (Postgres down): the group's requests get the error at once,
+    not an answer that never comes, and the next request tries again."""
+    publisher = Publisher(UnreachablePool(harness.ctx.pool), harness.ctx.clock)  # type: ignore[arg-type]
+    try:
+        for _ in range(2):
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    publish_one(publisher, topic), publish_one(publisher, topic),
+                    return_exceptions=True,
+                ),
+                5,
+            )  # fmt: skip
+            assert all(isinstance(r, ConnectionRefusedError) for r in results), results
+    finally:
+        await asyncio.wait_for(publisher.close(), 5)
+
+
+async def test_a_contended_topic_whose_connection_cannot_be_made_gets_the_error(
+    writer, client, harness, monkeypatch
+):
+    """A topic set aside (its lock taken) whose writer can get no connection: its requests
+    get the error, and the topic's next requests are grouped with the others again."""
+    publisher, pool = writer
+    monkeypatch.setattr(publisher_module, "LINGER_SECONDS", 30.0)  # keeps its connection
+    a, b = await new_topic(client), await new_topic(client)
+    real_acquire = pool.acquire
+    refuse = False
+
+    async def acquire() -> asyncpg.Connection:
+        if refuse:
+            raise ConnectionRefusedError("connection refused")
+        return await real_acquire()
+
+    monkeypatch.setattr(pool, "acquire", acquire)
+    async with harness.ctx.pool.acquire() as holder:
+        blocker = holder.transaction()
+        await blocker.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, b)
+        )
+        # The writer takes its connection and keeps it; then b's writer finds none.
+        await publish_one(publisher, a)
+        refuse = True
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                publish_one(publisher, b), publish_one(publisher, a), return_exceptions=True
+            ),
+            5,
+        )
+        await blocker.rollback()
+    refused, published = results
+    assert isinstance(refused, ConnectionRefusedError), refused
+    assert isinstance(published, Published), published
+    refuse = False
+    assert (await asyncio.wait_for(publish_one(publisher, b), 5)).offset >= 0

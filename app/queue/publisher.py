@@ -125,18 +125,20 @@ class Publisher:
         try:
             while self._queue or await self._linger():
                 group = _take_group(self._queue)
-                if conn is not None and _lost(conn):  # while the writer waited
-                    await self._pool.release(conn)
-                    conn = None
-                if conn is None:
-                    conn = await self._pool.acquire()
                 try:
+                    if conn is not None and _lost(conn):  # while the writer waited
+                        await self._pool.release(conn)
+                        conn = None
+                    if conn is None:
+                        # Raises when no connection can be made (Postgres down): the group
+                        # gets the error rather than waiting for an answer that never comes.
+                        conn = await self._pool.acquire()
                     usable = await self._write_group(group, conn)
                 except Exception as exc:
                     for request in group:
                         _settle(request, exc)
                     usable = False
-                if not usable or self._pool_exhausted():
+                if conn is not None and (not usable or self._pool_exhausted()):
                     # The connection may be broken or still cancelling a command (the pool
                     # knows what to do with it: it closes a broken one), or others may be
                     # waiting for one: the next group takes a connection again.
@@ -242,8 +244,8 @@ class Publisher:
         requests go to the main writer again."""
         try:
             while contended:
+                conn = await self._pool.acquire()  # before the group: see the except below
                 group = _take_group(contended)
-                conn = await self._pool.acquire()
                 try:
                     await self._write_topic_group(topic, group, conn)
                 except Exception as exc:
@@ -251,7 +253,7 @@ class Publisher:
                         _settle(request, exc)
                 finally:
                     await self._pool.release(conn)
-        except Exception as exc:  # no connection to be had (the pool closing)
+        except Exception as exc:  # no connection to be had (Postgres down, the pool closing)
             for request in contended:
                 _settle(request, exc)
         except asyncio.CancelledError:
