@@ -8,7 +8,9 @@ against the real pool and database, with a pool that counts what the writer take
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -219,6 +221,17 @@ async def topic_id(conn: asyncpg.Connection, name: str) -> int:
     return await conn.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", name)
 
 
+@contextlib.asynccontextmanager
+async def topic_lock_held(pool: asyncpg.Pool, topic: str) -> AsyncIterator[None]:
+    """Another transaction (another process's publish, the relay's pass) holds the topic's
+    lock until the block ends."""
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, topic)
+        )
+        yield
+
+
 def dedup_message(value: str, dedup_id: str) -> NewMessage:
     return NewMessage(value=value, key=None, headers=None, delay_seconds=0, dedup_id=dedup_id)
 
@@ -271,12 +284,7 @@ async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
         return await real(conn, topics, skew)
 
     monkeypatch.setattr(log_sql, "publish_topics", held_at_first)
-    async with harness.ctx.pool.acquire() as holder:
-        blocker = holder.transaction()
-        await blocker.start()
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, b)
-        )
+    async with topic_lock_held(harness.ctx.pool, b):
         b1 = asyncio.create_task(publish_one(publisher, b, '"b1"'))
         a1 = asyncio.create_task(publish_one(publisher, a, '"a1"'))
         await wait_until(lambda: _true(calls == 1), timeout=5)
@@ -290,7 +298,6 @@ async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
         b3 = asyncio.create_task(publish_one(publisher, b, '"b3"'))
         await asyncio.sleep(0.3)
         assert not any(task.done() for task in (b1, b2, b3))
-        await blocker.commit()
     async with asyncio.timeout(5):
         written = await asyncio.gather(b1, b2, b3)
     assert [p.offset for p in written] == sorted(p.offset for p in written)
@@ -466,12 +473,7 @@ async def test_a_contended_topic_whose_connection_cannot_be_made_gets_the_error(
         return await real_acquire()
 
     monkeypatch.setattr(pool, "acquire", acquire)
-    async with harness.ctx.pool.acquire() as holder:
-        blocker = holder.transaction()
-        await blocker.start()
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, b)
-        )
+    async with topic_lock_held(harness.ctx.pool, b):
         # The writer takes its connection and keeps it; then b's writer finds none.
         await publish_one(publisher, a)
         refuse = True
@@ -481,7 +483,6 @@ async def test_a_contended_topic_whose_connection_cannot_be_made_gets_the_error(
             ),
             5,
         )
-        await blocker.rollback()
     refused, published = results
     assert isinstance(refused, ConnectionRefusedError), refused
     assert isinstance(published, Published), published

@@ -57,6 +57,11 @@ MAX_GROUP_MESSAGES = 5000
 LINGER_SECONDS = 0.002
 
 
+# Errors after which a write may or may not have committed: the connection broke, or the
+# command timed out.
+OUTCOME_UNKNOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+
+
 class SkewSource(Protocol):
     skew: float
 
@@ -196,12 +201,7 @@ class Publisher:
         ]
         try:
             outcomes = await log_sql.publish_topics(conn, topics, self._clock.skew)
-        except (
-            OSError,
-            TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.PostgresConnectionError,
-        ) as exc:
+        except OUTCOME_UNKNOWN as exc:
             self._outcome_unknown(list(by_topic), [r for rs in by_topic.values() for r in rs], exc)
             return False
         except asyncpg.PostgresError:
@@ -292,12 +292,7 @@ class Publisher:
                 _settle(group[0], refused.__cause__ or refused)
                 return True
             outcome = None
-        except (
-            OSError,
-            TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.PostgresConnectionError,
-        ) as exc:
+        except OUTCOME_UNKNOWN as exc:
             self._outcome_unknown([topic], group, exc)
             return False
         if outcome is None or outcome.status == "too_large":
