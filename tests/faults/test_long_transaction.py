@@ -14,6 +14,7 @@ Counts, not timings: the assertions hold on a busy two-core machine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 
@@ -40,7 +41,9 @@ async def _not_removable(url: str) -> int:
             "WHERE n.nspname = 'sluice' AND c.relkind = 'r'"
         )
         for table in tables:
-            await conn.execute(f"VACUUM (VERBOSE) {table['name']}")
+            # A segment's partition dropped since the list has no rows left to count.
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                await conn.execute(f"VACUUM (VERBOSE) {table['name']}")
         await asyncio.sleep(0.2)  # log listeners are called soon, not at once
     finally:
         await conn.close()
