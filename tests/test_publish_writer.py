@@ -313,6 +313,30 @@ async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
     assert len(xids) == 1
 
 
+async def test_published_at_is_read_once_the_topics_lock_is_held(writer, client, harness):
+    """A publish that waits for its topic's lock (another process's publish) stores the
+    time it got the lock, not the time it asked: published_at grows with the offset, which a
+    seek by time relies on."""
+    publisher, _ = writer
+    a = await new_topic(client)
+    skew = harness.ctx.clock.skew
+    async with topic_lock_held(harness.ctx.pool, a):
+        waiting = asyncio.create_task(publish_one(publisher, a))
+        await asyncio.sleep(0.3)
+        async with harness.ctx.pool.acquire() as conn:
+            released = await conn.fetchval(
+                "SELECT clock_timestamp() + make_interval(secs => $1)", skew
+            )
+    published = await asyncio.wait_for(waiting, 5)
+    async with harness.ctx.pool.acquire() as conn:
+        stored = await conn.fetchval(
+            "SELECT m.published_at FROM sluice.messages m JOIN sluice.topics t USING "
+            "(topic_id) WHERE t.name = $1 AND m.msg_offset = $2",
+            a, published.offset,
+        )  # fmt: skip
+    assert stored >= released
+
+
 async def test_a_refused_or_missing_topic_in_a_group_of_several_fails_alone(writer, client):
     publisher, _ = writer
     small, other = await new_topic(client, max_message_bytes=100), await new_topic(client)

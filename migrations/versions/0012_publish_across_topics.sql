@@ -30,7 +30,6 @@ CREATE FUNCTION sluice.publish_topics(
     OUT offsets bigint[], OUT duplicates boolean[])
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now timestamptz := sluice.now(p_skew);
     v_from integer := 1;
     v_to integer;
     v_topic_id bigint;
@@ -59,10 +58,11 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM unnest(v_dedup) d WHERE d IS NOT NULL) THEN
                 v_dedup := NULL;  -- ids only in other topics' messages
             END IF;
+            -- The time once the topic's lock is ours: published_at grows with the offset.
             SELECT a.first_offset, a.offsets, a.duplicates INTO r
             FROM sluice.append_messages(v_topic_id, p_values[v_from:v_to], p_keys[v_from:v_to],
                                         p_headers[v_from:v_to], p_delays[v_from:v_to], v_dedup,
-                                        v_now) a;
+                                        sluice.now(p_skew)) a;
             statuses := statuses || 'ok'::text;
             first_offsets := first_offsets || r.first_offset;
             IF v_dedup IS NOT NULL THEN
@@ -79,4 +79,35 @@ BEGIN
         listed := listed || false;
         v_from := v_to + 1;
     END LOOP;
+END $$;
+
+-- A single topic's publish (the writer's groups of one topic) takes the topic's lock before
+-- it reads the clock. It read the clock first, as an argument of append_messages (which
+-- takes the lock), so a publish that waited for the lock behind another process's could
+-- store an earlier published_at than that one under a later offset, and a seek by time could
+-- then land past a message published after the time sought. Same signature, so its
+-- privileges stay; append_messages takes the lock again, which its holder gets at once.
+CREATE OR REPLACE FUNCTION sluice.publish_batch(
+    p_topic text, p_values text[], p_keys text[], p_headers text[], p_delays integer[],
+    p_dedup_ids text[], p_largest integer, p_skew double precision,
+    OUT status text, OUT first_offset bigint, OUT offsets bigint[], OUT duplicates boolean[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_topic_id bigint;
+    v_max integer;
+BEGIN
+    SELECT t.topic_id, t.max_message_bytes INTO v_topic_id, v_max
+    FROM sluice.topics t WHERE t.name = p_topic;
+    IF v_topic_id IS NULL THEN
+        status := 'no_topic';
+    ELSIF p_largest > v_max THEN
+        status := 'too_large';
+    ELSE
+        status := 'ok';
+        PERFORM pg_advisory_xact_lock(1397511169, (v_topic_id % 2147483647)::int);
+        SELECT a.first_offset, a.offsets, a.duplicates INTO first_offset, offsets, duplicates
+        FROM sluice.append_messages(v_topic_id, p_values, p_keys, p_headers, p_delays,
+                                    p_dedup_ids, sluice.now(p_skew)) a;
+    END IF;
 END $$;
