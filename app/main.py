@@ -105,6 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     ctx.rates.listeners.append(metrics.observe_event)
     ctx.rates.publish_listeners.append(metrics.observe_published)
+    ctx.publisher.contended_listeners.append(metrics.observe_contended)
     relay = Relay(ctx)
 
     def on_reconnect() -> None:

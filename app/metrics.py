@@ -48,6 +48,14 @@ DUPLICATES = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+CONTENDED = Counter(
+    "sluice_publish_contended",
+    "Publish groups of several topics that found this topic's lock held by another "
+    "transaction (another process's publish, the SQL API's relay) and left its requests "
+    "to a writer of their own",
+    ["topic"],
+    registry=REGISTRY,
+)
 _EVENT_HELP = {
     EventKind.DELIVERED: "Messages delivered by pull (every attempt)",
     EventKind.ACKED: "Messages acknowledged",
@@ -149,6 +157,10 @@ def observe_published(topic: str, published: Sequence[Published]) -> None:
         PUBLISHED.labels(topic).inc(stored)
     if duplicates:
         DUPLICATES.labels(topic).inc(duplicates)
+
+
+def observe_contended(topic: str) -> None:
+    CONTENDED.labels(topic).inc()  # rare: no deferral needed
 
 
 # (method, route template, status) -> that label set's counter and histogram. A bounded

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluice.records import NewMessage
 from sluice.storage import subscriptions as subs_sql
 from tests.conftest import run_app, unique
 from tests.helpers import (
@@ -99,6 +100,28 @@ async def test_counters_follow_publish_pull_ack_nack(client):
     assert delta("sluice_messages_acked_total", **labels) == 3
     assert delta("sluice_messages_nacked_total", **labels) == 1
     assert delta("sluice_messages_dead_lettered_total", **labels) == 0
+
+
+async def test_a_publish_group_finding_a_topic_locked_is_counted(client, harness):
+    """sluice_publish_contended_total{topic}: a group of two topics' publishes while another
+    transaction (another process's publish, the relay) holds one topic's lock."""
+    busy, free = unique("contended"), unique("free")
+    for name in (busy, free):
+        await create_topic(client, name)
+    before = await scrape(client)
+    publisher = harness.ctx.publisher
+    message = NewMessage(value='"v"', key=None, headers=None, delay_seconds=0, dedup_id=None)
+    async with harness.ctx.pool.acquire() as holder, holder.transaction():
+        topic_id = await holder.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", busy)
+        await holder.execute("SELECT pg_advisory_xact_lock(1397511169, $1)", topic_id)
+        # Queued in one loop turn: one group of both topics; the free one is answered.
+        waiting = asyncio.create_task(publisher.publish(busy, [message], [3]))
+        await asyncio.wait_for(publisher.publish(free, [message], [3]), 5)
+    await asyncio.wait_for(waiting, 5)
+    after = await scrape(client)
+    name = "sluice_publish_contended_total"
+    assert value(after, name, topic=busy) - value(before, name, topic=busy) == 1
+    assert value(after, name, topic=free) == 0
 
 
 async def test_requests_in_progress_counts_waiting_long_polls(client):

@@ -284,6 +284,8 @@ async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
         return await real(conn, topics, skew)
 
     monkeypatch.setattr(log_sql, "publish_topics", held_at_first)
+    contended: list[str] = []
+    publisher.contended_listeners.append(contended.append)
     async with topic_lock_held(harness.ctx.pool, b):
         b1 = asyncio.create_task(publish_one(publisher, b, '"b1"'))
         a1 = asyncio.create_task(publish_one(publisher, a, '"a1"'))
@@ -302,6 +304,7 @@ async def test_a_topic_whose_lock_is_held_elsewhere_does_not_hold_up_the_others(
         written = await asyncio.gather(b1, b2, b3)
     assert [p.offset for p in written] == sorted(p.offset for p in written)
     assert a2.offset > a1.result().offset and c1.offset >= 0
+    assert contended == [b]  # told once: b's later requests went straight to its writer
     # b's requests are back with the others: one group, one transaction.
     results = await asyncio.gather(publish_one(publisher, b, '"b4"'), publish_one(publisher, c))
     async with harness.ctx.pool.acquire() as conn:

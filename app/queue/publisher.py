@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -92,6 +93,8 @@ class Publisher:
         # their requests, in arrival order, for a writer of their own.
         self._contended: dict[str, deque[_Request]] = {}
         self._side_writers: set[asyncio.Task[None]] = set()
+        # Told the topic each time a group finds its lock taken (app.main: a metric).
+        self.contended_listeners: list[Callable[[str], None]] = []
         self._closed = False
 
     async def publish(
@@ -223,6 +226,8 @@ class Publisher:
     def _set_aside(self, topic: str, requests: list[_Request]) -> None:
         """Another transaction holds the topic's lock: its requests, and those of it that
         came meanwhile, go to a writer of its own, which waits for the lock."""
+        for listener in self.contended_listeners:
+            listener(topic)
         contended = self._contended.get(topic)
         if contended is None:
             contended = self._contended[topic] = deque()
