@@ -360,6 +360,29 @@ async def test_a_refused_or_missing_topic_in_a_group_of_several_fails_alone(writ
     assert isinstance(s1, Published) and isinstance(s2, Published) and s1.offset < s2.offset
 
 
+async def test_a_refused_call_for_several_topics_writes_each_topic_on_its_own(
+    writer, client, monkeypatch
+):
+    """The database refuses the combined call (an error: it rolled back): each topic's
+    requests are written in a transaction of their own, and all are answered."""
+    from sluice.storage import log as log_sql
+
+    publisher, _ = writer
+    a, b = await new_topic(client), await new_topic(client)
+
+    async def refused(conn, topics, skew):
+        raise asyncpg.exceptions.RaiseError("refused")
+
+    monkeypatch.setattr(log_sql, "publish_topics", refused)
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            publish_one(publisher, a), publish_one(publisher, b), publish_one(publisher, a)
+        ),
+        10,
+    )
+    assert results[0].offset < results[2].offset and results[1].offset >= 0
+
+
 async def test_dedup_ids_in_a_group_of_several_topics_are_per_topic(writer, client):
     publisher, _ = writer
     a, b = await new_topic(client), await new_topic(client)

@@ -209,17 +209,20 @@ class Publisher:
             return False
         except asyncpg.PostgresError:
             # Refused, so rolled back: each topic in a transaction of its own.
-            outcomes = [None] * len(topics)
+            usable = True
+            for topic, requests in by_topic.items():
+                usable = await self._write_topic_group(topic, requests, conn) and usable
+            return usable
         usable = True
         for (topic, requests), outcome in zip(by_topic.items(), outcomes, strict=True):
-            if outcome is not None and outcome.status == "ok":
+            if outcome.status == "ok":
                 _answer(requests, outcome)
-            elif outcome is not None and outcome.status == "no_topic":
+            elif outcome.status == "no_topic":
                 for request in requests:
                     _settle(request, topic_not_found(topic))
-            elif outcome is not None and outcome.status == "busy":
+            elif outcome.status == "busy":
                 self._set_aside(topic, requests)
-            else:  # refused, or a message too large: the topic's requests on their own
+            else:  # a message too large: the topic's requests on their own find which
                 usable = await self._write_topic_group(topic, requests, conn) and usable
         return usable
 
