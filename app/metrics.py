@@ -50,9 +50,9 @@ DUPLICATES = Counter(
 )
 CONTENDED = Counter(
     "sluice_publish_contended",
-    "Publish groups of several topics that found this topic's lock held by another "
-    "transaction (another process's publish, the SQL API's relay) and left its requests "
-    "to a writer of their own",
+    "Publish groups that found this topic's lock held by another transaction (another "
+    "process's publish, the SQL API's relay) and left its requests to a writer of their "
+    "own",
     ["topic"],
     registry=REGISTRY,
 )

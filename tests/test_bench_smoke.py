@@ -301,7 +301,7 @@ def test_wrk_statements_smoke() -> None:
     rows = [line.split(" | ") for line in out.splitlines() if re.match(r"\| [\d,]+ \|", line)]
     top_level = [row[-1] for row in rows if row[4] == "yes"]
     nested = [row[-1] for row in rows if row[4] == "no"]
-    assert any("sluice.publish_batch" in statement for statement in top_level), out
+    assert any("sluice.publish_topics" in statement for statement in top_level), out
     assert any("INSERT INTO sluice.messages" in statement for statement in nested), out
     assert all(float(row[1]) >= 0 and float(row[2]) >= 0 for row in rows), out
 

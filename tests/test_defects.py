@@ -279,21 +279,21 @@ async def test_a_group_commit_whose_outcome_is_unknown_is_not_retried(harness, m
     client = harness.client
     topic = unique()
     await create_topic(client, topic)
-    real = log_sql.publish_batch
+    real = log_sql.publish_topics
     calls: list[int] = []
     gate = asyncio.Event()
 
-    async def committed_then_lost(conn, topic_name, messages, largest, skew):
-        calls.append(len(messages))
+    async def committed_then_lost(conn, topics, skew):
+        calls.append(sum(len(messages) for _, messages, _ in topics))
         call = len(calls)
         if call == 1:  # the writer holds a request until the others queue up
             await gate.wait()
-        result = await real(conn, topic_name, messages, largest, skew)
+        result = await real(conn, topics, skew)
         if call == 2:  # the group of the five queued requests
             raise ConnectionResetError("connection lost after COMMIT was sent")
         return result
 
-    monkeypatch.setattr(log_sql, "publish_batch", committed_then_lost)
+    monkeypatch.setattr(log_sql, "publish_topics", committed_then_lost)
 
     def send(value: int) -> asyncio.Task:
         body = {"messages": [{"value": value}]}

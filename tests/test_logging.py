@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 
@@ -250,13 +251,23 @@ def test_the_format_follows_the_setting_or_the_terminal(setting, tty, expected):
     assert resolve_format(setting, _Stream(tty)) == expected
 
 
-def test_generated_request_ids_are_unique_and_drawn_again_after_a_fork(monkeypatch):
+def test_generated_request_ids_are_unique_and_drawn_again_after_a_fork():
     from sluice.api import observability
 
     first, second = observability._new_request_id(), observability._new_request_id()
     assert first != second and first[:16] == second[:16]
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in (first, second))
-    real_pid = observability.os.getpid()
-    monkeypatch.setattr(observability.os, "getpid", lambda: real_pid + 1)  # a forked child
-    child = observability._new_request_id()
-    assert child[:16] != first[:16]
+    # A forked child (a real fork: the prefix is drawn again at the fork, not per request).
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, observability._new_request_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child[:16] != first[:16]
+    assert observability._new_request_id()[:16] == first[:16]  # the parent's stay

@@ -33,15 +33,26 @@ UNMATCHED = "<unmatched>"
 # Generated ids: 16 random hex digits per process, then a counter (32 hex digits in all).
 # Unique across processes and restarts without a random draw per request (uuid4 was 5% of
 # the CPU of a single-message publish); they only tie log lines together, nothing more.
-# Drawn again in a forked child, which must not share its parent's ids.
-_ids: tuple[int, str, itertools.count[int]] = (os.getpid(), os.urandom(8).hex(), itertools.count())
+# Drawn again in a forked child, which must not share its parent's ids (at the fork, not by
+# comparing os.getpid() per request: a system call, 1% of a single-message consume's server
+# samples under wrk, bench/RESULTS.md run 32).
+def _fresh_ids() -> tuple[str, itertools.count[int]]:
+    return os.urandom(8).hex(), itertools.count()
+
+
+_ids = _fresh_ids()
+
+
+def _after_fork() -> None:
+    global _ids
+    _ids = _fresh_ids()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _new_request_id() -> str:
-    global _ids
-    pid, prefix, counter = _ids
-    if pid != os.getpid():
-        _ids = pid, prefix, counter = os.getpid(), os.urandom(8).hex(), itertools.count()
+    prefix, counter = _ids
     return f"{prefix}{next(counter):016x}"
 
 

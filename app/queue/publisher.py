@@ -4,16 +4,17 @@ Offsets are handed out under the topic's advisory lock until commit (storage
 sluice.append_messages), so on one topic only one publish transaction makes progress at a
 time. To keep throughput high, each process funnels its publish requests through one writer
 task: whatever arrived while a transaction was committing goes into the next one, whatever
-its topics. A group of one topic is one sluice.publish_batch call; a group of several is one
-sluice.publish_topics call, which appends topic after topic in one transaction and leaves
-out a topic whose lock another transaction holds ('busy'): that topic's requests, and those
-that come for it until they are all written, go to a writer of their own, which waits for
-the lock on its own connection (as every topic's writer did before revision 0012), so the
-process's other topics are not held up. A process publishing to many
-topics thus pays one round trip and one commit per group, not per topic (bench/RESULTS.md
-run 31). The writer keeps its pool connection from one group to the next, and for a moment
-after the queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a
-task nor a pool checkout per group.
+its topics, as one sluice.publish_topics call, which appends topic after topic in one
+transaction and leaves out a topic whose lock another transaction holds ('busy': another
+process's publish, the SQL API's relay, a dead-letter copy). That topic's requests, and those
+that come for it while they are written, go to a writer of the topic's own, which waits for
+the lock on its own connection (sluice.publish_batch), so the process's other topics are
+never held up behind a lock held elsewhere. A process publishing to many topics thus pays
+one round trip and one commit per group, not per topic (bench/RESULTS.md run 31).
+Every writer keeps its pool connection from one group to the next, and for a moment after
+its queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a task
+nor a pool checkout per group, and a topic that stays contended (two processes publishing
+to it) stays with its own writer rather than being tried and set aside again per group.
 Each request stays atomic: when the combined call is refused by the database (an
 error that proves nothing was stored), its topics are written one by one, and a topic's
 requests one by one, so only the faulty one fails. When the outcome is unknown (the
@@ -71,6 +72,19 @@ class _Refused(Exception):
     """The database answered the combined call with an error: it was rolled back."""
 
 
+@dataclass(eq=False, slots=True)
+class _Writer:
+    """Requests in arrival order and the task that writes them, group after group. The
+    process's writer (topic None) tries each topic's lock; a contended topic's writer waits
+    for its topic's."""
+
+    topic: str | None
+    queue: deque[_Request] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+    # The task waiting for a request (its queue ran dry): the future that wakes it.
+    lingering: asyncio.Future[None] | None = None
+
+
 @dataclass(slots=True)
 class _Request:
     topic: str
@@ -85,14 +99,10 @@ class Publisher:
     def __init__(self, pool: asyncpg.Pool, clock: SkewSource) -> None:
         self._pool = pool
         self._clock = clock
-        self._queue: deque[_Request] = deque()
-        self._writer: asyncio.Task[None] | None = None
-        # The writer waiting for a request (the queue ran dry): the future that wakes it.
-        self._lingering: asyncio.Future[None] | None = None
-        # Topics whose lock another transaction held when a group of several topics tried it:
-        # their requests, in arrival order, for a writer of their own.
-        self._contended: dict[str, deque[_Request]] = {}
-        self._side_writers: set[asyncio.Task[None]] = set()
+        self._writer = _Writer(None)
+        # Topics whose lock another transaction held when the process's writer tried it:
+        # their writers, until their queues run dry.
+        self._contended: dict[str, _Writer] = {}
         # Told the topic each time a group finds its lock taken (app.main: a metric).
         self.contended_listeners: list[Callable[[str], None]] = []
         self._closed = False
@@ -103,36 +113,40 @@ class Publisher:
         """Store the messages atomically; `sizes` are their byte sizes for the topic's
         max_message_bytes check."""
         request = _Request(topic, messages, sizes)
-        contended = self._contended.get(topic)
-        if contended is not None:  # behind the topic's requests that wait for its lock
-            contended.append(request)
-            return await request.future
-        self._queue.append(request)
-        lingering, self._lingering = self._lingering, None
+        # A contended topic's requests queue behind those of it that wait for its lock.
+        writer = self._contended.get(topic, self._writer)
+        writer.queue.append(request)
+        self._wake(writer)
+        return await request.future
+
+    def _wake(self, writer: _Writer) -> None:
+        """Start the writer's task, or wake it if it waits for a request."""
+        lingering, writer.lingering = writer.lingering, None
         if lingering is not None:
             if not lingering.done():
                 lingering.set_result(None)
-        elif self._writer is None:
-            self._writer = asyncio.create_task(self._drain(), name="sluice-publish")
-        return await request.future
+        elif writer.task is None:
+            name = "sluice-publish" + ("" if writer.topic is None else f"-{writer.topic}")
+            writer.task = asyncio.create_task(self._drain(writer), name=name)
 
     async def close(self) -> None:
-        """Wake the writer if it waits for a request, so it gives its connection back now
-        (before the pool closes)."""
+        """Wake the writers that wait for a request, so they give their connections back
+        now (before the pool closes)."""
         self._closed = True
-        if self._lingering is not None and not self._lingering.done():
-            self._lingering.set_result(None)
-        self._lingering = None
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
-        while self._side_writers:
-            await asyncio.wait(list(self._side_writers))
+        while tasks := [
+            w.task for w in (self._writer, *self._contended.values()) if w.task is not None
+        ]:
+            for writer in (self._writer, *self._contended.values()):
+                if writer.lingering is not None and not writer.lingering.done():
+                    writer.lingering.set_result(None)
+                writer.lingering = None
+            await asyncio.wait(tasks)
 
-    async def _drain(self) -> None:
+    async def _drain(self, writer: _Writer) -> None:
         conn: asyncpg.Connection | None = None
         try:
-            while self._queue or await self._linger():
-                group = _take_group(self._queue)
+            while writer.queue or await self._linger(writer):
+                group = _take_group(writer.queue)
                 try:
                     if conn is not None and _lost(conn):  # while the writer waited
                         await self._pool.release(conn)
@@ -141,7 +155,10 @@ class Publisher:
                         # Raises when no connection can be made (Postgres down): the group
                         # gets the error rather than waiting for an answer that never comes.
                         conn = await self._pool.acquire()
-                    usable = await self._write_group(group, conn)
+                    if writer.topic is None:
+                        usable = await self._write_group(group, conn)
+                    else:
+                        usable = await self._write_topic_group(writer.topic, group, conn)
                 except Exception as exc:
                     for request in group:
                         _settle(request, exc)
@@ -153,8 +170,15 @@ class Publisher:
                     await self._pool.release(conn)
                     conn = None
         finally:
-            # Before the release's await: a request that comes meanwhile starts a writer.
-            self._writer = None
+            # Before the release's await: a request that comes meanwhile starts a writer (the
+            # process's, once a contended topic's writer is done).
+            writer.task = None
+            if writer.topic is not None and self._contended.get(writer.topic) is writer:
+                del self._contended[writer.topic]
+                if writer.queue:  # left by an error between groups: the process's writer's
+                    self._writer.queue.extend(writer.queue)
+                    writer.queue.clear()
+                    self._wake(self._writer)
             if conn is not None:
                 await self._pool.release(conn)
 
@@ -165,35 +189,27 @@ class Publisher:
         pool = self._pool
         return pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size()
 
-    async def _linger(self) -> bool:
-        """Wait up to LINGER_SECONDS for the next request: True if one came."""
+    async def _linger(self, writer: _Writer) -> bool:
+        """Wait up to LINGER_SECONDS for the writer's next request: True if one came."""
         if self._closed:
             return False
         loop = asyncio.get_running_loop()
-        woken = self._lingering = loop.create_future()
-        timer = loop.call_later(LINGER_SECONDS, _wake, woken)
+        woken = writer.lingering = loop.create_future()
+        timer = loop.call_later(LINGER_SECONDS, _resolve, woken)
         try:
             await woken
         finally:
             timer.cancel()
-            if self._lingering is woken:
-                self._lingering = None
-        return bool(self._queue)
+            if writer.lingering is woken:
+                writer.lingering = None
+        return bool(writer.queue)
 
     async def _write_group(self, group: list[_Request], conn: asyncpg.Connection) -> bool:
-        """Write the group and answer its requests; False when `conn` may be unusable."""
+        """Write the group, whatever its topics, in one transaction (sluice.publish_topics)
+        and answer its requests; False when `conn` may be unusable."""
         by_topic: dict[str, list[_Request]] = {}
         for request in group:
             by_topic.setdefault(request.topic, []).append(request)
-        if len(by_topic) == 1:
-            [(topic, requests)] = by_topic.items()
-            return await self._write_topic_group(topic, requests, conn)
-        return await self._write_topics_group(by_topic, conn)
-
-    async def _write_topics_group(
-        self, by_topic: dict[str, list[_Request]], conn: asyncpg.Connection
-    ) -> bool:
-        """The requests of several topics in one transaction (sluice.publish_topics)."""
         topics = [
             (
                 topic,
@@ -208,7 +224,9 @@ class Publisher:
             self._outcome_unknown(list(by_topic), [r for rs in by_topic.values() for r in rs], exc)
             return False
         except asyncpg.PostgresError:
-            # Refused, so rolled back: each topic in a transaction of its own.
+            # Refused, so rolled back: each topic in a transaction of its own (which waits
+            # for the topic's lock: an error path, so no other topic's requests are queued
+            # behind it for long).
             usable = True
             for topic, requests in by_topic.items():
                 usable = await self._write_topic_group(topic, requests, conn) and usable
@@ -231,46 +249,17 @@ class Publisher:
         came meanwhile, go to a writer of its own, which waits for the lock."""
         for listener in self.contended_listeners:
             listener(topic)
-        contended = self._contended.get(topic)
-        if contended is None:
-            contended = self._contended[topic] = deque()
-            task = asyncio.create_task(
-                self._drain_contended(topic, contended), name=f"sluice-publish-{topic}"
-            )
-            self._side_writers.add(task)
-            task.add_done_callback(self._side_writers.discard)
-        contended.extend(requests)
-        if any(request.topic == topic for request in self._queue):
+        writer = self._contended.get(topic)
+        if writer is None:
+            writer = self._contended[topic] = _Writer(topic)
+        writer.queue.extend(requests)
+        queue = self._writer.queue
+        if any(request.topic == topic for request in queue):
             others: deque[_Request] = deque()
-            for request in self._queue:
-                (contended if request.topic == topic else others).append(request)
-            self._queue = others
-
-    async def _drain_contended(self, topic: str, contended: deque[_Request]) -> None:
-        """Write a contended topic's requests, one group after another, each waiting for
-        the topic's lock on a connection of its own, until none are left; the topic's next
-        requests go to the main writer again."""
-        try:
-            while contended:
-                conn = await self._pool.acquire()  # before the group: see the except below
-                group = _take_group(contended)
-                try:
-                    await self._write_topic_group(topic, group, conn)
-                except Exception as exc:
-                    for request in group:
-                        _settle(request, exc)
-                finally:
-                    await self._pool.release(conn)
-        except Exception as exc:  # no connection to be had (Postgres down, the pool closing)
-            for request in contended:
-                _settle(request, exc)
-        except asyncio.CancelledError:
-            for request in contended:
-                request.future.cancel()
-            raise
-        finally:
-            if self._contended.get(topic) is contended:
-                del self._contended[topic]
+            for request in queue:
+                (writer.queue if request.topic == topic else others).append(request)
+            self._writer.queue = others
+        self._wake(writer)
 
     def _outcome_unknown(
         self, topics: list[str], requests: list[_Request], exc: BaseException
@@ -385,7 +374,7 @@ def _answer(requests: list[_Request], outcome: log_sql.Appended) -> None:
         offset += count
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 

@@ -176,7 +176,12 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", default="4,16,64")
-    p.add_argument("--profile", type=Path, help="write py-spy profiles of Sluice here")
+    p.add_argument(
+        "--profile", type=Path, help="write py-spy profiles of Sluice here, one per workload"
+    )
+    p.add_argument(
+        "--native", action="store_true", help="with --profile: C frames too (py-spy --native)"
+    )
     p.add_argument("--only-sluice", action="store_true", help="skip the floors")
     p.add_argument(
         "--log-level",
@@ -292,7 +297,16 @@ async def main() -> None:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for c in connections:
-                profiles.append(profile(server.base_url, server.pid, c, args.seconds, args.profile))
+                for workload in workloads:
+                    if workload == "consume":
+                        await prefill_sluice(client, backlog)
+                    wrk_args = ["wrk", "s"] if workload == "consume" else publish_load[1]
+                    load = workload if workload == "consume" else publish_load[0]
+                    found = profile(
+                        server.base_url, server.pid, c, args.seconds, args.profile,
+                        (load, wrk_args), args.native,
+                    )  # fmt: skip
+                    profiles.append(found)
     finally:
         if client is not None:
             await client.aclose()
@@ -339,9 +353,19 @@ async def main() -> None:
         print(summarise(path, top=40))
 
 
-def profile(url: str, pid: int, connections: int, seconds: float, into: Path) -> Path:
-    """py-spy on the server (and its children) while wrk runs; raw (collapsed) stacks."""
-    path = into / f"sluice-c{connections}.txt"
+def profile(
+    url: str,
+    pid: int,
+    connections: int,
+    seconds: float,
+    into: Path,
+    load: tuple[str, list[str]],
+    native: bool = False,
+) -> Path:
+    """py-spy on the server (and its children) while wrk runs `load` (its workload script
+    and arguments); raw (collapsed) stacks."""
+    workload, wrk_args = load
+    path = into / f"sluice-{workload}-c{connections}.txt"
     spy = subprocess.Popen(
         [
             shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
@@ -353,7 +377,7 @@ def profile(url: str, pid: int, connections: int, seconds: float, into: Path) ->
             "250",
             "--format",
             "raw",
-            "--nonblocking",
+            *(["--native"] if native else ["--nonblocking"]),
             "--duration",
             f"{int(seconds)}",
             "-o",
@@ -363,7 +387,7 @@ def profile(url: str, pid: int, connections: int, seconds: float, into: Path) ->
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    wrk(url, connections, seconds, ["wrk"])
+    wrk(url, connections, seconds, wrk_args, workload)
     spy.wait(seconds + 30)
     return path
 
