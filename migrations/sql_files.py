@@ -27,12 +27,29 @@ def run_file(name: str) -> None:
     run_sql((VERSIONS / name).read_text())
 
 
-def restore_function(revision_file: str, function: str) -> None:
-    """CREATE OR REPLACE `function` (schema-qualified) with the body `revision_file` (a .sql
-    file of migrations/versions) created it with."""
+def function_definition(revision_file: str, function: str) -> str:
+    """The CREATE OR REPLACE statement of `function` (schema-qualified) as `revision_file` (a
+    .sql file of migrations/versions) created it."""
     text = (VERSIONS / revision_file).read_text()
     pattern = rf"^CREATE (?:OR REPLACE )?FUNCTION {re.escape(function)}\(.*?^(?:END )?\$\$;"
     found = re.search(pattern, text, re.S | re.M)
     assert found is not None, f"{function} not found in {revision_file}"
-    definition = re.sub(r"^CREATE (?:OR REPLACE )?", "CREATE OR REPLACE ", found.group(0))
+    return re.sub(r"^CREATE (?:OR REPLACE )?", "CREATE OR REPLACE ", found.group(0))
+
+
+def restore_function(revision_file: str, function: str) -> None:
+    """CREATE OR REPLACE `function` with the body `revision_file` created it with."""
+    run_sql(function_definition(revision_file, function))
+
+
+def patch_function(revision_file: str, function: str, edits: list[tuple[str, str]]) -> None:
+    """CREATE OR REPLACE `function` with the body `revision_file` created it with, each
+    (old, new) edit applied: a revision that changes a few lines of a long function states
+    those lines rather than a copy of the whole body. Each `old` must occur exactly once (a
+    released revision's file never changes, so an edit that no longer applies is a bug)."""
+    definition = function_definition(revision_file, function)
+    for old, new in edits:
+        count = definition.count(old)
+        assert count == 1, f"{function} in {revision_file}: {count} matches for {old!r}"
+        definition = definition.replace(old, new)
     run_sql(definition)

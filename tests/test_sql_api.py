@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -109,6 +110,32 @@ async def test_a_committed_send_is_delivered_with_everything_it_carried(harness,
         (2, "three", None, None),
         (3, None, None, None),
     ]
+
+
+async def test_a_relay_pass_reads_the_clock_once_it_holds_the_topics_lock(manual, app_conn):
+    """A pass that waits for a topic's lock (an HTTP publish holds it) stamps its messages
+    with the time it got the lock, not the time it asked: published_at grows with the
+    offset, which a seek by time relies on (revision 0013)."""
+    topic = await topic_with_subscription(manual.client)
+    await follow_clock(app_conn, manual)
+    await app_conn.execute("SELECT sluice.send($1, '\"late\"')", topic)
+    async with manual.ctx.pool.acquire() as holder, holder.transaction():
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock(1397511169, (topic_id % 2147483647)::int) "
+            "FROM sluice.topics WHERE name = $1",
+            topic,
+        )
+        relaying = asyncio.create_task(relay_once(manual.ctx))
+        await asyncio.sleep(0.3)
+        assert not relaying.done()
+        released = await holder.fetchval(
+            "SELECT clock_timestamp() + make_interval(secs => $1)", manual.clock.skew
+        )
+    async with asyncio.timeout(10):
+        assert (await relaying).relayed == 1
+    [message] = await browse(manual, topic)
+    published_at = datetime.fromisoformat(message["published_at"])
+    assert published_at >= released, (published_at, released)
 
 
 async def test_a_rolled_back_send_is_never_delivered(harness, app_conn):
