@@ -20,7 +20,7 @@ from sluice.queue.relay import Relay
 from sluice.storage.db import plain_url
 from sluice.storage.listener import INTEREST_LOCK_CLASS, OUTBOX_LOCK_CLASS, interest_bucket
 from tests.conftest import run_app, wait_until
-from tests.helpers import publish, pull, topic_with_subscription
+from tests.helpers import ack, nack, publish, pull, topic_with_subscription
 
 # Anything faster than this comes from a notification or a declared key, never from the
 # periodic safety re-check.
@@ -104,6 +104,48 @@ async def test_a_publish_notifies_only_while_a_process_declares_waiters(fresh_db
             )
             await publish(h.client, topic, "nobody again")
             assert await seen.settle() == [f"{topic_id}:1"]
+
+
+async def test_acks_and_nacks_notify_only_while_a_process_declares_waiters(fresh_db_url, db):
+    """An ack under max_in_flight (room in flight) and a nack (deliverable again) could let a
+    waiting pull go on; with nobody waiting they skip their NOTIFY, as a publish does
+    (revision 0014)."""
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        topic = await topic_with_subscription(h.client, max_in_flight=10)
+        topic_id = await topic_id_of(db, topic)
+        bucket = interest_bucket(topic_id)
+        async with Notifications(db) as seen:
+            await publish(h.client, topic, 1, 2, 3, 4)
+            assert await seen.settle() == []
+            receipts = [m["receipt"] for m in await pull(h.client, topic, "s", 4)]
+            await ack(h.client, topic, "s", receipts[:1])
+            await nack(h.client, topic, "s", receipts[1:2], delay_seconds=0)
+            assert await seen.settle() == []
+
+            await db.execute("SELECT pg_advisory_lock_shared($1, $2)", INTEREST_LOCK_CLASS, bucket)
+            await ack(h.client, topic, "s", receipts[2:3])
+            await nack(h.client, topic, "s", receipts[3:4], delay_seconds=0)
+            assert await seen.settle() == [f"{topic_id}:1", f"{topic_id}:1"]
+            await db.execute(
+                "SELECT pg_advisory_unlock_shared($1, $2)", INTEREST_LOCK_CLASS, bucket
+            )
+
+
+async def test_a_pull_waiting_at_max_in_flight_is_woken_by_an_ack(fresh_db_url, db):
+    """The waiting pull's process declares the key, so the ack that makes room notifies it:
+    it goes on at once, not at the periodic re-check."""
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        topic = await topic_with_subscription(h.client, max_in_flight=1)
+        await publish(h.client, topic, "first", "second")
+        [first] = await pull(h.client, topic, "s", 10)
+        task = await start_waiting(h, topic)
+        await asyncio.sleep(0.2)  # the listener declares the key
+        assert not task.done()
+        acked = time.monotonic()
+        await ack(h.client, topic, "s", [first["receipt"]])
+        got = await asyncio.wait_for(task, 5)
+        assert [m["value"] for m in got] == ["second"]
+        assert time.monotonic() - acked < 1.0
 
 
 async def test_a_long_poll_declares_its_topic_and_the_key_is_given_back_after_the_linger(
