@@ -9,8 +9,10 @@ transaction and leaves out a topic whose lock another transaction holds ('busy':
 process's publish, the SQL API's relay, a dead-letter copy). That topic's requests, and those
 that come for it while they are written, go to a writer of the topic's own, which waits for
 the lock on its own connection (sluice.publish_batch), so the process's other topics are
-never held up behind a lock held elsewhere. A process publishing to many topics thus pays
-one round trip and one commit per group, not per topic (bench/RESULTS.md run 31).
+not held up behind a lock held elsewhere (only while the writer sorts out a refused group or
+a message too large for its topic, request by request, may it wait for a lock). A process
+publishing to many topics thus pays one round trip and one commit per group, not per topic
+(bench/RESULTS.md run 31).
 Every writer keeps its pool connection from one group to the next, and for a moment after
 its queue runs dry (LINGER_SECONDS), so a steady stream of requests pays for neither a task
 nor a pool checkout per group, and a topic that stays contended (two processes publishing
