@@ -282,10 +282,8 @@ async def _settle(
                 raise await subscription_missing(conn, topic, sub)
         return settled
 
-    if kind is Settlement.ACK:  # the acks of concurrent requests share a write
-        settled = await ctx.ack_groups.ack(topic, sub, valid, write)
-    else:
-        settled = await write(valid)
+    # Concurrent requests of one kind (and delay or deadline) share a write.
+    settled = await ctx.settle_groups.settle(topic, sub, valid, write, kind, seconds)
     assert settled.topic_id is not None and settled.sub_id is not None
     # One offset may come with several receipts (an old attempt's and the current one):
     # only the current one applied, and a receipt given twice applies once.

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from sluice.queue.ack_groups import AckGroups
 from sluice.queue.claim_groups import ClaimGroups
 from sluice.queue.clock import Clock
 from sluice.queue.publisher import Publisher
 from sluice.queue.rates import RateRecorder
+from sluice.queue.settle_groups import SettleGroups
 from sluice.queue.waiters import WaiterHub
 from sluice.settings import Settings
 
@@ -45,7 +45,7 @@ class QueueContext:
     # Pulls of a subscription that arrive while a claim of it runs share the next claim.
     claim_groups: ClaimGroups = field(default_factory=ClaimGroups)
     # Acks of a subscription that arrive while an ack of it is written share the next write.
-    ack_groups: AckGroups = field(default_factory=AckGroups)
+    settle_groups: SettleGroups = field(default_factory=SettleGroups)
 
     # The SQS endpoint's queues, name -> (loaded at, queue): queue.sqs_queues.get_queue
     # reads a queue's row at most once a second per process, not on every message call.

@@ -1,4 +1,4 @@
-"""What the request groups of one process share (app.queue.claim_groups, app.queue.ack_groups):
+"""What the request groups of one process share (app.queue.claim_groups, app.queue.settle_groups):
 the requests that arrive while one of their kind runs wait in a queue, each with a future,
 and one task serves them a group at a time."""
 

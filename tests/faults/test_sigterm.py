@@ -78,7 +78,7 @@ async def test_sigterm_answers_long_polls_and_finishes_in_flight_acks(db_url, sl
             poll.add_done_callback(lambda _task: answered_at.append(time.monotonic()))
         # Acks held in flight inside the server: another session holds the subscription's
         # lock exclusively (as a claim does), so the first waits for it in Postgres and the
-        # others, queued behind that write, for the next one (app.queue.ack_groups).
+        # others, queued behind that write, for the next one (app.queue.settle_groups).
         db = await asyncpg.connect(plain_url(db_url))
         try:
             lock = db.transaction()

@@ -1,7 +1,8 @@
-"""Concurrent acks of a subscription share writes (app.queue.ack_groups): each request is
+"""Concurrent acks of a subscription share writes (app.queue.settle_groups): each request is
 answered with its own receipts, once the write holding them has committed; a receipt given
 by two requests of a group counts for the first; a failed write fails every request of its
-group; a request cancelled before its group was taken is not written; groups are capped."""
+group; a request cancelled before its group was taken is not written; groups are capped.
+Nacks and extends group the same way, each kind (and delay, deadline) apart."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import contextlib
 import pytest
 
 from sluice.errors import NotFound, Unavailable
-from sluice.queue import ack_groups
-from sluice.queue.ack_groups import AckGroups
+from sluice.queue import settle_groups
+from sluice.queue.settle_groups import SettleGroups
 from sluice.records import Receipt, Settled
 from sluice.storage import settlement as settlement_sql
 from tests.conftest import wait_until
 from tests.helpers import (
     ack,
     assert_problem,
+    extend,
+    nack,
     publish,
     pull,
     stats,
@@ -31,15 +34,21 @@ class CountedSettles:
     """Wraps the storage's settle: records the receipts of each call; the first call waits
     for `release`, so that the acks after it queue up."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: set[str] | None = None) -> None:
         self.real = settlement_sql.settle
         self.calls: list[int] = []
+        self.kinds: list[str] = []
         self.release = asyncio.Event()
+        # With `hold`, the first call of each of those kinds waits, and no other.
+        self.hold = hold
         monkeypatch.setattr(settlement_sql, "settle", self.settle)
 
     async def settle(self, conn, kind, topic, sub, receipts, seconds, skew):
         self.calls.append(len(receipts))
-        if len(self.calls) == 1:  # bounded, so a failing test leaves nothing waiting
+        first_of_kind = not any(k.startswith(f"{kind} ") for k in self.kinds)
+        self.kinds.append(f"{kind} {seconds}")
+        held = len(self.calls) == 1 if self.hold is None else kind in self.hold and first_of_kind
+        if held:  # bounded, so a failing test leaves nothing waiting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.release.wait(), 5)
         return await self.real(conn, kind, topic, sub, receipts, seconds, skew)
@@ -82,6 +91,47 @@ async def test_acks_that_arrive_during_a_write_share_the_next_one(harness, monke
     assert all(a["stale"] == [] for a in answers[:-1])
     after = await stats(client, topic, "s")
     assert (after["in_flight"], after["backlog"]) == (0, 0)
+
+
+async def test_nacks_and_extends_that_arrive_during_a_write_share_the_next_one(
+    harness, monkeypatch
+):
+    """A handler failing on every message nacks one receipt per request, a worker extends
+    each long handler's lease: concurrent requests of one kind and delay (or deadline) share
+    a write; another kind or delay waits for none of them."""
+    client = harness.client
+    topic, receipts = await leased(client, 9)
+    settles = CountedSettles(monkeypatch, hold={"nack", "extend"})
+
+    first_nack = asyncio.create_task(nack(client, topic, "s", receipts[:1], delay_seconds=60))
+    await settles.reach(1)
+    nacks = [
+        asyncio.create_task(nack(client, topic, "s", [r], delay_seconds=60)) for r in receipts[1:4]
+    ]
+    first_extend = asyncio.create_task(extend(client, topic, "s", receipts[6:7], 120))
+    await settles.reach(2)
+    extends = [asyncio.create_task(extend(client, topic, "s", [r], 120)) for r in receipts[7:9]]
+    # Neither waits behind the held writes: an ack, a nack of another delay.
+    async with asyncio.timeout(5):
+        assert (await ack(client, topic, "s", receipts[4:5]))["acked"] == 1
+        assert (await nack(client, topic, "s", receipts[5:6], delay_seconds=30))["nacked"] == 1
+    await asyncio.sleep(0.1)
+    assert not any(task.done() for task in (first_nack, first_extend, *nacks, *extends))
+    settles.release.set()
+    nacked = await asyncio.gather(first_nack, *nacks)
+    extended = await asyncio.gather(first_extend, *extends)
+    assert [a["nacked"] for a in nacked] == [1, 1, 1, 1]
+    assert [e["extended"] for e in extended] == [1, 1, 1]
+
+    def writes(kind: str) -> list[int]:
+        return [n for n, k in zip(settles.calls, settles.kinds, strict=True) if k == kind]
+
+    # The first of each alone, then those queued behind it in one write.
+    assert writes("nack 60.0") == [1, 3]
+    assert writes("extend 120.0") == [1, 2]
+    assert writes("ack None") == [1] and writes("nack 30.0") == [1]
+    after = await stats(client, topic, "s")
+    assert (after["in_flight"], after["delayed"]) == (3, 5)
 
 
 async def test_stale_and_acked_receipts_in_one_group_are_told_apart(harness, monkeypatch):
@@ -160,7 +210,7 @@ def _receipt(offset: int) -> Receipt:
 
 
 async def test_a_request_cancelled_while_it_waited_is_not_written():
-    groups = AckGroups()
+    groups = SettleGroups()
     written: list[list[int]] = []
     release = asyncio.Event()
 
@@ -170,10 +220,10 @@ async def test_a_request_cancelled_while_it_waited_is_not_written():
             await release.wait()
         return Settled(found=True, topic_id=1, sub_id=1, applied={r.key for r in receipts})
 
-    first = asyncio.create_task(groups.ack("t", "s", [_receipt(1)], write))
+    first = asyncio.create_task(groups.settle("t", "s", [_receipt(1)], write))
     await asyncio.sleep(0)
-    gone = asyncio.create_task(groups.ack("t", "s", [_receipt(2)], write))
-    kept = asyncio.create_task(groups.ack("t", "s", [_receipt(3)], write))
+    gone = asyncio.create_task(groups.settle("t", "s", [_receipt(2)], write))
+    kept = asyncio.create_task(groups.settle("t", "s", [_receipt(3)], write))
     await asyncio.sleep(0)
     gone.cancel()
     release.set()
@@ -185,8 +235,8 @@ async def test_a_request_cancelled_while_it_waited_is_not_written():
 
 
 async def test_groups_hold_at_most_max_group_receipts(monkeypatch):
-    monkeypatch.setattr(ack_groups, "MAX_GROUP_RECEIPTS", 4)
-    groups = AckGroups()
+    monkeypatch.setattr(settle_groups, "MAX_GROUP_RECEIPTS", 4)
+    groups = SettleGroups()
     written: list[int] = []
     release = asyncio.Event()
 
@@ -196,13 +246,13 @@ async def test_groups_hold_at_most_max_group_receipts(monkeypatch):
             await release.wait()
         return Settled(found=True, topic_id=1, sub_id=1, applied={r.key for r in receipts})
 
-    first = asyncio.create_task(groups.ack("t", "s", [_receipt(0)], write))
+    first = asyncio.create_task(groups.settle("t", "s", [_receipt(0)], write))
     await asyncio.sleep(0)
     sizes = [3, 1, 2, 2, 5]  # the 5 exceeds the cap alone: it still goes, in a group of its own
     offsets = iter(range(1, 100))
     waiting = [
         asyncio.create_task(
-            groups.ack("t", "s", [_receipt(next(offsets)) for _ in range(n)], write)
+            groups.settle("t", "s", [_receipt(next(offsets)) for _ in range(n)], write)
         )
         for n in sizes
     ]
@@ -215,7 +265,7 @@ async def test_groups_hold_at_most_max_group_receipts(monkeypatch):
 
 
 async def test_different_subscriptions_do_not_wait_for_each_other():
-    groups = AckGroups()
+    groups = SettleGroups()
     release = asyncio.Event()
 
     async def slow(receipts: list[Receipt]) -> Settled:
@@ -225,9 +275,9 @@ async def test_different_subscriptions_do_not_wait_for_each_other():
     async def fast(receipts: list[Receipt]) -> Settled:
         return Settled(found=True, topic_id=1, sub_id=2, applied={r.key for r in receipts})
 
-    held = asyncio.create_task(groups.ack("t", "a", [_receipt(1)], slow))
+    held = asyncio.create_task(groups.settle("t", "a", [_receipt(1)], slow))
     await asyncio.sleep(0)
-    other = await asyncio.wait_for(groups.ack("t", "b", [_receipt(2)], fast), 2)
+    other = await asyncio.wait_for(groups.settle("t", "b", [_receipt(2)], fast), 2)
     assert other.applied == {_receipt(2).key}
     release.set()
     await held
@@ -236,4 +286,4 @@ async def test_different_subscriptions_do_not_wait_for_each_other():
         async def missing(receipts: list[Receipt]) -> Settled:
             raise NotFound("gone")
 
-        await groups.ack("t", "a", [], missing)
+        await groups.settle("t", "a", [], missing)
