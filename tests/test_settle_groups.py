@@ -134,6 +134,36 @@ async def test_nacks_and_extends_that_arrive_during_a_write_share_the_next_one(
     assert (after["in_flight"], after["delayed"]) == (3, 5)
 
 
+async def test_a_group_of_last_attempt_nacks_counts_its_dead_letters_once_each(
+    harness, monkeypatch
+):
+    """Nacks at the last attempt park their messages; a group's dead letters are told to its
+    requests at most one per receipt each applied, so the counts add up and none is negative
+    (with several workers the metrics counters are increased at once, and prometheus_client
+    raises on a negative amount: the request would answer 500 after its nack committed)."""
+    client = harness.client
+    topic = await topic_with_subscription(client, max_deliveries=1)
+    await publish(client, topic, *range(4))
+    receipts = [m["receipt"] for m in await pull(client, topic, "s", 4)]
+    settles = CountedSettles(monkeypatch)
+    counted: list[tuple[str, int]] = []
+    harness.ctx.rates.listeners.append(lambda _t, _s, kind, n: counted.append((kind, n)))
+
+    first = asyncio.create_task(nack(client, topic, "s", receipts[:1]))
+    await settles.reach(1)
+    grouped = [asyncio.create_task(nack(client, topic, "s", [r])) for r in receipts[1:]]
+    await asyncio.sleep(0.1)
+    settles.release.set()
+    answers = await asyncio.gather(first, *grouped)
+    assert settles.calls == [1, 3]
+    assert [a["nacked"] for a in answers] == [1, 1, 1, 1]
+    after = await stats(client, topic, "s")
+    assert (after["in_flight"], after["dead_lettered"]) == (0, 4)
+    assert all(n > 0 for _, n in counted), counted
+    assert sum(n for kind, n in counted if kind == "dead_lettered") == 4, counted
+    assert sum(n for kind, n in counted if kind == "nacked") == 0, counted
+
+
 async def test_stale_and_acked_receipts_in_one_group_are_told_apart(harness, monkeypatch):
     client = harness.client
     topic, receipts = await leased(client, 3)

@@ -103,16 +103,17 @@ def _take_group(waiting: deque[_Waiting]) -> list[_Waiting]:
 
 
 def _hand_out(settled: Settled, group: list[_Waiting]) -> None:
-    """Each request the applied receipts it gave, the first to give one getting it; the
-    group's dead letters (a nack's last attempts) are told to its first request (they are
-    only counted, in the process's rates, which add them up)."""
+    """Each request the applied receipts it gave, the first to give one getting it. The
+    group's dead letters (nacks at their last attempt) are among the applied receipts but not
+    told apart: each request is told at most as many as it had applied, in order, so that
+    the counts (the process's rates, which add them up) stay right and none goes negative."""
     left = set(settled.applied)
     parked = settled.dead_lettered
     for waiting in group:
         mine = {r.key for r in waiting.receipts if r.key in left}
         left -= mine
+        told = min(parked, len(mine))
+        parked -= told
         if not waiting.future.done():
-            waiting.future.set_result(
-                dataclasses.replace(settled, applied=mine, dead_lettered=parked)
-            )
-        parked = 0
+            outcome = dataclasses.replace(settled, applied=mine, dead_lettered=told)
+            waiting.future.set_result(outcome)
