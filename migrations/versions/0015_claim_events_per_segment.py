@@ -35,6 +35,7 @@ _DECLARE_SEGMENT = """\
     v_sorted boolean := true;
     i integer;
     v_event_seg integer;
+    v_event_segs integer[] := '{}';
 BEGIN
 """
 _EVENTS = """\
@@ -46,8 +47,11 @@ _EVENTS = """\
                    AND ev.event_id > st.event_id LOOP
 """
 _EVENTS_PER_SEGMENT = """\
-        -- One segment at a time: a scalar segment prunes to its partition (0015).
-        FOREACH v_event_seg IN ARRAY ARRAY(SELECT DISTINCT x FROM unnest(st.win_seg) x) LOOP
+        -- One segment at a time: a scalar segment prunes to its partition (0015). Each
+        -- segment once, told apart by array assignments (no statement of their own).
+        FOREACH v_event_seg IN ARRAY st.win_seg LOOP
+        CONTINUE WHEN v_event_seg = ANY(v_event_segs);
+        v_event_segs := v_event_segs || v_event_seg;
         FOR r IN SELECT ev.lease_id, ev.kind, cardinality(ev.offsets) AS n, ev.lease_until,
                         ev.event_id
                  FROM sluice.lease_events ev
