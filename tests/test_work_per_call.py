@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncpg
 
 from sluice.queue.receipts import decode, encode
-from sluice.records import NewMessage, Settlement
+from sluice.records import Claim, NewMessage, Settlement
 from sluice.storage import claims, log, migrate, settlement
 from sluice.storage.db import create_pool, plain_url
 
@@ -354,18 +354,28 @@ async def test_a_claim_reads_lease_events_only_in_its_windows_segments(fresh_db_
             got = await claims.claim(conn, "work", "s", 5, None, 0.0, 2000)
             receipts = [decode(encode(m.offset, m.lease_id, m.seg, m.token)) for m in got.messages]
             await settlement.settle(conn, Settlement.ACK, "work", "s", receipts[:2], None, 0.0)
-            # Counts not yet flushed to the shared stats are what the xact functions
-            # read: flush them (when this statement's transaction ends) first.
-            await conn.execute("SELECT pg_stat_force_next_flush()")
-            async with conn.transaction():
-                again = await claims.claim(conn, "work", "s", 1, None, 0.0, 2000)
-                scanned = await conn.fetchval(
-                    "SELECT count(*) FROM pg_inherits i JOIN pg_index x ON x.indrelid = i.inhrelid "
-                    "WHERE i.inhparent = 'sluice.lease_events'::regclass "
-                    "AND pg_stat_get_xact_numscans(x.indexrelid) > 0"
-                )
+            again, scanned = await _claim_counting_event_scans(conn, 0.0)
+            # Past the ack deadline (600 s): the claim expires the window's leases, and
+            # steps its frontier past its own expiry events.
+            expiring, scanned_expiring = await _claim_counting_event_scans(conn, 700.0)
     finally:
         await pool.close()
-    assert len(again.messages) == 1
+    assert len(again.messages) == 1 and expiring.expired > 0
     assert partitions >= 40
     assert 1 <= scanned <= 2, (scanned, partitions)
+    assert 1 <= scanned_expiring <= 2, (scanned_expiring, partitions)
+
+
+async def _claim_counting_event_scans(conn: asyncpg.Connection, skew: float) -> tuple[Claim, int]:
+    """A claim of one message, and how many partitions of lease_events it scanned."""
+    # Counts not yet flushed to the shared stats are what the xact functions read: flush
+    # them (when this statement's transaction ends) first.
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with conn.transaction():
+        claimed = await claims.claim(conn, "work", "s", 1, None, skew, 2000)
+        scanned = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_index x ON x.indrelid = i.inhrelid "
+            "WHERE i.inhparent = 'sluice.lease_events'::regclass "
+            "AND pg_stat_get_xact_numscans(x.indexrelid) > 0"
+        )
+    return claimed, scanned

@@ -7,7 +7,8 @@ lease_events, one per segment of every lane (44 partitions: the claim of one mes
 about twice the CPU it takes with 4; bench/RESULTS.md run 32). Now the statement runs once
 per distinct segment of the window with `ev.seg` equal to a scalar, which the generic plan
 prunes before it starts any scan: a window in one segment reads one partition. The rows read
-are the same (and the loop's sums, minimum and maximum do not depend on their order); every
+are the same (and the loop's sums, minimum and maximum do not depend on their order); the
+frontier's step past the claim's own expiry events reads per segment too. Every
 event below the frontier is committed, as before, since settles hold the subscription's lock
 until their commit and the claim holds it exclusively. The edits below are the whole change
 (migrations/sql_files.patch_function).
@@ -71,6 +72,26 @@ _LOOPS_END = """\
     END IF;
 """
 
+_EXPIRED = """\
+    IF v_expiry THEN
+        nx.event_id := greatest(nx.event_id, (SELECT max(ev.event_id) FROM sluice.lease_events ev
+            WHERE ev.topic_id = s.topic_id AND ev.sub_id = s.sub_id AND ev.event_id > nx.event_id
+              AND ev.lease_id = ANY(st.win_lease) AND ev.seg = ANY(st.win_seg)));
+    END IF;
+"""
+_EXPIRED_PER_SEGMENT = """\
+    IF v_expiry THEN
+        -- The window's segments, as step 1 found them (0015).
+        FOREACH v_event_seg IN ARRAY v_event_segs LOOP
+            nx.event_id := greatest(nx.event_id, (
+                SELECT max(ev.event_id) FROM sluice.lease_events ev
+                WHERE ev.topic_id = s.topic_id AND ev.sub_id = s.sub_id
+                  AND ev.event_id > nx.event_id AND ev.lease_id = ANY(st.win_lease)
+                  AND ev.seg = v_event_seg));
+        END LOOP;
+    END IF;
+"""
+
 
 def upgrade() -> None:
     patch_function(
@@ -80,6 +101,7 @@ def upgrade() -> None:
             (_DECLARE, _DECLARE_SEGMENT),
             (_EVENTS, _EVENTS_PER_SEGMENT),
             (_LOOP_END, _LOOPS_END),
+            (_EXPIRED, _EXPIRED_PER_SEGMENT),
         ],
     )
 
