@@ -46,7 +46,9 @@ def patch_function(revision_file: str, function: str, edits: list[tuple[str, str
     """CREATE OR REPLACE `function` with the body `revision_file` created it with, each
     (old, new) edit applied: a revision that changes a few lines of a long function states
     those lines rather than a copy of the whole body. Each `old` must occur exactly once (a
-    released revision's file never changes, so an edit that no longer applies is a bug)."""
+    released revision's file never changes, so an edit that no longer applies is a bug).
+    `revision_file` must be the revision that last defined the function: an edit applied to
+    an older body would silently undo what came after it."""
     definition = function_definition(revision_file, function)
     for old, new in edits:
         count = definition.count(old)
