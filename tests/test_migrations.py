@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,27 @@ async def test_alembic_command_works_from_the_checkout(fresh_db_url):
     assert missing.returncode != 0
     assert "DATABASE_URL" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_each_patched_function_starts_from_its_newest_definition():
+    """migrations/sql_files.patch_function edits the body a revision's .sql file defines: the
+    file named must be the newest to define the function before the patching revision (an
+    older body would undo what came between), and a function is patched at most once since
+    that definition (a second patch would start again from the file and undo the first)."""
+    versions = ROOT / "migrations" / "versions"
+    defined: dict[str, list[str]] = {}
+    for sql in sorted(versions.glob("*.sql")):
+        pattern = r"^CREATE (?:OR REPLACE )?FUNCTION (sluice\.\w+)\("
+        for found in re.finditer(pattern, sql.read_text(), re.M):
+            defined.setdefault(found.group(1), []).append(sql.name)
+    patched: dict[tuple[str, str], list[str]] = {}
+    call = re.compile(r'patch_function\(\s*"([^"]+)",\s*"([^"]+)"')
+    for revision in sorted(versions.glob("0*.py")):
+        for found in call.finditer(revision.read_text()):
+            file, function = found.group(1), found.group(2)
+            before = [name for name in defined[function] if name[:4] < revision.name[:4]]
+            assert before and before[-1] == file, (revision.name, function, before)
+            patched.setdefault((function, file), []).append(revision.name)
+    assert patched, "no revision patches a function: the check reads nothing"
+    for (function, file), revisions in patched.items():
+        assert len(revisions) == 1, (function, file, revisions)
