@@ -3,6 +3,7 @@ dead-letter topic with origin headers, and re-driven."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import pytest
@@ -222,6 +223,43 @@ async def test_copied_to_dead_letter_topic_with_origin_headers(harness):
     got = await pull(client, dlq, "inspect", 10)
     assert [m["headers"]["sluice-origin-offset"] for m in got] == [str(third)]
     assert got[0]["headers"]["sluice-delivery-attempts"] == "2"
+
+
+async def test_a_dead_letter_copy_is_never_older_than_its_topics_newest_message(harness):
+    """A nack at the last attempt reads its time when it starts; its copy waits for the
+    dead-letter topic's lock behind another publish of that topic, which stamps a later time.
+    The copy, appended after it, is stamped no earlier (revision 0016): published_at grows
+    with the offset, which a seek by time relies on."""
+    client = harness.client
+    topic, dlq = unique(), unique("dlq")
+    await create_topic(client, topic)
+    await create_topic(client, dlq)
+    await create_subscription(client, topic, "s", max_deliveries=1, dead_letter_topic=dlq)
+    await publish(client, topic, "doomed")
+    [message] = await pull(client, topic, "s")
+    async with harness.ctx.pool.acquire() as holder, holder.transaction():
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock(1397511169, (topic_id % 2147483647)::int) "
+            "FROM sluice.topics WHERE name = $1",
+            dlq,
+        )
+        nacking = asyncio.create_task(nack(client, topic, "s", [message["receipt"]]))
+        await asyncio.sleep(0.3)
+        assert not nacking.done()  # its copy waits for the lock
+        row = await holder.fetchrow(
+            "SELECT * FROM sluice.publish_batch($1, ARRAY['\"meanwhile\"'], NULL, NULL, NULL, "
+            "NULL, 100, $2)",
+            dlq,
+            harness.clock.skew,
+        )
+        assert row["status"] == "ok"
+    assert (await asyncio.wait_for(nacking, 10))["nacked"] == 1
+    r = await client.get(f"/v1/topics/{dlq}/messages")
+    meanwhile, copy = r.json()["messages"]
+    assert (meanwhile["value"], copy["value"]) == ("meanwhile", "doomed")
+    assert copy["offset"] > meanwhile["offset"]
+    published = [datetime.fromisoformat(m["published_at"]) for m in (meanwhile, copy)]
+    assert published[1] >= published[0], published
 
 
 async def test_dead_lettering_still_parks_when_the_dead_letter_topic_is_gone(client):
