@@ -243,7 +243,7 @@ class Publisher:
             elif outcome.status == "busy":
                 self._set_aside(topic, requests)
             else:  # a message too large: the topic's requests on their own find which
-                usable = await self._write_topic_group(topic, requests, conn) and usable
+                usable = await self._write_each(topic, requests, conn) and usable
         return usable
 
     def _set_aside(self, topic: str, requests: list[_Request]) -> None:
@@ -295,23 +295,29 @@ class Publisher:
             self._outcome_unknown([topic], group, exc)
             return False
         if outcome is None or outcome.status == "too_large":
-            if len(group) == 1:
-                _settle(group[0], await self._refusal(topic, group[0], conn))
-                return True
-            # Isolate the faulty request: each one alone, atomic on its own.
-            usable = True
-            for request in group:
-                try:
-                    usable = await self._write_topic_group(topic, [request], conn) and usable
-                except Exception as exc:  # answered above; this is only a guard
-                    _settle(request, exc)
-            return usable
+            return await self._write_each(topic, group, conn)
         if outcome.status == "no_topic":
             for request in group:
                 _settle(request, topic_not_found(topic))
             return True
         _answer(group, outcome)
         return True
+
+    async def _write_each(
+        self, topic: str, group: list[_Request], conn: asyncpg.Connection
+    ) -> bool:
+        """The topic refused the group's write: isolate the faulty request, each one alone,
+        atomic on its own (a request alone is refused with the reason)."""
+        if len(group) == 1:
+            _settle(group[0], await self._refusal(topic, group[0], conn))
+            return True
+        usable = True
+        for request in group:
+            try:
+                usable = await self._write_topic_group(topic, [request], conn) and usable
+            except Exception as exc:  # answered above; this is only a guard
+                _settle(request, exc)
+        return usable
 
     async def _refusal(self, topic: str, request: _Request, conn: asyncpg.Connection) -> Exception:
         """Why the topic refused a request alone: gone, or a message above its size limit."""
