@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 
 JSON = {"content-type": "application/json"}
@@ -123,3 +126,18 @@ async def topic_with_subscription(client: httpx.AsyncClient, sub: str = "s", **c
     await create_topic(client, topic)
     await create_subscription(client, topic, sub, **config)
     return topic
+
+
+APPEND_LOCK_CLASS = 1397511169  # sluice.append_messages: a topic's lock until commit
+
+
+@contextlib.asynccontextmanager
+async def topic_lock_held(pool: asyncpg.Pool, topic: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another transaction (another process's publish, the relay's pass) holds the topic's
+    lock until the block ends: its connection, to do more in that transaction."""
+    async with pool.acquire() as holder, holder.transaction():
+        topic_id = await holder.fetchval(
+            "SELECT topic_id FROM sluice.topics WHERE name = $1", topic
+        )
+        await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, topic_id)
+        yield holder

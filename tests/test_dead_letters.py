@@ -20,6 +20,7 @@ from tests.helpers import (
     pull,
     stats,
     sub_path,
+    topic_lock_held,
     topic_with_subscription,
 )
 
@@ -237,12 +238,7 @@ async def test_a_dead_letter_copy_is_never_older_than_its_topics_newest_message(
     await create_subscription(client, topic, "s", max_deliveries=1, dead_letter_topic=dlq)
     await publish(client, topic, "doomed")
     [message] = await pull(client, topic, "s")
-    async with harness.ctx.pool.acquire() as holder, holder.transaction():
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock(1397511169, (topic_id % 2147483647)::int) "
-            "FROM sluice.topics WHERE name = $1",
-            dlq,
-        )
+    async with topic_lock_held(harness.ctx.pool, dlq) as holder:
         nacking = asyncio.create_task(nack(client, topic, "s", [message["receipt"]]))
         await asyncio.sleep(0.3)
         assert not nacking.done()  # its copy waits for the lock

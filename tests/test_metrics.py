@@ -27,6 +27,7 @@ from tests.helpers import (
     pull,
     stats,
     sub_path,
+    topic_lock_held,
     topic_path,
 )
 
@@ -111,9 +112,7 @@ async def test_a_publish_group_finding_a_topic_locked_is_counted(client, harness
     before = await scrape(client)
     publisher = harness.ctx.publisher
     message = NewMessage(value='"v"', key=None, headers=None, delay_seconds=0, dedup_id=None)
-    async with harness.ctx.pool.acquire() as holder, holder.transaction():
-        topic_id = await holder.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", busy)
-        await holder.execute("SELECT pg_advisory_xact_lock(1397511169, $1)", topic_id)
+    async with topic_lock_held(harness.ctx.pool, busy):
         # Queued in one loop turn: one group of both topics; the free one is answered.
         waiting = asyncio.create_task(publisher.publish(busy, [message], [3]))
         await asyncio.wait_for(publisher.publish(free, [message], [3]), 5)

@@ -8,9 +8,7 @@ against the real pool and database, with a pool that counts what the writer take
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -21,6 +19,7 @@ from sluice.queue.publisher import Publisher, _lost
 from sluice.records import NewMessage, Published
 from sluice.storage.db import create_pool
 from tests.conftest import unique, wait_until
+from tests.helpers import topic_lock_held
 
 pytestmark = pytest.mark.asyncio
 
@@ -207,29 +206,12 @@ async def test_a_busy_writer_does_not_keep_the_last_connection_from_others(
 
 # ---- groups of several topics (revision 0012) ---------------------------------------------
 
-APPEND_LOCK_CLASS = 1397511169  # sluice.append_messages: a topic's lock until commit
-
 
 async def new_topic(client, max_message_bytes: int = 1000) -> str:
     name = unique("multi")
     body = {"max_message_bytes": max_message_bytes}
     assert (await client.put(f"/v1/topics/{name}", json=body)).status_code == 201
     return name
-
-
-async def topic_id(conn: asyncpg.Connection, name: str) -> int:
-    return await conn.fetchval("SELECT topic_id FROM sluice.topics WHERE name = $1", name)
-
-
-@contextlib.asynccontextmanager
-async def topic_lock_held(pool: asyncpg.Pool, topic: str) -> AsyncIterator[None]:
-    """Another transaction (another process's publish, the relay's pass) holds the topic's
-    lock until the block ends."""
-    async with pool.acquire() as holder, holder.transaction():
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, await topic_id(holder, topic)
-        )
-        yield
 
 
 def dedup_message(value: str, dedup_id: str) -> NewMessage:

@@ -31,6 +31,7 @@ from tests.helpers import (
     publish,
     pull,
     stats,
+    topic_lock_held,
     topic_path,
     topic_with_subscription,
 )
@@ -119,12 +120,7 @@ async def test_a_relay_pass_reads_the_clock_once_it_holds_the_topics_lock(manual
     topic = await topic_with_subscription(manual.client)
     await follow_clock(app_conn, manual)
     await app_conn.execute("SELECT sluice.send($1, '\"late\"')", topic)
-    async with manual.ctx.pool.acquire() as holder, holder.transaction():
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock(1397511169, (topic_id % 2147483647)::int) "
-            "FROM sluice.topics WHERE name = $1",
-            topic,
-        )
+    async with topic_lock_held(manual.ctx.pool, topic) as holder:
         relaying = asyncio.create_task(relay_once(manual.ctx))
         await asyncio.sleep(0.3)
         assert not relaying.done()
