@@ -444,6 +444,29 @@ async def test_nack_with_delay(harness):
     assert other == n["offset"]
 
 
+async def test_messages_nacked_together_come_back_one_pull_at_a_time(harness):
+    """Messages nacked together wait in one timer. Pulls of one message take it in parts: the
+    rest stays due as a timer of its own, written by the claim that split it, and the next
+    pull finds it though nothing else happened in between; a timer left due when a pull is
+    full comes next (revision 0017: each claim keeps its state's timer wake at the due time
+    of the first timer it leaves, and a claim reads the timers only once that has come)."""
+    client, clock = harness.client, harness.clock
+    topic = await setup(client, ack_deadline_seconds=600, retry_min_seconds=1, retry_max_seconds=1)
+    offsets = await publish(client, topic, "a", "b", "c")
+    got = await pull(client, topic, "s", 3)
+    # c alone first, then a and b together: two timers, c's due first.
+    alone, together = [got[2]["receipt"]], [m["receipt"] for m in got[:2]]
+    assert await nack(client, topic, "s", alone, delay_seconds=5) == {"nacked": 1, "stale": []}
+    assert await nack(client, topic, "s", together, delay_seconds=5) == {"nacked": 2, "stale": []}
+    assert await pull(client, topic, "s", 1) == []
+    clock.advance(8)
+    a, b, c = offsets
+    for offset in (c, a, b):
+        [again] = await pull(client, topic, "s", 1)
+        assert (again["offset"], again["delivery_attempt"]) == (offset, 2)
+    assert await pull(client, topic, "s", 1) == []
+
+
 async def test_nack_default_backoff_is_exponential_with_jitter_and_capped(harness):
     """Backoff after attempt n: clamp(min * 2^(n-1) * U(0.8, 1.2), min, max). Every check
     stands 3 s of injected time away from the edge of the range it tells apart, so time spent

@@ -14,6 +14,7 @@ from tests.helpers import (
     assert_problem,
     create_subscription,
     create_topic,
+    nack,
     publish,
     pull,
     stats,
@@ -174,6 +175,28 @@ async def test_max_in_flight_counts_only_unexpired_leases(harness):
     assert (fresh["offset"], fresh["delivery_attempt"]) == (b, 1)
     assert await ack(client, topic, "s", [fresh["receipt"]]) == {"acked": 1, "stale": []}
     clock.advance(60)  # a's backoff is over 3 s ago
+    [again] = await pull(client, topic, "s", 5)
+    assert (again["offset"], again["delivery_attempt"]) == (a, 2)
+
+
+async def test_a_retry_that_comes_due_while_max_in_flight_is_reached_goes_out_once_room_is_made(
+    harness,
+):
+    """A pull at the cap takes nothing and so reads no timer for delivery; it still finds
+    when the next one is due (revision 0017 keeps that time in the state row, and a claim
+    reads the timers only once it has come): once an ack makes room, the retry goes out."""
+    client, clock = harness.client, harness.clock
+    topic = await topic_with_subscription(client, max_in_flight=1, ack_deadline_seconds=600)
+    a, b = await publish(client, topic, "a", "b")
+    [first] = await pull(client, topic, "s", 5)
+    assert first["offset"] == a
+    assert (await nack(client, topic, "s", [first["receipt"]], delay_seconds=5))["nacked"] == 1
+    [second] = await pull(client, topic, "s", 5)  # a waits 5 s: b goes out, and fills the cap
+    assert second["offset"] == b
+    clock.advance(8)  # a is due, but there is no room
+    assert await pull(client, topic, "s", 5) == []
+    assert (await stats(client, topic, "s"))["backlog"] == 1
+    assert await ack(client, topic, "s", [second["receipt"]]) == {"acked": 1, "stale": []}
     [again] = await pull(client, topic, "s", 5)
     assert (again["offset"], again["delivery_attempt"]) == (a, 2)
 

@@ -288,8 +288,9 @@ async def test_a_subscriptions_state_is_read_in_one_partition(fresh_db_url):
 async def test_a_publish_and_an_ack_cost_the_same_with_many_segments(fresh_db_url):
     """Publish and ack read only the partitions that can hold what they look for, whatever
     the number of segments (an ack of 100 touched 22 buffers with 4 partitions and 102
-    with 44 before revision 0009). A claim still reads its due timers in every partition
-    (its lease events only in its window's segments since revision 0015: the test below)."""
+    with 44 before revision 0009). A claim reads its lease events only in its window's
+    segments (revision 0015), and the timers (in every partition) only once one may be due
+    (revision 0017): the tests below."""
     await migrate.upgrade(fresh_db_url)
     setup = await asyncpg.connect(plain_url(fresh_db_url))
     try:
@@ -368,6 +369,13 @@ async def test_a_claim_reads_lease_events_only_in_its_windows_segments(fresh_db_
 
 async def _claim_counting_event_scans(conn: asyncpg.Connection, skew: float) -> tuple[Claim, int]:
     """A claim of one message, and how many partitions of lease_events it scanned."""
+    return await _claim_counting_scans(conn, skew, "lease_events")
+
+
+async def _claim_counting_scans(
+    conn: asyncpg.Connection, skew: float, table: str
+) -> tuple[Claim, int]:
+    """A claim of one message, and how many partitions of `table` it scanned."""
     # Counts not yet flushed to the shared stats are what the xact functions read: flush
     # them (when this statement's transaction ends) first.
     await conn.execute("SELECT pg_stat_force_next_flush()")
@@ -375,7 +383,45 @@ async def _claim_counting_event_scans(conn: asyncpg.Connection, skew: float) -> 
         claimed = await claims.claim(conn, "work", "s", 1, None, skew, 2000)
         scanned = await conn.fetchval(
             "SELECT count(*) FROM pg_inherits i JOIN pg_index x ON x.indrelid = i.inhrelid "
-            "WHERE i.inhparent = 'sluice.lease_events'::regclass "
-            "AND pg_stat_get_xact_numscans(x.indexrelid) > 0"
+            "WHERE i.inhparent = $1::regclass "
+            "AND pg_stat_get_xact_numscans(x.indexrelid) > 0",
+            f"sluice.{table}",
         )
     return claimed, scanned
+
+
+async def test_a_claim_reads_the_timers_only_once_one_may_be_due(fresh_db_url):
+    """Timers live in the segment of their newest message, so reading a subscription's due
+    timers in due order scans every partition of timers. A claim does it only once one may
+    be due (the state row's timer_wake, revision 0017): not while none is pending, nor
+    before a nacked message's delay has run out; then it does, and redelivers it."""
+    await migrate.upgrade(fresh_db_url)
+    pool = await create_pool(fresh_db_url, 1)
+    try:
+        async with pool.acquire() as conn:
+            topic_id = await _create_work_topic(conn)
+            await _segments_with_traffic(conn)  # no subscription yet: nothing to deliver
+            await _create_work_subscription(conn, topic_id)
+            partitions = await _partitions(conn)
+            await log.publish_batch(
+                conn, "work", [NewMessage(VALUE, None, None, 0, None)] * 10, 300, 0.0
+            )
+            # A new state row says nothing of timers: the first claim reads them.
+            first, scanned_first = await _claim_counting_scans(conn, 0.0, "timers")
+            second, scanned_idle = await _claim_counting_scans(conn, 0.0, "timers")
+            (message,) = second.messages
+            receipt = decode(encode(message.offset, message.lease_id, message.seg, message.token))
+            await settlement.settle(conn, Settlement.NACK, "work", "s", [receipt], 30.0, 0.0)
+            after_nack, scanned_after_nack = await _claim_counting_scans(conn, 0.0, "timers")
+            waiting, scanned_waiting = await _claim_counting_scans(conn, 0.0, "timers")
+            due, scanned_due = await _claim_counting_scans(conn, 40.0, "timers")
+    finally:
+        await pool.close()
+    assert partitions >= 40
+    assert len(first.messages) == len(after_nack.messages) == len(waiting.messages) == 1
+    assert scanned_first >= 1 and scanned_idle == 0, (scanned_first, scanned_idle)
+    # The nack's event says a timer may be due from its time on: read, found not yet due.
+    assert scanned_after_nack >= 1 and after_nack.messages[0].offset != message.offset
+    assert scanned_waiting == 0, scanned_waiting
+    assert scanned_due >= 1, scanned_due
+    assert [(m.offset, m.attempt) for m in due.messages] == [(message.offset, 2)]
