@@ -3,10 +3,13 @@ the stats across a message's lifecycle; where a new subscription starts."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
+import asyncpg
 import pytest
 
+from sluice.storage.db import plain_url
 from tests.conftest import unique
 from tests.helpers import (
     JSON,
@@ -556,3 +559,39 @@ async def test_stats_count_expired_leases_as_backlog(harness):
     clock.advance(5)
     s = await stats(client, topic, "s")
     assert counts(s) == {"backlog": 2, "in_flight": 0, "delayed": 0, "dead_lettered": 0, "lag": 2}
+
+
+async def test_a_pull_waiting_for_its_subscriptions_lock_while_it_is_deleted_answers_404(
+    harness, db_url
+):
+    """The claim finds the subscription, waits for its lock, then reads it again: deleted
+    meanwhile, the pull is answered 404 (not a claim on a subscription that is gone)."""
+    client = harness.client
+    topic = await topic_with_subscription(client)
+    await publish(client, topic, "a")
+    holder = await asyncpg.connect(plain_url(db_url))
+    try:
+        async with holder.transaction():
+            sub_id = await holder.fetchval(
+                "SELECT sb.sub_id FROM sluice.subscriptions sb JOIN sluice.topics t "
+                "USING (topic_id) WHERE t.name = $1 AND sb.name = 's'",
+                topic,
+            )
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(1397510914, ($1 % 2147483647)::int)", sub_id
+            )
+            pulling = asyncio.create_task(client.post(sub_path(topic, "s") + "/pull", json={}))
+            for _ in range(500):
+                waiting = await holder.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND NOT granted AND objid = $1",
+                    sub_id % 2147483647,
+                )
+                if waiting or pulling.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting == 1, "the pull never waited for the lock"
+            await holder.execute("DELETE FROM sluice.subscriptions WHERE sub_id = $1", sub_id)
+        assert_problem(await pulling, 404)
+    finally:
+        await holder.close()

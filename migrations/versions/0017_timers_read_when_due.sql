@@ -99,19 +99,13 @@ BEGIN
     SELECT sb.topic_id, sb.sub_id INTO s
     FROM sluice.subscriptions sb JOIN sluice.topics t USING (topic_id)
     WHERE t.name = p_topic AND sb.name = p_subscription;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::bigint,
-            NULL::integer, NULL::timestamptz, NULL::bigint[], NULL::uuid[], NULL::integer[],
-            NULL::timestamptz[], NULL::text[], NULL::text[], NULL::text[], NULL::timestamptz,
-            NULL::double precision, NULL::double precision, NULL::double precision, false,
-            false, 0, 0;
-        RETURN;
+    IF FOUND THEN
+        PERFORM pg_advisory_xact_lock(1397510914, (s.sub_id % 2147483647)::int);
+        -- The configuration as of now that we hold the lock (a change takes it exclusively).
+        SELECT sb.*, t.retention_floor, t.name AS topic_name INTO s
+        FROM sluice.subscriptions sb JOIN sluice.topics t USING (topic_id)
+        WHERE sb.topic_id = s.topic_id AND sb.sub_id = s.sub_id;
     END IF;
-    PERFORM pg_advisory_xact_lock(1397510914, (s.sub_id % 2147483647)::int);
-    -- The configuration as of now that we hold the lock (a change takes it exclusively).
-    SELECT sb.*, t.retention_floor, t.name AS topic_name INTO s
-    FROM sluice.subscriptions sb JOIN sluice.topics t USING (topic_id)
-    WHERE sb.topic_id = s.topic_id AND sb.sub_id = s.sub_id;
     IF NOT FOUND THEN
         RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::bigint,
             NULL::integer, NULL::timestamptz, NULL::bigint[], NULL::uuid[], NULL::integer[],
