@@ -418,6 +418,19 @@ async def test_extend_can_shorten_and_cannot_revive_an_expired_lease(harness):
     assert (await ack(client, topic, "s", [b["receipt"]]))["acked"] == 1
 
 
+async def test_the_newest_extension_of_a_message_decides_its_deadline(harness):
+    """Extended to 600 s, then to 2 s: the second (newest) extension is the deadline, so an
+    ack 3 s later is stale, however long the first one was."""
+    client, clock = harness.client, harness.clock
+    topic = await setup(client, ack_deadline_seconds=600, retry_min_seconds=1, retry_max_seconds=1)
+    await publish(client, topic, "a")
+    [a] = await pull(client, topic, "s", 1)
+    assert (await extend(client, topic, "s", [a["receipt"]], 600))["extended"] == 1
+    assert (await extend(client, topic, "s", [a["receipt"]], 2))["extended"] == 1
+    clock.advance(3)
+    assert await ack(client, topic, "s", [a["receipt"]]) == {"acked": 0, "stale": [a["receipt"]]}
+
+
 async def test_nack_with_delay(harness):
     client, clock = harness.client, harness.clock
     topic = await setup(client, ack_deadline_seconds=600, retry_min_seconds=1, retry_max_seconds=1)
