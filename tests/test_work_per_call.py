@@ -400,7 +400,7 @@ async def test_a_claim_reads_the_timers_only_once_one_may_be_due(fresh_db_url):
     try:
         async with pool.acquire() as conn:
             topic_id = await _create_work_topic(conn)
-            await _segments_with_traffic(conn)  # no subscription yet: nothing to deliver
+            await _segments_with_traffic(conn)  # 40 partitions more (before "s" exists)
             await _create_work_subscription(conn, topic_id)
             partitions = await _partitions(conn)
             await log.publish_batch(
