@@ -11,6 +11,7 @@ import itertools
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -19,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.queue import maintenance
+from sluice.queue import maintenance, receipts
 from sluice.queue.relay import relay_once
 from sluice.storage import migrate
 from sluice.storage.db import plain_url
@@ -28,8 +29,10 @@ from tests.conftest import Harness, run_app, unique
 from tests.helpers import (
     ack,
     create_topic,
+    extend,
     publish,
     pull,
+    seek,
     stats,
     topic_lock_held,
     topic_path,
@@ -407,6 +410,70 @@ async def test_an_expired_receipt_is_stale_at_the_call(harness, app_conn):
         "SELECT * FROM sluice.ack($1, 's', $2)", topic, [message["receipt"]]
     )
     assert [r["applies"] for r in rows] == [False]
+
+
+def altered(receipt: str, seg: int = 0, token: uuid.UUID | None = None) -> str:
+    """The receipt naming another segment (seg added to its own), or another token."""
+    r = receipts.decode(receipt)
+    assert r is not None
+    return receipts.encode(r.offset, r.lease_id, r.seg + seg, token or uuid.UUID(r.token))
+
+
+async def applies(conn: asyncpg.Connection, topic: str, given: list[str]) -> list[bool]:
+    """What sluice.ack answers for each receipt, in a transaction rolled back (nothing is
+    recorded, so the same receipts can be checked again)."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        rows = await conn.fetch("SELECT * FROM sluice.ack($1, 's', $2)", topic, given)
+    finally:
+        await tx.rollback()
+    return [r["applies"] for r in rows]
+
+
+async def test_each_receipt_is_checked_at_the_call_as_an_ack_over_http_would_be(harness, app_conn):
+    """Past the lease's 30 s: a member extended to 600 s applies; one extended to 600 s and
+    then to 35 s does not (the newest extension decides); a receipt naming another segment
+    or carrying another token never applies; each receipt on its own, in order."""
+    client = harness.client
+    topic = await topic_with_subscription(client, ack_deadline_seconds=30)
+    await publish(client, topic, "a", "b", "c")
+    long, short, plain = await pull(client, topic, "s", 3)
+    assert (await extend(client, topic, "s", [long["receipt"]], 600))["extended"] == 1
+    assert (await extend(client, topic, "s", [short["receipt"]], 600))["extended"] == 1
+    assert (await extend(client, topic, "s", [short["receipt"]], 35))["extended"] == 1
+    harness.clock.advance(40)
+    await follow_clock(app_conn, harness)
+    given = [
+        long["receipt"],
+        short["receipt"],
+        plain["receipt"],
+        altered(long["receipt"], seg=1),
+        altered(long["receipt"], token=uuid.uuid4()),
+        long["receipt"],
+    ]
+    assert await applies(app_conn, topic, given) == [True, False, False, False, False, True]
+
+
+async def test_receipts_from_before_a_seek_are_stale_at_the_call(harness, app_conn):
+    topic, message = await lease_one(harness)
+    await follow_clock(app_conn, harness)
+    assert await applies(app_conn, topic, [message["receipt"]]) == [True]
+    await seek(harness.client, topic, "s", to="latest")
+    assert await applies(app_conn, topic, [message["receipt"]]) == [False]
+
+
+async def test_a_receipt_for_a_message_retention_took_is_stale_at_the_call(harness, app_conn):
+    topic, message = await lease_one(harness)
+    await follow_clock(app_conn, harness)
+    assert await applies(app_conn, topic, [message["receipt"]]) == [True]
+    # What a maintenance pass does once the message is older than the topic's retention.
+    await app_conn.execute(
+        "UPDATE sluice.topics SET retention_floor = $2 WHERE name = $1",
+        topic,
+        message["offset"] + 1,
+    )
+    assert await applies(app_conn, topic, [message["receipt"]]) == [False]
 
 
 async def test_an_ack_applies_as_of_its_call_when_committed_after_the_deadline(harness, app_conn):
