@@ -31,7 +31,8 @@ ALTER TABLE sluice.sub_states ADD COLUMN timer_wake timestamptz NOT NULL DEFAULT
 COMMENT ON COLUMN sluice.sub_states.timer_wake IS
     'No timer after the frontier is due before this (revision 0017); the default makes the next claim read them';
 
--- The claim as of revision 0015 with the changes above (steps 1, 2, 4, 7 and 8).
+-- The claim as of revision 0015 with the changes above (steps 1, 2, 4, 7 and 8), and one
+-- "not found" answer for both of its lookups (before and after the lock).
 CREATE OR REPLACE FUNCTION sluice.claim(
     p_topic text, p_subscription text, p_max integer, p_ack_deadline double precision,
     p_skew double precision, p_scan integer)
