@@ -156,3 +156,71 @@ async def test_upgrade_keeps_messages_leases_and_dead_letters(fresh_db_url):
 
         # Offsets carry on where the old counter was.
         assert await publish(client, "legacy", "new") == [10]
+
+
+async def add_split_lease(url: str) -> dict[str, str]:
+    """Subscription `split` of the topic `legacy`: 8 leased for 600 s, 9 for 20 s (revision
+    0003 kept a deadline per message; the upgrade carries both into one lease)."""
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        topic_id = await conn.fetchval("SELECT topic_id FROM topics WHERE name = 'legacy'")
+        split = await conn.fetchval(
+            "INSERT INTO subscriptions (topic_id, name, ack_deadline_seconds, max_deliveries, "
+            "retry_min_seconds, retry_max_seconds, ordered_by_key, next_offset, "
+            "delivered_total) VALUES ($1, 'split', 30, 5, 1, 600, false, 10, 2) "
+            "RETURNING sub_id",
+            topic_id,
+        )
+        tokens = {}
+        for offset, seconds in ((8, 600), (9, 20)):
+            tokens[offset] = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO deliveries (topic_id, sub_id, msg_offset, state, due_at, "
+                "lease_until, lease_token, attempts) VALUES ($1, $2, $3, 'leased', "
+                "clock_timestamp() + make_interval(secs => $4), "
+                "clock_timestamp() + make_interval(secs => $4), $5, 1)",
+                topic_id,
+                split,
+                offset,
+                seconds,
+                tokens[offset],
+            )
+    finally:
+        await conn.close()
+    return {"long": legacy_receipt(8, tokens[8]), "short": legacy_receipt(9, tokens[9])}
+
+
+async def test_each_message_leased_before_the_upgrade_keeps_its_own_deadline(fresh_db_url):
+    """Two messages of one subscription leased before the upgrade, one for 600 s and one for
+    20 s, end up in one carried lease: 30 s later the first one's receipt still acks (over
+    HTTP, and in SQL) and the second one's is stale."""
+    await migrate.upgrade(fresh_db_url, "0003")
+    await fill_revision_0003(fresh_db_url)
+    receipts = await add_split_lease(fresh_db_url)
+    await migrate.upgrade(fresh_db_url)
+    conn = await asyncpg.connect(plain_url(fresh_db_url))
+    try:
+        await conn.execute("DELETE FROM sluice.api_keys")  # the API open, as above
+        async with run_app(fresh_db_url) as h:
+            h.clock.advance(30)
+            await conn.execute(
+                "SELECT set_config('sluice.clock_skew_seconds', $1, false)", str(h.clock.skew)
+            )
+            given = [receipts["long"], receipts["short"]]
+            check = conn.transaction()  # rolled back: nothing is recorded for the relay
+            await check.start()
+            try:
+                rows = await conn.fetch("SELECT * FROM sluice.ack('legacy', 'split', $1)", given)
+            finally:
+                await check.rollback()
+            assert [r["applies"] for r in rows] == [True, False]
+            assert await ack(h.client, "legacy", "split", [receipts["short"]]) == {
+                "acked": 0,
+                "stale": [receipts["short"]],
+            }
+            assert await ack(h.client, "legacy", "split", [receipts["long"]]) == {
+                "acked": 1,
+                "stale": [],
+            }
+    finally:
+        await conn.close()
