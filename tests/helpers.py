@@ -141,3 +141,17 @@ async def topic_lock_held(pool: asyncpg.Pool, topic: str) -> AsyncIterator[async
         )
         await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", APPEND_LOCK_CLASS, topic_id)
         yield holder
+
+
+async def sql_ack_applies(
+    conn: asyncpg.Connection, topic: str, sub: str, receipts: list[str]
+) -> list[bool]:
+    """What the SQL API's sluice.ack answers for each receipt, in a transaction rolled back
+    (nothing is recorded for the relay, so the same receipts can be checked again)."""
+    check = conn.transaction()
+    await check.start()
+    try:
+        rows = await conn.fetch("SELECT * FROM sluice.ack($1, $2, $3)", topic, sub, receipts)
+    finally:
+        await check.rollback()
+    return [r["applies"] for r in rows]

@@ -33,6 +33,7 @@ from tests.helpers import (
     publish,
     pull,
     seek,
+    sql_ack_applies,
     stats,
     topic_lock_held,
     topic_path,
@@ -419,18 +420,6 @@ def altered(receipt: str, seg: int = 0, token: uuid.UUID | None = None) -> str:
     return receipts.encode(r.offset, r.lease_id, r.seg + seg, token or uuid.UUID(r.token))
 
 
-async def applies(conn: asyncpg.Connection, topic: str, given: list[str]) -> list[bool]:
-    """What sluice.ack answers for each receipt, in a transaction rolled back (nothing is
-    recorded, so the same receipts can be checked again)."""
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        rows = await conn.fetch("SELECT * FROM sluice.ack($1, 's', $2)", topic, given)
-    finally:
-        await tx.rollback()
-    return [r["applies"] for r in rows]
-
-
 async def test_each_receipt_is_checked_at_the_call_as_an_ack_over_http_would_be(harness, app_conn):
     """Past the lease's 30 s: a member extended to 600 s applies; one extended to 600 s and
     then to 35 s does not (the newest extension decides); a receipt naming another segment
@@ -452,28 +441,29 @@ async def test_each_receipt_is_checked_at_the_call_as_an_ack_over_http_would_be(
         altered(long["receipt"], token=uuid.uuid4()),
         long["receipt"],
     ]
-    assert await applies(app_conn, topic, given) == [True, False, False, False, False, True]
+    answers = await sql_ack_applies(app_conn, topic, "s", given)
+    assert answers == [True, False, False, False, False, True]
 
 
 async def test_receipts_from_before_a_seek_are_stale_at_the_call(harness, app_conn):
     topic, message = await lease_one(harness)
     await follow_clock(app_conn, harness)
-    assert await applies(app_conn, topic, [message["receipt"]]) == [True]
+    assert await sql_ack_applies(app_conn, topic, "s", [message["receipt"]]) == [True]
     await seek(harness.client, topic, "s", to="latest")
-    assert await applies(app_conn, topic, [message["receipt"]]) == [False]
+    assert await sql_ack_applies(app_conn, topic, "s", [message["receipt"]]) == [False]
 
 
 async def test_a_receipt_for_a_message_retention_took_is_stale_at_the_call(harness, app_conn):
     topic, message = await lease_one(harness)
     await follow_clock(app_conn, harness)
-    assert await applies(app_conn, topic, [message["receipt"]]) == [True]
+    assert await sql_ack_applies(app_conn, topic, "s", [message["receipt"]]) == [True]
     # What a maintenance pass does once the message is older than the topic's retention.
     await app_conn.execute(
         "UPDATE sluice.topics SET retention_floor = $2 WHERE name = $1",
         topic,
         message["offset"] + 1,
     )
-    assert await applies(app_conn, topic, [message["receipt"]]) == [False]
+    assert await sql_ack_applies(app_conn, topic, "s", [message["receipt"]]) == [False]
 
 
 async def test_an_ack_applies_as_of_its_call_when_committed_after_the_deadline(harness, app_conn):
