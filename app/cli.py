@@ -63,6 +63,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 timeout_graceful_shutdown=25,
                 limit_concurrency=args.limit_concurrency,
                 proxy_headers=False,
+                # uvicorn's httptools protocol, each response sent in one write (imported by
+                # name: worker processes import it themselves).
+                http="sluice.api.transport:TurnBatchedHttpToolsProtocol",
             )
             watcher.stopped.set()
         finally:
