@@ -86,6 +86,7 @@ def test_wrk_bench_smoke() -> None:
     pgmq = DEFAULT_PGMQ_SQL.is_file()
     assert names == [
         "bare ASGI (floor)",
+        "bare ASGI, one write per response",
         "Starlette route + orjson",
         "FastAPI route + pydantic",
         "ASGI + INSERT per request (asyncpg pool)",

@@ -122,9 +122,14 @@ async def prefill_sluice(client: httpx.AsyncClient, count: int) -> None:
         assert r.status_code == 201, r.text
 
 
+SLUICE_HTTP_PROTOCOL = "sluice.api.transport:TurnBatchedHttpToolsProtocol"
+ONE_WRITE_FLOOR = "bare ASGI, one write per response"
 # What else answers the same request, cheapest first: the floor, then the frameworks.
 FLOORS = {
     "bare ASGI (floor)": "bench.wrk.floor_app:app",
+    # The same app on the protocol `sluice serve` runs (app/api/transport.py): what sending
+    # each response in one write takes off the floor itself. "vs floor" stays the row above.
+    ONE_WRITE_FLOOR: "bench.wrk.floor_app:app",
     "Starlette route + orjson": "bench.wrk.floor_app:starlette_app",
     "FastAPI route + pydantic": "bench.wrk.floor_app:fastapi_app",
 }
@@ -141,22 +146,16 @@ COMMIT_FLOORS = {
 
 
 def start_floor(
-    target: str, port: int, env: dict[str, str] | None = None
+    target: str, port: int, env: dict[str, str] | None = None, http: str = "httptools"
 ) -> subprocess.Popen[bytes]:
+    """uvicorn serving `target` (its command line's `--http` names no protocol class, so it is
+    started from Python)."""
+    launch = (
+        "import sys, uvicorn; uvicorn.run(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), "
+        "http=sys.argv[3], log_level='warning', access_log=False)"
+    )
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
+        [sys.executable, "-c", launch, target, str(port), http],
         cwd=HERE.parents[1],
         env={**os.environ, **(env or {})},
     )
@@ -239,7 +238,8 @@ async def main() -> None:
         if "publish" in workloads:
             for name, target in ({} if args.only_sluice else FLOORS).items():
                 port = free_port()
-                started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port))
+                http = SLUICE_HTTP_PROTOCOL if name == ONE_WRITE_FLOOR else "httptools"
+                started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port, http=http))
             if not args.only_sluice:
                 floor_url = await postgres.create_database("bench_wrk_floor")
                 floor_env = {"FLOOR_DATABASE_URL": floor_url}
