@@ -2,6 +2,12 @@
 
 Storage turns database rows into these at its boundary; the queue layer and the routers
 only ever see them (a router never indexes a database row).
+
+Records are frozen, except those made once per message on the hot paths (NewMessage,
+Published, Message, Receipt, Delivery): a frozen dataclass sets each field through
+`object.__setattr__`, and building one of ten fields cost 1.2 µs against 0.2 unfrozen, 100
+of them per request of 100 messages (bench/RESULTS.md run 34). Nothing changes them after
+they are made.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ class Subscription:
     updated_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewMessage:
     value: str  # JSON text
     key: str | None
@@ -107,7 +113,7 @@ class NewMessage:
     dedup_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """A stored message as browsing shows it."""
 
@@ -119,13 +125,13 @@ class Message:
     value: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Published:
     offset: int
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Receipt:
     """A receipt as the client sent it back (queue.receipts decodes it)."""
 
@@ -140,7 +146,7 @@ class Receipt:
         return self.offset, self.token
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """A leased message, as a pull hands it out."""
 
