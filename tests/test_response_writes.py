@@ -90,6 +90,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "lifespan.shutdown.complete"})
         return
     size = int(scope["path"].strip("/") or 5)
+    if scope["method"] == "POST":  # the request body first (an Expect: 100-continue waits)
+        message = await receive()
+        size = len(message["body"])
     body = b"x" * size
     await send(
         {
@@ -153,7 +156,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
-async def test_keep_alive_pipelining_large_bodies_and_connection_close_over_a_socket() -> None:
+async def test_keep_alive_pipelining_large_bodies_continue_and_close_over_a_socket() -> None:
     async with _served() as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         # Two requests in one segment, then a body far above the transport's buffer limits
@@ -164,6 +167,13 @@ async def test_keep_alive_pipelining_large_bodies_and_connection_close_over_a_so
         big = 4 * 1024 * 1024
         writer.write(f"GET /{big} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
         assert (await _read_response(reader))[1] == b"x" * big
+        # A client that waits for "100 Continue" before it sends the body gets it.
+        writer.write(
+            b"POST /0 HTTP/1.1\r\nhost: t\r\ncontent-length: 6\r\nexpect: 100-continue\r\n\r\n"
+        )
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"abcdef")
+        assert (await _read_response(reader))[1] == b"x" * 6
         writer.write(b"GET /7 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         head, body = await _read_response(reader)
         assert b"connection: close" in head.lower() and body == b"x" * 7
