@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from sluice.api.transport import TurnBatchedHttpToolsProtocol, TurnBatchedTransport
+from sluice.api.transport import SEND_AT, TurnBatchedHttpToolsProtocol, TurnBatchedTransport
 
 
 class RecordingTransport:
@@ -79,6 +79,19 @@ async def test_close_sends_what_was_kept_first_and_a_closed_connection_gets_noth
     gone.closed = True  # the client went away before the turn ended
     await asyncio.sleep(0)
     assert gone.calls == []
+
+
+async def test_a_large_write_goes_out_at_once_so_flow_control_sees_it() -> None:
+    real = RecordingTransport()
+    transport = TurnBatchedTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    body = b"x" * SEND_AT
+    transport.write(body)
+    assert real.calls == [b"HTTP/1.1 200 OK\r\n\r\n" + body]  # before the turn ends
+    assert transport.get_write_buffer_size() == 0
+    transport.write(b"tail")
+    await asyncio.sleep(0)
+    assert real.calls[1:] == [b"tail"]
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
