@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import uvicorn
 
 from sluice.api.transport import SEND_AT, TurnBatchedHttpToolsProtocol, TurnBatchedTransport
@@ -230,9 +229,10 @@ def test_sluice_serve_sends_each_response_in_one_write(server_factory: Any) -> N
     assert requests <= writes < 1.25 * requests, writes
 
 
-@pytest.mark.parametrize("name", ["sluice.api.transport:TurnBatchedHttpToolsProtocol"])
-def test_the_protocol_name_given_to_uvicorn_imports(name: str) -> None:
+def test_the_protocol_name_given_to_uvicorn_imports() -> None:
+    """`sluice serve` names the protocol (worker processes import it by that name)."""
     from uvicorn.importer import import_from_string
 
+    name = "sluice.api.transport:TurnBatchedHttpToolsProtocol"
     assert import_from_string(name) is TurnBatchedHttpToolsProtocol
-    assert name in (Path(__file__).parents[1] / "app" / "cli.py").read_text()
+    assert f'http="{name}"' in (Path(__file__).parents[1] / "app" / "cli.py").read_text()
