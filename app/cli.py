@@ -26,6 +26,7 @@ log = logging.getLogger("sluice.cli")
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from sluice.api.transport import UVICORN_HTTP
     from sluice.startup import ReadyWatcher, check_port
 
     settings = get_settings()
@@ -63,9 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 timeout_graceful_shutdown=25,
                 limit_concurrency=args.limit_concurrency,
                 proxy_headers=False,
-                # uvicorn's httptools protocol, each response sent in one write (imported by
-                # name: worker processes import it themselves).
-                http="sluice.api.transport:TurnBatchedHttpToolsProtocol",
+                # uvicorn's httptools protocol, each response sent in one write.
+                http=UVICORN_HTTP,
             )
             watcher.stopped.set()
         finally:

@@ -13,7 +13,12 @@ from typing import Any
 
 import uvicorn
 
-from sluice.api.transport import SEND_AT, TurnBatchedHttpToolsProtocol, TurnBatchedTransport
+from sluice.api.transport import (
+    SEND_AT,
+    UVICORN_HTTP,
+    TurnBatchedHttpToolsProtocol,
+    TurnBatchedTransport,
+)
 
 
 class RecordingTransport:
@@ -158,21 +163,25 @@ async def _served() -> AsyncIterator[int]:
         await task
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
+def _content_length(head: bytes) -> int:
+    return next(
         int(line.split(b":", 1)[1])
         for line in head.split(b"\r\n")
         if line.lower().startswith(b"content-length:")
     )
-    return head, await reader.readexactly(length)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    return head, await reader.readexactly(_content_length(head))
 
 
 async def test_keep_alive_pipelining_large_bodies_continue_and_close_over_a_socket() -> None:
     async with _served() as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         # Two requests in one segment, then a body far above the transport's buffer limits
-        # (flow control pauses the writes), then a request that closes the connection.
+        # (flow control pauses the writes), a request that waits for "100 Continue", then
+        # one that closes the connection.
         writer.write(b"GET /3 HTTP/1.1\r\nhost: t\r\n\r\nGET /4 HTTP/1.1\r\nhost: t\r\n\r\n")
         assert (await _read_response(reader))[1] == b"xxx"
         assert (await _read_response(reader))[1] == b"xxxx"
@@ -213,11 +222,7 @@ def test_sluice_serve_sends_each_response_in_one_write(server_factory: Any) -> N
             head = b""
             while not head.endswith(b"\r\n\r\n"):
                 head += stream.readline()
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
+            length = _content_length(head)
             assert head.startswith(b"HTTP/1.1 200") and len(stream.read(length)) == length
 
         get()  # warm: the first request's imports and caches
@@ -233,6 +238,5 @@ def test_the_protocol_name_given_to_uvicorn_imports() -> None:
     """`sluice serve` names the protocol (worker processes import it by that name)."""
     from uvicorn.importer import import_from_string
 
-    name = "sluice.api.transport:TurnBatchedHttpToolsProtocol"
-    assert import_from_string(name) is TurnBatchedHttpToolsProtocol
-    assert f'http="{name}"' in (Path(__file__).parents[1] / "app" / "cli.py").read_text()
+    assert import_from_string(UVICORN_HTTP) is TurnBatchedHttpToolsProtocol
+    assert "http=UVICORN_HTTP" in (Path(__file__).parents[1] / "app" / "cli.py").read_text()

@@ -92,3 +92,7 @@ class TurnBatchedHttpToolsProtocol(HttpToolsProtocol):
         # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check.)
         wrapped: Any = TurnBatchedTransport(transport, self.loop)
         super().connection_made(wrapped)
+
+
+# What `uvicorn.run(http=...)` is given: a name, which worker processes import themselves.
+UVICORN_HTTP = "sluice.api.transport:TurnBatchedHttpToolsProtocol"

@@ -37,6 +37,7 @@ from bench.infra import Postgres, SluiceServer, free_port, tree_cpu_seconds
 from bench.run import DEFAULT_PGMQ_SQL
 from bench.wrk import pgbench
 from bench.wrk.profile import summarise
+from sluice.api.transport import UVICORN_HTTP
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {
@@ -122,16 +123,15 @@ async def prefill_sluice(client: httpx.AsyncClient, count: int) -> None:
         assert r.status_code == 201, r.text
 
 
-SLUICE_HTTP_PROTOCOL = "sluice.api.transport:TurnBatchedHttpToolsProtocol"
-ONE_WRITE_FLOOR = "bare ASGI, one write per response"
-# What else answers the same request, cheapest first: the floor, then the frameworks.
+# What else answers the same request, cheapest first: the floor, then the frameworks; each
+# row's app and the uvicorn protocol it runs on.
 FLOORS = {
-    "bare ASGI (floor)": "bench.wrk.floor_app:app",
+    "bare ASGI (floor)": ("bench.wrk.floor_app:app", "httptools"),
     # The same app on the protocol `sluice serve` runs (app/api/transport.py): what sending
     # each response in one write takes off the floor itself. "vs floor" stays the row above.
-    ONE_WRITE_FLOOR: "bench.wrk.floor_app:app",
-    "Starlette route + orjson": "bench.wrk.floor_app:starlette_app",
-    "FastAPI route + pydantic": "bench.wrk.floor_app:fastapi_app",
+    "bare ASGI, one write per response": ("bench.wrk.floor_app:app", UVICORN_HTTP),
+    "Starlette route + orjson": ("bench.wrk.floor_app:starlette_app", "httptools"),
+    "FastAPI route + pydantic": ("bench.wrk.floor_app:fastapi_app", "httptools"),
 }
 # The floor of a publish that commits: the bare ASGI app plus one INSERT per request, its
 # own transaction, through asyncpg's pool or a list of connections; and with the requests
@@ -236,9 +236,8 @@ async def main() -> None:
         # so a floor started before could be given the same free port.
         await server.start()
         if "publish" in workloads:
-            for name, target in ({} if args.only_sluice else FLOORS).items():
+            for name, (target, http) in ({} if args.only_sluice else FLOORS).items():
                 port = free_port()
-                http = SLUICE_HTTP_PROTOCOL if name == ONE_WRITE_FLOOR else "httptools"
                 started[name] = (f"http://127.0.0.1:{port}", start_floor(target, port, http=http))
             if not args.only_sluice:
                 floor_url = await postgres.create_database("bench_wrk_floor")
