@@ -58,31 +58,29 @@ _DECLARE_HEAD_AT = """\
     v_published_at timestamptz;
 BEGIN
 """
-_LOOKUP = """\
-    SELECT tp.retention_floor, tp.dedup_window_seconds, ts.seg, ts.first_offset,
+_HEAD = """\
            sluice.newest_offset_in(p_topic_id, ts.seg),
-           (SELECT g.seg FROM sluice.segments g
-            WHERE g.lane = sluice.lane_of(tp.retention_seconds) AND g.closed_at IS NULL
-            ORDER BY g.seg DESC LIMIT 1)
-    INTO v_floor, v_window, v_last_seg, v_last_first, v_head, v_seg
-    FROM sluice.topics tp
-    LEFT JOIN LATERAL (SELECT x.seg, x.first_offset FROM sluice.topic_segments x
-                       WHERE x.topic_id = p_topic_id ORDER BY x.seg DESC LIMIT 1) ts ON true
-    WHERE tp.topic_id = p_topic_id;
-    v_next := greatest(v_floor, coalesce(v_head + 1, v_last_first, 0));
 """
-_LOOKUP_HEAD_AT = """\
-    SELECT tp.retention_floor, tp.dedup_window_seconds, ts.seg, ts.first_offset,
+_HEAD_AND_ITS_TIME = """\
            hd.msg_offset, hd.published_at,
-           (SELECT g.seg FROM sluice.segments g
-            WHERE g.lane = sluice.lane_of(tp.retention_seconds) AND g.closed_at IS NULL
-            ORDER BY g.seg DESC LIMIT 1)
+"""
+_INTO = """\
+    INTO v_floor, v_window, v_last_seg, v_last_first, v_head, v_seg
+"""
+_INTO_HEAD_AT = """\
     INTO v_floor, v_window, v_last_seg, v_last_first, v_head, v_head_at, v_seg
-    FROM sluice.topics tp
-    LEFT JOIN LATERAL (SELECT x.seg, x.first_offset FROM sluice.topic_segments x
+"""
+_NEWEST_SEGMENT = """\
+                       WHERE x.topic_id = p_topic_id ORDER BY x.seg DESC LIMIT 1) ts ON true
+"""
+_NEWEST_SEGMENT_AND_MESSAGE = """\
                        WHERE x.topic_id = p_topic_id ORDER BY x.seg DESC LIMIT 1) ts ON true
     LEFT JOIN LATERAL sluice.newest_message_in(p_topic_id, ts.seg) hd ON true
-    WHERE tp.topic_id = p_topic_id;
+"""
+_NEXT = """\
+    v_next := greatest(v_floor, coalesce(v_head + 1, v_last_first, 0));
+"""
+_NEXT_AND_STAMP = """\
     v_next := greatest(v_floor, coalesce(v_head + 1, v_last_first, 0));
     -- Never earlier than the newest message: published_at grows with the offset even when
     -- the wall clock is stepped back (revision 0020). Delays and the dedup window still
@@ -110,7 +108,10 @@ def upgrade() -> None:
         "sluice.append_messages",
         [
             (_DECLARE, _DECLARE_HEAD_AT),
-            (_LOOKUP, _LOOKUP_HEAD_AT),
+            (_HEAD, _HEAD_AND_ITS_TIME),
+            (_INTO, _INTO_HEAD_AT),
+            (_NEWEST_SEGMENT, _NEWEST_SEGMENT_AND_MESSAGE),
+            (_NEXT, _NEXT_AND_STAMP),
             (_INSERT, _INSERT_STAMPED),
             (_INSERT_FRESH, _INSERT_FRESH_STAMPED),
         ],
