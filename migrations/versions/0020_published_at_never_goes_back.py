@@ -12,7 +12,7 @@ statement that finds the newest offset: during a step back the messages carry th
 the last one before it until the clock catches up. A delay and the dedup window still count
 from the clock (a delay counted from the newest message's time would hold a message back
 for the step too). Backend CPU of a `publish_batch` of one 1 KiB message, one session,
-4 x 600 calls alternated with revision 0010's function: 137 us median before, 138 after
+4 x 600 calls alternated with revision 0010's function: 136 us median before, 135 after
 (bench/RESULTS.md run 35).
 
 sluice.newest_offset_in becomes sluice.newest_message_in, which returns that message's
