@@ -170,29 +170,29 @@ async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it
     assert (await stats(client, topic, "s"))["lag"] == 0
 
 
+async def _stamp(client, topic: str, offset: int) -> datetime:
+    r = await client.get(f"/v1/topics/{topic}/messages/{offset}")
+    return datetime.fromisoformat(r.json()["published_at"])
+
+
 async def test_a_clock_stepped_back_never_stamps_a_message_before_the_one_ahead_of_it(harness):
-    """While the wall clock is stepped backwards, a message carries the time of the newest
-    message before it (revision 0020): published_at never decreases with the offset, so a
-    seek by time into the step never lands past a message stamped at or after the time
-    sought. A delay still counts from the clock."""
+    """While the wall clock is stepped back (by up to 5 minutes), a message carries the time
+    of the newest message before it (revision 0020): published_at never decreases with the
+    offset, so a seek by time into the step never lands past a message stamped at or after
+    the time sought. A delay still counts from the clock."""
     client, clock = harness.client, harness.clock
     topic = await setup(client)
-
-    async def stamp(offset: int) -> datetime:
-        r = await client.get(f"/v1/topics/{topic}/messages/{offset}")
-        return datetime.fromisoformat(r.json()["published_at"])
-
     before = await publish(client, topic, "before")
-    clock.advance(-3600)  # stepped an hour back
+    clock.advance(-60)  # stepped a minute back
     first_in_step = await publish(client, topic, "d1")
-    clock.advance(10)
+    clock.advance(20)
     second_in_step = await publish(client, topic, "d2")
-    stamps = [await stamp(o) for o in before + first_in_step + second_in_step]
+    stamps = [await _stamp(client, topic, o) for o in before + first_in_step + second_in_step]
     assert stamps == [stamps[0]] * 3
 
     # Stamped from the clock, d2 would be the first message at or after this time, and a seek
     # would count "before" and d1 as acknowledged though "before" is stamped after it.
-    inside_the_step = stamps[0] - timedelta(seconds=3595)
+    inside_the_step = stamps[0] - timedelta(seconds=50)
     committed = await seek(client, topic, "s", time=inside_the_step.isoformat())
     assert committed == {"committed_offset": before[0]}
     assert offsets_of(await drain(client, topic, "s")) == before + first_in_step + second_in_step
@@ -201,7 +201,25 @@ async def test_a_clock_stepped_back_never_stamps_a_message_before_the_one_ahead_
     assert await pull(client, topic, "s") == []
     clock.advance(6)  # five seconds of the stepped clock, not of the newest message's time
     assert offsets_of(await drain(client, topic, "s")) == delayed
-    assert await stamp(delayed[0]) >= stamps[0]
+    assert await _stamp(client, topic, delayed[0]) == stamps[0]
+
+
+async def test_stamps_follow_a_clock_stepped_back_by_more_than_five_minutes(harness):
+    """A newest message more than 5 minutes ahead of the clock was stamped by a clock that
+    ran fast: the next ones take the clock's time again, so the topic's retention (its first
+    message stamped within retention) and its dedup window are not held at that time."""
+    client, clock = harness.client, harness.clock
+    topic = await setup(client)
+    first = await publish(client, topic, "first")
+    clock.advance(-240)  # four minutes back: within the bound, held at the newest time
+    held = await publish(client, topic, "held")
+    clock.advance(-120)  # six minutes behind the newest message: the clock is followed
+    followed = await publish(client, topic, "followed")
+    first_at, held_at, followed_at = [
+        await _stamp(client, topic, o) for o in first + held + followed
+    ]
+    assert held_at == first_at
+    assert first_at - timedelta(seconds=370) < followed_at < first_at - timedelta(seconds=350)
 
 
 async def test_seek_keeps_key_order(client):

@@ -1,4 +1,5 @@
-"""A message's published_at is never earlier than the one of the message before it.
+"""A message's published_at is not earlier than the one of the message before it, unless the
+clock was stepped back by more than 5 minutes.
 
 sluice.append_messages stamped a batch with the time its caller read from the clock once the
 topic's lock was held (revisions 0012, 0013, 0016), so published_at grew with the offset as
@@ -9,11 +10,18 @@ stretch landed up to the step late, skipping messages published after the time s
 (docs/design.md, "Commit-ordered offsets, without a counter row"). A batch's published_at
 is now the later of the clock's time and the topic's newest message's, read in the same
 statement that finds the newest offset: during a step back the messages carry the time of
-the last one before it until the clock catches up. A delay and the dedup window still count
-from the clock (a delay counted from the newest message's time would hold a message back
-for the step too). Backend CPU of a `publish_batch` of one 1 KiB message, one session,
-4 x 600 calls alternated with revision 0010's function: 136 us median before, 135 after
-(bench/RESULTS.md run 35).
+the last one before it until the clock catches up.
+
+Only when that message is at most 5 minutes ahead of the clock (the slack the dedup look-up
+already allows for, 0008). A step back tells a clock that was wrong before from one that is
+wrong now no better than its size does; holding every later stamp at a time far ahead
+would hold the topic's retention (its floor is the first message stamped within retention)
+and its dedup window there too, for as long as the clock took to catch up, where without
+the bound only the messages stamped while the clock ran fast are off. Delays and the dedup
+window count from the clock (a delay counted from the newest message's time would hold a
+message back for the step too). Backend CPU of a `publish_batch` of one 1 KiB message, one
+session, 4 x 600 calls alternated with revision 0010's function: 136 us median before, 135
+after (bench/RESULTS.md run 35).
 
 sluice.newest_offset_in becomes sluice.newest_message_in, which returns that message's
 time with its offset (a PL/pgSQL function, as 0008 says why: its segment is a parameter,
@@ -83,9 +91,11 @@ _NEXT = """\
 _NEXT_AND_STAMP = """\
     v_next := greatest(v_floor, coalesce(v_head + 1, v_last_first, 0));
     -- Never earlier than the newest message: published_at grows with the offset even when
-    -- the wall clock is stepped back (revision 0020). Delays and the dedup window still
-    -- count from the clock.
-    v_published_at := greatest(p_now, v_head_at);
+    -- the wall clock is stepped back, by up to 5 minutes (revision 0020). A newest message
+    -- further ahead was stamped by a clock that ran fast: stamps follow the clock again
+    -- rather than stay in its future. Delays and the dedup window count from the clock.
+    v_published_at := CASE WHEN v_head_at > p_now + interval '5 minutes' THEN p_now
+                           ELSE greatest(p_now, v_head_at) END;
 """
 _INSERT = """\
         SELECT p_topic_id, v_next + m.ord - 1, v_seg, p_now,
