@@ -175,7 +175,7 @@ async def _stamp(client, topic: str, offset: int) -> datetime:
     return datetime.fromisoformat(r.json()["published_at"])
 
 
-async def test_a_clock_stepped_back_never_stamps_a_message_before_the_one_ahead_of_it(harness):
+async def test_a_clock_stepped_back_by_a_minute_never_stamps_a_message_earlier(harness):
     """While the wall clock is stepped back (by up to 5 minutes), a message carries the time
     of the newest message before it (revision 0020): published_at never decreases with the
     offset, so a seek by time into the step never lands past a message stamped at or after
