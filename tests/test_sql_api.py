@@ -445,6 +445,34 @@ async def test_each_receipt_is_checked_at_the_call_as_an_ack_over_http_would_be(
     assert answers == [True, False, False, False, False, True]
 
 
+async def test_a_lease_settled_one_receipt_at_a_time_keeps_each_receipts_history(harness, app_conn):
+    """Members of one lease settled one request at a time, each a lease event that names
+    only its own receipt (an ack or nack reads only the events naming its receipts, revision
+    0021): a member acked among them is stale while the others still apply; past the lease's
+    30 s, the member extended before all of them still applies and one never extended does
+    not. The same at the SQL call and over HTTP, whatever the order of the receipts."""
+    client = harness.client
+    topic = await topic_with_subscription(client, ack_deadline_seconds=30)
+    await publish(client, topic, *range(8))
+    leased = [m["receipt"] for m in await pull(client, topic, "s", 8)]
+    assert len({receipts.decode(r).lease_id for r in leased}) == 1  # type: ignore[union-attr]
+    extended, acked, *others, fresh = leased
+    assert (await extend(client, topic, "s", [extended], 600))["extended"] == 1
+    for receipt in [acked, *others]:
+        assert await ack(client, topic, "s", [receipt]) == {"acked": 1, "stale": []}
+    await follow_clock(app_conn, harness)
+    assert await sql_ack_applies(app_conn, topic, "s", [extended, acked, fresh]) == [
+        True,
+        False,
+        True,
+    ]
+    harness.clock.advance(40)
+    await follow_clock(app_conn, harness)
+    assert await sql_ack_applies(app_conn, topic, "s", [fresh, extended]) == [False, True]
+    answer = await ack(client, topic, "s", [acked, fresh, extended])
+    assert answer == {"acked": 1, "stale": [acked, fresh]}
+
+
 async def test_receipts_from_before_a_seek_are_stale_at_the_call(harness, app_conn):
     topic, message = await lease_one(harness)
     await follow_clock(app_conn, harness)
