@@ -135,6 +135,11 @@ async def test_seek_on_an_empty_topic(client):
     assert offsets_of(await pull(client, topic, "s")) == offsets
 
 
+async def _stamp(client, topic: str, offset: int) -> datetime:
+    r = await client.get(f"/v1/topics/{topic}/messages/{offset}")
+    return datetime.fromisoformat(r.json()["published_at"])
+
+
 async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it(harness):
     client, clock = harness.client, harness.clock
     topic = await setup(client)
@@ -142,8 +147,7 @@ async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it
     clock.advance(100)
     late = await publish(client, topic, "l1", "l2")
     await drain(client, topic, "s")
-    r = await client.get(f"/v1/topics/{topic}/messages/{late[0]}")
-    published = datetime.fromisoformat(r.json()["published_at"])
+    published = await _stamp(client, topic, late[0])
 
     # A time between the two batches, written with a non-UTC offset.
     between = (published - timedelta(seconds=50)).astimezone(
@@ -168,11 +172,6 @@ async def test_seek_to_a_time_selects_the_first_message_published_at_or_after_it
     assert (await seek(client, topic, "s", time=future))["committed_offset"] == late[-1] + 1
     assert await pull(client, topic, "s", 10) == []
     assert (await stats(client, topic, "s"))["lag"] == 0
-
-
-async def _stamp(client, topic: str, offset: int) -> datetime:
-    r = await client.get(f"/v1/topics/{topic}/messages/{offset}")
-    return datetime.fromisoformat(r.json()["published_at"])
 
 
 async def test_a_clock_stepped_back_by_a_minute_never_stamps_a_message_earlier(harness):
