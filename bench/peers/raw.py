@@ -33,6 +33,8 @@ class RawPeer(Peer):
         self._pool_size = pool_size
         self._lease = lease_seconds
         self.pool: asyncpg.Pool | None = None
+        # Where claims run, if not on `pool` (bench/wrk/floor_consume_app.py's async commits).
+        self.claim_pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._events: dict[str, asyncio.Event] = {}
         self._listen_lock = asyncio.Lock()
@@ -89,8 +91,9 @@ class RawPeer(Peer):
         await self.pool.execute(sql, prepared)
 
     async def _claim(self, table: str, max_messages: int) -> list[asyncpg.Record]:
-        assert self.pool is not None
-        return await self.pool.fetch(
+        pool = self.claim_pool or self.pool
+        assert pool is not None
+        return await pool.fetch(
             f"""
             WITH next AS MATERIALIZED (
                 SELECT id FROM {table} WHERE vt <= now()
