@@ -10,11 +10,12 @@ import os
 import random
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
 from sluice.queue import receipts
+from sluice.records import Delivery
 from tests.helpers import (
     ack,
     assert_problem,
@@ -353,6 +354,27 @@ def test_batch_receipt_decoding_equals_one_by_one():
     assert all(key is not None for key in receipts.decode_all(real))
     assert receipts.decode_all(["!" * 48, "=" * 48, "!" * 32]) == [None, None, None]
     assert receipts.decode(legacy) is not None and receipts.decode(legacy).lease_id == 0
+
+
+def test_batch_receipt_encoding_equals_one_by_one():
+    """encode_all (a pull's receipts: one base64 encode of the packed batch, then sliced)
+    gives exactly what encode() gives delivery by delivery, and they decode back."""
+    now = datetime.now(UTC)
+    deliveries = [
+        Delivery(offset, lease, seg, uuid.uuid4(), 1, now, now, None, None, "1")
+        for offset, lease, seg in (
+            (0, 1, 1),
+            (1, 7, 3),
+            (2**40, 2**50, 2**31 - 1),
+            (2**63 - 1, 1, 0),
+        )
+    ]
+    for batch in (deliveries, deliveries[:1], []):
+        encoded = receipts.encode_all(batch)
+        assert encoded == [receipts.encode(d.offset, d.lease_id, d.seg, d.token) for d in batch]
+        assert [r.offset if r else None for r in receipts.decode_all(encoded)] == [
+            d.offset for d in batch
+        ]
 
 
 async def test_extend_with_a_stale_or_forged_receipt_leaves_the_current_lease_alone(harness):

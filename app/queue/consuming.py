@@ -76,6 +76,11 @@ def receipt_of(message: Delivery) -> str:
     return receipts.encode(message.offset, message.lease_id, message.seg, message.token)
 
 
+def receipts_of(messages: list[Delivery]) -> list[str]:
+    """receipt_of() of each message, in order (a pull's answer: one base64 encode)."""
+    return receipts.encode_all(messages)
+
+
 @contextlib.asynccontextmanager
 async def _claim_connection(
     ctx: QueueContext, topic: str, sub: str
@@ -285,17 +290,20 @@ async def _settle(
     # Concurrent requests of one kind (and delay or deadline) share a write.
     settled = await ctx.settle_groups.settle(topic, sub, valid, write, kind, seconds)
     assert settled.topic_id is not None and settled.sub_id is not None
-    # One offset may come with several receipts (an old attempt's and the current one):
-    # only the current one applied, and a receipt given twice applies once.
-    done = set(settled.applied)
     stale: list[str] = []
-    applied = 0
-    for text, receipt in zip(receipt_list, decoded, strict=True):
-        if receipt is not None and receipt.key in done:
-            applied += 1
-            done.discard(receipt.key)
-        else:
-            stale.append(text)
+    applied = len(settled.applied)
+    if applied < len(receipt_list):
+        # One offset may come with several receipts (an old attempt's and the current one):
+        # only the current one applied, and a receipt given twice applies once. (As many
+        # applied as given: each receipt was a distinct one and applied, none is stale.)
+        done = set(settled.applied)
+        applied = 0
+        for text, receipt in zip(receipt_list, decoded, strict=True):
+            if receipt is not None and receipt.key in done:
+                applied += 1
+                done.discard(receipt.key)
+            else:
+                stale.append(text)
     if kind in (Settlement.ACK, Settlement.NACK, Settlement.DEAD_LETTER):
         ctx.rates.record(
             settled.topic_id,
@@ -347,4 +355,4 @@ async def give_back(ctx: QueueContext, topic: str, sub: str, messages: list[Deli
     """Leases whose client went away before it could see them: deliverable again at once,
     the attempt not counted."""
     with contextlib.suppress(SluiceError):
-        await _settle(ctx, topic, sub, [receipt_of(m) for m in messages], Settlement.GIVE_BACK)
+        await _settle(ctx, topic, sub, receipts_of(messages), Settlement.GIVE_BACK)

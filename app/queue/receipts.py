@@ -16,8 +16,9 @@ import base64
 import re
 import struct
 import uuid
+from collections.abc import Sequence
 
-from sluice.records import Receipt
+from sluice.records import Delivery, Receipt
 
 _LAYOUT = struct.Struct(">qqi16s")
 _LEGACY_LAYOUT = struct.Struct(">q16s")
@@ -31,6 +32,16 @@ _ALPHABET_ONLY = re.compile(r"[A-Za-z0-9_-]*")
 def encode(offset: int, lease_id: int, seg: int, token: uuid.UUID) -> str:
     packed = _LAYOUT.pack(offset, lease_id, seg, token.bytes)
     return base64.urlsafe_b64encode(packed).decode()
+
+
+def encode_all(deliveries: Sequence[Delivery]) -> list[str]:
+    """encode() of each delivery's receipt, in order: one base64 encode of their packed
+    concatenation (a pull's receipts; 48 characters each, no padding), then sliced."""
+    pack = _LAYOUT.pack
+    text = base64.urlsafe_b64encode(
+        b"".join([pack(d.offset, d.lease_id, d.seg, d.token.bytes) for d in deliveries])
+    ).decode()
+    return [text[start : start + _LENGTH] for start in range(0, len(text), _LENGTH)]
 
 
 def decode(receipt: str) -> Receipt | None:

@@ -79,7 +79,7 @@ async def pull_answer(
         )
     messages: list[dict[str, Any]] = [
         {
-            "receipt": consuming.receipt_of(m),
+            "receipt": receipt,
             "offset": m.offset,
             "value": raw_json(m.value),
             "key": m.key,
@@ -88,7 +88,9 @@ async def pull_answer(
             "delivery_attempt": m.attempt,
             "ack_deadline": m.lease_until,
         }
-        for m in outcome.messages
+        for m, receipt in zip(
+            outcome.messages, consuming.receipts_of(outcome.messages), strict=True
+        )
     ]
     answer: dict[str, Any] = {"messages": messages}
     if outcome.acked is not None:
