@@ -6,7 +6,7 @@ else), Sluice, and pgmq's read + delete over asyncpg. Rounds rotate the order. I
 one question: how close can any Python HTTP server in front of the cheapest SQL come to
 pgmq here, with this client?
 
-    .venv/bin/python -m bench.consume_floor [--rounds 3] [--batches 100,1]
+    .venv/bin/python -m bench.consume_floor [--rounds 3] [--batches 100,1] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", default="100,1", help="comma list of pull sizes")
+    defaults = Config()
+    p.add_argument("--seconds", type=float, default=defaults.seconds, help="b1's window")
+    p.add_argument("--prefill", type=int, default=defaults.prefill, help="drained by b100")
+    p.add_argument("--prefill-single", type=int, default=defaults.prefill_single)
     args = p.parse_args()
-    cfg = Config()
+    cfg = Config(seconds=args.seconds, prefill=args.prefill, prefill_single=args.prefill_single)
     postgres = Postgres(None)
     await asyncio.to_thread(postgres.start)
     await postgres.configure()
@@ -82,7 +86,11 @@ async def main() -> None:
         floor.wait(10)
         postgres.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    command = f"python -m bench.consume_floor --rounds {args.rounds} --batches {args.batches}"
+    command = (
+        f"python -m bench.consume_floor --rounds {args.rounds} --batches {args.batches} "
+        f"--seconds {args.seconds:g} --prefill {args.prefill} "
+        f"--prefill-single {args.prefill_single}"
+    )
     print(f"\ncommand: {command}")
     print("| row | server | msgs/s (median) | every round | vs pgmq |")
     print("|---|---|---|---|---|")

@@ -293,6 +293,27 @@ def test_publish_floor_smoke() -> None:
     assert all(", 0 errors" in line for line in rounds), out
 
 
+def test_consume_floor_smoke() -> None:
+    """bench/consume_floor: the bench's consumers (pull, then ack) against the consume floor
+    (bare ASGI in front of the raw baseline's SQL), Sluice and pgmq, b100 drained and b1 in
+    a window, and a table of their medians."""
+    out = _bench(
+        "bench.consume_floor", "--rounds", "1", "--seconds", "0.5",
+        # b1's window comes after a 1-s warm-up: enough left for it at ~2,000 msgs/s
+        "--prefill", "300", "--prefill-single", "6000",
+    )  # fmt: skip
+    systems = {"consume floor", "sluice", *(["pgmq"] if DEFAULT_PGMQ_SQL.is_file() else [])}
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| consume b")]
+    assert {(row[1].strip(), row[2].strip()) for row in rows} == {
+        (f"consume b{batch}", system) for batch in (100, 1) for system in systems
+    }, out
+    for row in rows:
+        assert float(row[3].replace(",", "")) > 0, row
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 * len(systems), out
+    assert all(", 0 errors" in line for line in rounds), out
+
+
 def test_wrk_statements_smoke() -> None:
     """bench/wrk/statements: Postgres' time per statement under wrk, from pg_stat_statements
     loaded into a restarted bench Postgres; the statements inside Sluice's functions count
