@@ -13,17 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
-from pathlib import Path
 
-from bench.infra import Postgres, SluiceServer, free_port
-from bench.peers import Peer
-from bench.peers.pgmq import PgmqPeer
-from bench.peers.sluice import SluicePeer
-from bench.run import DEFAULT_PGMQ_SQL
+from bench.floors import floor_sluice_pgmq, median
 from bench.workloads import Config, Context, consume
-from bench.wrk.run import start_floor, wait_answering
 
 FLOOR = "consume floor"
 
@@ -38,31 +30,11 @@ async def main() -> None:
     p.add_argument("--prefill-single", type=int, default=defaults.prefill_single)
     args = p.parse_args()
     cfg = Config(seconds=args.seconds, prefill=args.prefill, prefill_single=args.prefill_single)
-    postgres = Postgres(None)
-    await asyncio.to_thread(postgres.start)
-    await postgres.configure()
-    ctx = Context(cfg, postgres, print)
-    tmp = Path(tempfile.mkdtemp(prefix="sluice-floor-"))
-    floor_url = await postgres.create_database("bench_floor")
-    port = free_port()
-    floor = start_floor("bench.wrk.floor_consume_app:app", port, {"FLOOR_DATABASE_URL": floor_url})
-    server = SluiceServer(
-        await postgres.create_database("bench_sluice"), 1, tmp, env={"SLUICE_LOG_LEVEL": "WARNING"}
-    )
-    peers: dict[str, Peer] = {}
     rates: dict[tuple[int, str], list[float]] = {}
     batches = [int(b) for b in args.batches.split(",")]
-    try:
-        await wait_answering(f"http://127.0.0.1:{port}")
-        await server.start()
-        peers[FLOOR] = SluicePeer(f"http://127.0.0.1:{port}", floor_url)
-        peers[FLOOR].server_pid = floor.pid
-        peers["sluice"] = SluicePeer(server.base_url, server.database_url)
-        peers["sluice"].server_pid = server.pid
-        if DEFAULT_PGMQ_SQL.is_file():
-            peers["pgmq"] = PgmqPeer(await postgres.create_database("bench_pgmq"), DEFAULT_PGMQ_SQL)
-        for peer in peers.values():
-            await peer.start()
+    floor = "bench.wrk.floor_consume_app:app"
+    async with floor_sluice_pgmq(floor, FLOOR) as (postgres, peers):
+        ctx = Context(cfg, postgres, print)
         names = list(peers)
         for round_ in range(args.rounds):
             shift = round_ % len(names)
@@ -78,14 +50,6 @@ async def main() -> None:
                         f"round {round_ + 1} consume b{batch} {name}: "
                         f"{result.rate:,.0f} msgs/s, {result.errors} errors ({cpu})"
                     )
-    finally:
-        for peer in peers.values():
-            await peer.close()
-        await server.stop()
-        floor.terminate()
-        floor.wait(10)
-        postgres.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     command = (
         f"python -m bench.consume_floor --rounds {args.rounds} --batches {args.batches} "
         f"--seconds {args.seconds:g} --prefill {args.prefill} "
@@ -95,16 +59,14 @@ async def main() -> None:
     print("| row | server | msgs/s (median) | every round | vs pgmq |")
     print("|---|---|---|---|---|")
     for batch in batches:
-        found_pgmq = rates.get((batch, "pgmq"))
-        pgmq = sorted(found_pgmq)[len(found_pgmq) // 2] if found_pgmq else None
-        for name in peers:
+        pgmq = median(rates[batch, "pgmq"]) if (batch, "pgmq") in rates else None
+        for name in names:
             found = rates.get((batch, name), [])
             if not found:
                 continue
-            median = sorted(found)[len(found) // 2]
-            ratio = f"{median / pgmq:.2f}x" if pgmq else "-"
+            ratio = f"{median(found) / pgmq:.2f}x" if pgmq else "-"
             rounds = " / ".join(f"{r:,.0f}" for r in found)
-            print(f"| consume b{batch} | {name} | {median:,.0f} | {rounds} | {ratio} |")
+            print(f"| consume b{batch} | {name} | {median(found):,.0f} | {rounds} | {ratio} |")
 
 
 if __name__ == "__main__":

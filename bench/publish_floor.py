@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
-from pathlib import Path
 
-from bench.infra import CpuMeter, Postgres, SluiceServer, free_port
+from bench.floors import floor_sluice_pgmq, median
+from bench.infra import CpuMeter
 from bench.peers import Peer
-from bench.peers.pgmq import PgmqPeer
-from bench.peers.sluice import SluicePeer
-from bench.run import DEFAULT_PGMQ_SQL
 from bench.workloads import make_value, run_loop
-from bench.wrk.run import start_floor, wait_answering
 
 
 async def main() -> None:
@@ -32,32 +26,9 @@ async def main() -> None:
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--size", type=int, default=1024, help="bytes of each value")
     args = p.parse_args()
-    postgres = Postgres(None)
-    await asyncio.to_thread(postgres.start)
-    await postgres.configure()
-    tmp = Path(tempfile.mkdtemp(prefix="sluice-floor-"))
-    floor_url = await postgres.create_database("bench_floor")
-    port = free_port()
-    floor = start_floor(
-        "bench.wrk.floor_pg_app:grouped_app", port, {"FLOOR_DATABASE_URL": floor_url}
-    )
-    server = SluiceServer(
-        await postgres.create_database("bench_sluice"), 1, tmp, env={"SLUICE_LOG_LEVEL": "WARNING"}
-    )
-    peers: dict[str, Peer] = {}
     rates: dict[str, list[float]] = {}
-    try:
-        await wait_answering(f"http://127.0.0.1:{port}")
-        await server.start()
-        peers["grouped commit floor"] = SluicePeer(f"http://127.0.0.1:{port}", floor_url)
-        peers["grouped commit floor"].server_pid = floor.pid
-        peers["sluice"] = SluicePeer(server.base_url, server.database_url)
-        peers["sluice"].server_pid = server.pid
-        if DEFAULT_PGMQ_SQL.is_file():
-            pgmq_url = await postgres.create_database("bench_pgmq")
-            peers["pgmq"] = PgmqPeer(pgmq_url, DEFAULT_PGMQ_SQL)
-        for peer in peers.values():
-            await peer.start()
+    floor = "bench.wrk.floor_pg_app:grouped_app"
+    async with floor_sluice_pgmq(floor, "grouped commit floor") as (postgres, peers):
         names = list(peers)
         for round_ in range(args.rounds):
             shift = round_ % len(names)
@@ -85,26 +56,17 @@ async def main() -> None:
                 rates.setdefault(name, []).append(rate)
                 cpu = ", ".join(f"{k} {v:.0f}%" for k, v in out.cpu.items() if v is not None)
                 print(f"round {round_ + 1} {name}: {rate:,.0f} msgs/s, {out.errors} errors ({cpu})")
-    finally:
-        for peer in peers.values():
-            await peer.close()
-        await server.stop()
-        floor.terminate()
-        floor.wait(10)
-        postgres.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\ncommand: python -m bench.publish_floor --rounds {args.rounds} --seconds "
         f"{args.seconds:g} --producers {args.producers} --size {args.size}"
     )
     print("| server | publish b1 msgs/s (median) | every round | vs pgmq |")
     print("|---|---|---|---|")
-    pgmq = sorted(rates["pgmq"])[len(rates["pgmq"]) // 2] if "pgmq" in rates else None
+    pgmq = median(rates["pgmq"]) if "pgmq" in rates else None
     for name, found in rates.items():
-        median = sorted(found)[len(found) // 2]
-        ratio = f"{median / pgmq:.2f}x" if pgmq else "-"
+        ratio = f"{median(found) / pgmq:.2f}x" if pgmq else "-"
         rounds = " / ".join(f"{r:,.0f}" for r in found)
-        print(f"| {name} | {median:,.0f} | {rounds} | {ratio} |")
+        print(f"| {name} | {median(found):,.0f} | {rounds} | {ratio} |")
 
 
 if __name__ == "__main__":

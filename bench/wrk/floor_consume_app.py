@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 
 from bench.peers.raw import RawPeer
+from bench.wrk.floor_pg_app import read_body
 
 HEADERS = [(b"content-type", b"application/json")]
 
@@ -70,12 +71,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if scope["type"] != "http":
         return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     # /v1/topics/{topic}[/messages | /subscriptions/{sub}[/pull | /ack]]
     parts = scope["path"].strip("/").split("/")
     method = scope["method"]

@@ -139,6 +139,17 @@ class _Grouped:
                 answer.set_result(offset)
 
 
+async def read_body(receive: Any) -> bytes:
+    """The request's body, all its chunks."""
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 def _app(connections: _Connections) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -159,12 +170,7 @@ def _app(connections: _Connections) -> Any:
                     return
         if scope["type"] != "http":
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] != "POST":  # the readiness probe of bench.wrk.run
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             await send({"type": "http.response.body", "body": b"{}"})
