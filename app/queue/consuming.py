@@ -290,12 +290,13 @@ async def _settle(
     # Concurrent requests of one kind (and delay or deadline) share a write.
     settled = await ctx.settle_groups.settle(topic, sub, valid, write, kind, seconds)
     assert settled.topic_id is not None and settled.sub_id is not None
+    # What applied is a set of distinct receipts given: as many as were given means every
+    # receipt was a distinct one and applied, and none is stale. Otherwise, one offset may
+    # come with several receipts (an old attempt's and the current one): only the current
+    # one applied, and a receipt given twice applies once.
     stale: list[str] = []
     applied = len(settled.applied)
     if applied < len(receipt_list):
-        # One offset may come with several receipts (an old attempt's and the current one):
-        # only the current one applied, and a receipt given twice applies once. (As many
-        # applied as given: each receipt was a distinct one and applied, none is stale.)
         done = set(settled.applied)
         applied = 0
         for text, receipt in zip(receipt_list, decoded, strict=True):
