@@ -29,13 +29,12 @@ async def floor_sluice_pgmq(
     postgres = Postgres(None)
     await asyncio.to_thread(postgres.start)
     await postgres.configure()
-    tmp = Path(tempfile.mkdtemp(prefix="sluice-floor-"))
     floor_url = await postgres.create_database("bench_floor")
+    sluice_url = await postgres.create_database("bench_sluice")
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-floor-"))
+    server = SluiceServer(sluice_url, 1, tmp, env={"SLUICE_LOG_LEVEL": "WARNING"})
     port = free_port()
     floor = start_floor(floor_app, port, {"FLOOR_DATABASE_URL": floor_url})
-    server = SluiceServer(
-        await postgres.create_database("bench_sluice"), 1, tmp, env={"SLUICE_LOG_LEVEL": "WARNING"}
-    )
     peers: dict[str, Peer] = {}
     try:
         await wait_answering(f"http://127.0.0.1:{port}")
