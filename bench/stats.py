@@ -53,7 +53,11 @@ class Result:
         data = asdict(self)
         data.pop("latencies_ms")
         data.update(
-            rate=self.rate, p50_ms=self.p50, p99_ms=self.p99, samples=len(self.latencies_ms)
+            rate=self.rate,
+            p50_ms=self.p50,
+            p99_ms=self.p99,
+            samples=len(self.latencies_ms),
+            pg_us_per_message=postgres_us_per_message(self),
         )
         return data
 
@@ -74,6 +78,16 @@ def _cpu(result: Result) -> str:
         if value is not None:
             parts.append(f"{label} {value:.0f}")
     return " / ".join(parts) or "-"
+
+
+def postgres_us_per_message(result: Result) -> float | None:
+    """Postgres CPU (all its processes, background writers included) per message moved, in
+    microseconds: what sizing the database goes by, since API processes scale out and the
+    database does not. None for a phase that is no throughput or saw no Postgres CPU."""
+    pg = result.cpu.get("pg")
+    if pg is None or not result.throughput or result.rate <= 0:
+        return None
+    return pg / 100 * 1_000_000 / result.rate
 
 
 def keep_medians(results: list[Result]) -> list[Result]:
@@ -137,6 +151,7 @@ def format_table(results: list[Result]) -> str:
         "vs raw",
         "vs pgmq",
         "cpu % (server/pg/bench)",
+        "pg µs/msg",
         "errors",
         "notes",
     ]
@@ -153,6 +168,7 @@ def format_table(results: list[Result]) -> str:
                 f"{r.ratios['raw']:.2f}x" if "raw" in r.ratios else "",
                 f"{r.ratios['pgmq']:.2f}x" if "pgmq" in r.ratios else "",
                 _cpu(r),
+                _num(postgres_us_per_message(r), 0),
                 str(r.errors),
                 "; ".join(r.notes),
             ]
