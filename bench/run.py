@@ -511,7 +511,9 @@ class Run:
 
     def same_work(self) -> dict[str, str]:
         """Sluice-only variants of a workload, compared with the peers' rows of that one."""
-        return {f"consume b{self.cfg.batch} {ACK_IN_PULL}": f"consume b{self.cfg.batch}"}
+        return {
+            f"consume b{batch} {ACK_IN_PULL}": f"consume b{batch}" for batch in (self.cfg.batch, 1)
+        }
 
     def references(self) -> dict[str, str]:
         cfg, tag = self.cfg, f"({self.args.workers} workers)"

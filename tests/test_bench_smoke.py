@@ -63,6 +63,9 @@ def test_bench_smoke(pg_server: str, tmp_path: Path) -> None:
     variant = rows[("consume b100 ack-in-pull", "sluice")]
     assert variant["errors"] == 0 and variant["messages"] == 300, variant
     assert variant["ratios"]["raw"] > 0
+    # ... and the single-message one, against the peers' consume b1 rows
+    single = rows[("consume b1 ack-in-pull", "sluice")]
+    assert single["errors"] == 0 and single["ratios"]["raw"] > 0, single
     for workload in ("publish b100", "consume b100"):
         assert rows[(workload, "sluice")]["ratios"]["raw"] > 0
         # repeated phases: one median row per system, naming every round's rate
