@@ -10,13 +10,18 @@ and every commit is relayed in time whichever relay holds the key."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
 from sluice.queue.relay import Relay
+from sluice.storage import listener as listener_module
 from sluice.storage.db import plain_url
 from sluice.storage.listener import INTEREST_LOCK_CLASS, OUTBOX_LOCK_CLASS, interest_bucket
 from tests.conftest import run_app, wait_until
@@ -104,6 +109,127 @@ async def test_a_publish_notifies_only_while_a_process_declares_waiters(fresh_db
             )
             await publish(h.client, topic, "nobody again")
             assert await seen.settle() == [f"{topic_id}:1"]
+
+
+async def test_a_batch_is_one_notification_that_counts_its_messages(fresh_db_url, db):
+    """NOTIFY is queued per transaction: a publish of many messages sends one notification
+    for its topic, carrying the count (waiters to wake), never one per message."""
+    async with run_app(fresh_db_url, poll_recheck_seconds=RECHECK) as h:
+        topic = await topic_with_subscription(h.client)
+        topic_id = await topic_id_of(db, topic)
+        await db.execute(
+            "SELECT pg_advisory_lock_shared($1, $2)", INTEREST_LOCK_CLASS, interest_bucket(topic_id)
+        )
+        async with Notifications(db) as seen:
+            await publish(h.client, topic, *range(250))
+            assert await seen.settle() == [f"{topic_id}:250"]
+
+
+async def test_a_lost_notification_is_made_good_by_the_periodic_recheck(fresh_db_url, db):
+    """A notification is a hint: when it is lost (a listener that did not read it, a full
+    notification queue), the waiting pull still finds the message by its periodic re-check,
+    long before its wait ends."""
+    async with run_app(fresh_db_url, poll_recheck_seconds=1.0) as h:
+        listener = h.app.state.listener
+        dropped: list[int] = []
+        listener._on_notify = lambda topic_id, _count: dropped.append(topic_id)
+        topic = await topic_with_subscription(h.client)
+        topic_id = await topic_id_of(db, topic)
+        task = await start_waiting(h, topic, wait_seconds=20)
+
+        async def declared() -> bool:
+            return interest_bucket(topic_id) in listener.declared()
+
+        await wait_until(declared, timeout=5, interval=0.01)
+        published = time.monotonic()
+        [offset] = await publish(h.client, topic, "its notification is dropped")
+        got = await asyncio.wait_for(task, 10)
+        assert [m["offset"] for m in got] == [offset]
+        assert dropped == [topic_id]  # it was sent, and nobody was woken by it
+        assert time.monotonic() - published < 3.0
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """Postgres backend `pid` (of the test's own server) stopped, as a backend on a host that
+    no longer answers would be: its connection stays open and nothing comes back. It is
+    continued whatever happens, and then finds its client gone."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def holders(conn: asyncpg.Connection, bucket: int) -> set[int]:
+    rows = await conn.fetch(HELD_KEYS, INTEREST_LOCK_CLASS)
+    return {r["pid"] for r in rows if r["bucket"] == bucket}
+
+
+async def test_a_listen_connection_that_stops_answering_is_replaced(fresh_db_url, db, caplog):
+    """The keepalive query finds a connection that neither answers nor closes: the listener
+    connects again, declares its waiters' topics again, and a publish wakes them as before."""
+    async with run_app(
+        fresh_db_url, poll_recheck_seconds=RECHECK, listener_keepalive_seconds=0.5
+    ) as h:
+        listener = h.app.state.listener
+        topic = await topic_with_subscription(h.client)
+        bucket = interest_bucket(await topic_id_of(db, topic))
+        task = await start_waiting(h, topic, wait_seconds=20)
+
+        async def declared_by_the_listener() -> bool:
+            return listener.backend_pid in await holders(db, bucket)
+
+        await wait_until(declared_by_the_listener, timeout=5, interval=0.01)
+        first = listener.backend_pid
+        assert first is not None
+        with stopped(first):
+
+            async def declared_again() -> bool:
+                return listener.backend_pid != first and await declared_by_the_listener()
+
+            await wait_until(declared_again, timeout=10, interval=0.02)
+            assert not task.done()
+            published = time.monotonic()
+            [offset] = await publish(h.client, topic, "after the reconnect")
+            got = await asyncio.wait_for(task, 5)
+            assert [m["offset"] for m in got] == [offset]
+            assert time.monotonic() - published < 1.0
+        assert "listen connection lost" in caplog.text
+
+
+async def test_a_query_the_listen_connection_never_answers_is_given_up(
+    fresh_db_url, db, caplog, monkeypatch
+):
+    """Declaring a topic on a connection that stopped answering does not hold the listener
+    for good (its keepalive would never run again): the query is given up after
+    QUERY_TIMEOUT_SECONDS and the listener connects again. The keepalive is far off here, so
+    only that bound can find it."""
+    monkeypatch.setattr(listener_module, "QUERY_TIMEOUT_SECONDS", 0.5)
+    async with run_app(
+        fresh_db_url, poll_recheck_seconds=RECHECK, listener_keepalive_seconds=RECHECK
+    ) as h:
+        listener = h.app.state.listener
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        topic = await topic_with_subscription(h.client)
+        bucket = interest_bucket(await topic_id_of(db, topic))
+        first = listener.backend_pid
+        assert first is not None
+        with stopped(first):
+            task = await start_waiting(h, topic, wait_seconds=20)  # declared on `first`
+
+            async def declared_again() -> bool:
+                pid = listener.backend_pid
+                return pid != first and pid in await holders(db, bucket)
+
+            await wait_until(declared_again, timeout=10, interval=0.02)
+            assert not task.done()
+            published = time.monotonic()
+            [offset] = await publish(h.client, topic, "after the reconnect")
+            got = await asyncio.wait_for(task, 5)
+            assert [m["offset"] for m in got] == [offset]
+            assert time.monotonic() - published < 1.0
+        assert "listen connection lost" in caplog.text
 
 
 async def test_acks_and_nacks_notify_only_while_a_process_declares_waiters(fresh_db_url, db):

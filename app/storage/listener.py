@@ -3,7 +3,8 @@
 It hands every notification to a callback (the waiter hub). Notifications are hints: when
 the connection dies (Postgres restart, network) we reconnect with backoff and tell the hub
 to wake everybody, since notifications may have been lost meanwhile. A periodic keepalive
-query detects a silently dead connection.
+query detects a silently dead connection, and no query of it may take longer than
+QUERY_TIMEOUT_SECONDS (a connection that neither answers nor closes would hold it for good).
 
 A publish notifies only when some process declares that it has a long-poll waiting for the
 topic (revision 0010): the connection holds a session-level shared advisory lock on the
@@ -50,6 +51,11 @@ OUTBOX_LOCK_CLASS = 1397511172
 DECLARE_OUTBOX = "SELECT pg_try_advisory_lock($1, 0)"
 WITHDRAW_OUTBOX = "SELECT pg_advisory_unlock($1, 0)"
 OUTBOX_RETRY_SECONDS = (0.02, 1.0)  # first and longest wait before trying the key again
+# How long any query of this connection may take before the connection counts as dead and is
+# replaced: a backend that stops answering (a stopped host, a network dropping packets
+# without a reset) would otherwise hold the listener in that query for good, so that no
+# keepalive runs and nothing declares the topics waited for.
+QUERY_TIMEOUT_SECONDS = 5.0
 
 
 def interest_bucket(topic_id: int) -> int:
@@ -78,6 +84,8 @@ class Listener:
         self._linger = linger_seconds
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # The backend of the current connection (pg_stat_activity.pid), for operators and tests.
+        self.backend_pid: int | None = None
         # bucket -> topics of this process with waiters there
         self._waiting: dict[int, set[int]] = {}
         # bucket -> loop time its last waiter left (its key is given back `linger` later)
@@ -165,10 +173,16 @@ class Listener:
                     server_settings={"lock_timeout": INTEREST_LOCK_TIMEOUT},
                 )
                 conn.add_termination_listener(on_close)
-                await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
+                self.backend_pid = conn.get_server_pid()
+                # asyncio.timeout, not wait_for: see Relay.run.
+                async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
+                    await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
                 self.connected.set()
                 if not first:
-                    log.info("listen connection re-established")
+                    log.info(
+                        "listen connection re-established",
+                        extra={"backend_pid": self.backend_pid},
+                    )
                     self._on_reconnect()
                 first = False
                 delay = 0.1
@@ -238,13 +252,13 @@ class Listener:
                 continue
             del self._idle_since[bucket]
             if bucket in self._held:
-                await conn.fetchval(WITHDRAW_INTEREST, INTEREST_LOCK_CLASS, bucket)
+                await _query(conn, WITHDRAW_INTEREST, INTEREST_LOCK_CLASS, bucket)
                 self._held.discard(bucket)
         if now < self._retry_at:
             return
         for bucket in [b for b in self._waiting if b not in self._held]:
             try:
-                await conn.fetchval(DECLARE_INTEREST, INTEREST_LOCK_CLASS, bucket)
+                await _query(conn, DECLARE_INTEREST, INTEREST_LOCK_CLASS, bucket)
             except asyncpg.LockNotAvailableError:
                 # A publish of the bucket is still committing (or an unusually long relay
                 # pass): its waiters re-check when the key is ours, a moment later.
@@ -258,13 +272,13 @@ class Listener:
     async def _reconcile_outbox(self, conn: asyncpg.Connection) -> None:
         if not self._outbox_wanted:
             if self.outbox_declared:
-                await conn.fetchval(WITHDRAW_OUTBOX, OUTBOX_LOCK_CLASS)
+                await _query(conn, WITHDRAW_OUTBOX, OUTBOX_LOCK_CLASS)
                 self.outbox_declared = False
             return
         now = asyncio.get_running_loop().time()
         if self.outbox_declared or now < self._outbox_retry_at:
             return
-        if await conn.fetchval(DECLARE_OUTBOX, OUTBOX_LOCK_CLASS):
+        if await _query(conn, DECLARE_OUTBOX, OUTBOX_LOCK_CLASS):
             self.outbox_declared = True
             self._outbox_backoff = OUTBOX_RETRY_SECONDS[0]
             if self._on_outbox_declared is not None:
@@ -273,3 +287,9 @@ class Listener:
         # An application's commit holds it shared (a moment), or another process holds it.
         self._outbox_retry_at = now + self._outbox_backoff
         self._outbox_backoff = min(self._outbox_backoff * 2, OUTBOX_RETRY_SECONDS[1])
+
+
+async def _query(conn: asyncpg.Connection, sql: str, *args: object) -> object:
+    """A query of the LISTEN connection; one that outlasts QUERY_TIMEOUT_SECONDS raises
+    TimeoutError, and the listener reconnects."""
+    return await conn.fetchval(sql, *args, timeout=QUERY_TIMEOUT_SECONDS)
