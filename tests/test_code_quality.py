@@ -3,6 +3,7 @@ bandit on the service package."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -34,3 +35,28 @@ def test_bandit_finds_nothing_in_the_service():
     assert rest.returncode == 0, rest.stdout + rest.stderr
     storage = _run("bandit", "-q", "-r", "app/storage", "-ll", "-s", "B608")
     assert storage.returncode == 0, storage.stdout + storage.stderr
+
+
+# The documents that name tests as their evidence (not bench/RESULTS.md: a record of runs,
+# whose older entries name what the suite had then).
+CITING = [
+    "README.md",
+    "clients/python/README.md",
+    *(f"docs/{p.name}" for p in ROOT.glob("docs/*.md")),
+]
+
+
+def test_the_documents_cite_only_tests_and_files_that_exist():
+    """docs/pitfalls.md, design.md and the READMEs give tests as evidence: a renamed or removed
+    test must take its citations with it."""
+    defined = set()
+    for path in ROOT.glob("tests/**/*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_\w+)\(", path.read_text(), re.M))
+    stale = []
+    for name in CITING:
+        text = (ROOT / name).read_text()
+        stale += [f"{name}: {t}" for t in re.findall(r"::(test_\w+)", text) if t not in defined]
+        files = re.findall(r"\btests/[\w/]+\.py\b", text)
+        stale += [f"{name}: {f}" for f in files if not (ROOT / f).is_file()]
+    assert len(defined) > 500  # the search found the suite
+    assert stale == []
