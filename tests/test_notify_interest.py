@@ -166,6 +166,25 @@ async def holders(conn: asyncpg.Connection, bucket: int) -> set[int]:
     return {r["pid"] for r in rows if r["bucket"] == bucket}
 
 
+async def _replaced_and_woken(h, db, topic: str, first: int, task: asyncio.Task) -> None:
+    """The listener holds the topic's key on a connection other than `first`, and a publish
+    wakes the waiting pull `task` through it."""
+    listener = h.app.state.listener
+    bucket = interest_bucket(await topic_id_of(db, topic))
+
+    async def declared_again() -> bool:
+        pid = listener.backend_pid
+        return pid != first and pid in await holders(db, bucket)
+
+    await wait_until(declared_again, timeout=10, interval=0.02)
+    assert not task.done()
+    published = time.monotonic()
+    [offset] = await publish(h.client, topic, "after the reconnect")
+    got = await asyncio.wait_for(task, 5)
+    assert [m["offset"] for m in got] == [offset]
+    assert time.monotonic() - published < 1.0
+
+
 async def test_a_listen_connection_that_stops_answering_is_replaced(fresh_db_url, db, caplog):
     """The keepalive query finds a connection that neither answers nor closes: the listener
     connects again, declares its waiters' topics again, and a publish wakes them as before."""
@@ -184,17 +203,7 @@ async def test_a_listen_connection_that_stops_answering_is_replaced(fresh_db_url
         first = listener.backend_pid
         assert first is not None
         with stopped(first):
-
-            async def declared_again() -> bool:
-                return listener.backend_pid != first and await declared_by_the_listener()
-
-            await wait_until(declared_again, timeout=10, interval=0.02)
-            assert not task.done()
-            published = time.monotonic()
-            [offset] = await publish(h.client, topic, "after the reconnect")
-            got = await asyncio.wait_for(task, 5)
-            assert [m["offset"] for m in got] == [offset]
-            assert time.monotonic() - published < 1.0
+            await _replaced_and_woken(h, db, topic, first, task)
         assert "listen connection lost" in caplog.text
 
 
@@ -212,23 +221,11 @@ async def test_a_query_the_listen_connection_never_answers_is_given_up(
         listener = h.app.state.listener
         await asyncio.wait_for(listener.connected.wait(), 10)
         topic = await topic_with_subscription(h.client)
-        bucket = interest_bucket(await topic_id_of(db, topic))
         first = listener.backend_pid
         assert first is not None
         with stopped(first):
             task = await start_waiting(h, topic, wait_seconds=20)  # declared on `first`
-
-            async def declared_again() -> bool:
-                pid = listener.backend_pid
-                return pid != first and pid in await holders(db, bucket)
-
-            await wait_until(declared_again, timeout=10, interval=0.02)
-            assert not task.done()
-            published = time.monotonic()
-            [offset] = await publish(h.client, topic, "after the reconnect")
-            got = await asyncio.wait_for(task, 5)
-            assert [m["offset"] for m in got] == [offset]
-            assert time.monotonic() - published < 1.0
+            await _replaced_and_woken(h, db, topic, first, task)
         assert "listen connection lost" in caplog.text
 
 

@@ -454,7 +454,9 @@ async def test_transaction_ids_grow_with_requests_never_with_messages(fresh_db_u
                     "acked"
                 ] == 200
             used = await _next_transaction_id(db) - before
-        # One per request (30 here, measured); the rates' once-a-second write may add a few.
-        assert 10 <= used <= 35, used
+        # One per request: 30 measured alone. Transaction ids are the whole server's, so
+        # background writes add some (the rates' once-a-second write; under the parallel
+        # suite 38 was seen); one per message would be 2,000 or more.
+        assert 10 <= used <= 100, used
     finally:
         await db.close()
