@@ -15,6 +15,8 @@ from sluice.queue.receipts import decode, encode
 from sluice.records import Claim, NewMessage, Settlement
 from sluice.storage import claims, log, migrate, settlement
 from sluice.storage.db import create_pool, plain_url
+from tests import helpers
+from tests.conftest import run_app
 
 VALUE = '{"pad": "' + "x" * 200 + '"}'
 
@@ -437,22 +439,18 @@ async def test_transaction_ids_grow_with_requests_never_with_messages(fresh_db_u
     publish request, a claim and an ack request each in one transaction (fewer when they
     share one), so 2,000 messages published, pulled and acked in 30 requests take about 30
     ids, never one per message."""
-    from tests.conftest import run_app
-    from tests.helpers import ack, publish, pull, topic_with_subscription
-
     db = await asyncpg.connect(plain_url(fresh_db_url))
     try:
         async with run_app(fresh_db_url) as h:
-            topic = await topic_with_subscription(h.client, ack_deadline_seconds=600)
+            topic = await helpers.topic_with_subscription(h.client, ack_deadline_seconds=600)
             before = await _next_transaction_id(db)
             for batch in range(10):
-                await publish(h.client, topic, *(f"{batch}-{i}" for i in range(200)))
+                await helpers.publish(h.client, topic, *(f"{batch}-{i}" for i in range(200)))
             for _ in range(10):
-                got = await pull(h.client, topic, "s", 200)
+                got = await helpers.pull(h.client, topic, "s", 200)
                 assert len(got) == 200
-                assert (await ack(h.client, topic, "s", [m["receipt"] for m in got]))[
-                    "acked"
-                ] == 200
+                acked = await helpers.ack(h.client, topic, "s", [m["receipt"] for m in got])
+                assert acked["acked"] == 200
             used = await _next_transaction_id(db) - before
         # One per request: 30 measured alone. Transaction ids are the whole server's, so
         # background writes add some (the rates' once-a-second write; under the parallel
