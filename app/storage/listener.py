@@ -171,12 +171,12 @@ class Listener:
                     self._url,
                     timeout=5,
                     server_settings={"lock_timeout": INTEREST_LOCK_TIMEOUT},
+                    # Every query of it, LISTEN included, unless it names its own timeout.
+                    command_timeout=QUERY_TIMEOUT_SECONDS,
                 )
                 conn.add_termination_listener(on_close)
                 self.backend_pid = conn.get_server_pid()
-                # asyncio.timeout, not wait_for: see Relay.run.
-                async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
-                    await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
+                await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
                 self.connected.set()
                 if not first:
                     log.info(
@@ -252,13 +252,13 @@ class Listener:
                 continue
             del self._idle_since[bucket]
             if bucket in self._held:
-                await _query(conn, WITHDRAW_INTEREST, INTEREST_LOCK_CLASS, bucket)
+                await conn.fetchval(WITHDRAW_INTEREST, INTEREST_LOCK_CLASS, bucket)
                 self._held.discard(bucket)
         if now < self._retry_at:
             return
         for bucket in [b for b in self._waiting if b not in self._held]:
             try:
-                await _query(conn, DECLARE_INTEREST, INTEREST_LOCK_CLASS, bucket)
+                await conn.fetchval(DECLARE_INTEREST, INTEREST_LOCK_CLASS, bucket)
             except asyncpg.LockNotAvailableError:
                 # A publish of the bucket is still committing (or an unusually long relay
                 # pass): its waiters re-check when the key is ours, a moment later.
@@ -272,13 +272,13 @@ class Listener:
     async def _reconcile_outbox(self, conn: asyncpg.Connection) -> None:
         if not self._outbox_wanted:
             if self.outbox_declared:
-                await _query(conn, WITHDRAW_OUTBOX, OUTBOX_LOCK_CLASS)
+                await conn.fetchval(WITHDRAW_OUTBOX, OUTBOX_LOCK_CLASS)
                 self.outbox_declared = False
             return
         now = asyncio.get_running_loop().time()
         if self.outbox_declared or now < self._outbox_retry_at:
             return
-        if await _query(conn, DECLARE_OUTBOX, OUTBOX_LOCK_CLASS):
+        if await conn.fetchval(DECLARE_OUTBOX, OUTBOX_LOCK_CLASS):
             self.outbox_declared = True
             self._outbox_backoff = OUTBOX_RETRY_SECONDS[0]
             if self._on_outbox_declared is not None:
@@ -287,9 +287,3 @@ class Listener:
         # An application's commit holds it shared (a moment), or another process holds it.
         self._outbox_retry_at = now + self._outbox_backoff
         self._outbox_backoff = min(self._outbox_backoff * 2, OUTBOX_RETRY_SECONDS[1])
-
-
-async def _query(conn: asyncpg.Connection, sql: str, *args: object) -> object:
-    """A query of the LISTEN connection; one that outlasts QUERY_TIMEOUT_SECONDS raises
-    TimeoutError, and the listener reconnects."""
-    return await conn.fetchval(sql, *args, timeout=QUERY_TIMEOUT_SECONDS)
